@@ -1,0 +1,58 @@
+# emollama: `make demo` and `make test` are all a new user needs. `make help` lists the rest.
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EMOLLAMA := $(BIN)/emollama
+
+# make extract DATASET=merr DATA=path/to/MERR STORE=stores/merr.zarr [PROFILE=paper] [WORKERS=1] [ARGS=...]
+DATASET ?= merr
+DATA ?= demo/data
+STORE ?= demo/store.zarr
+PROFILE ?= tiny
+WORKERS ?= 1
+ARGS ?=
+DEMO_CLIPS ?= 24
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-fast extract train bench-store bench-extract clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	# facenet-pytorch declares torch<2.3 and numpy<2, yet runs on current ones: install it alone
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps facenet-pytorch==2.6.0
+	@touch $@
+
+venv: $(VENV)/.installed ## Create the environment (.venv) if missing
+
+demo: venv ## Offline demo on a synthetic sample: make the data, extract all four views (tiny models)
+	@test -f demo/data/MERR_coarse_grained.txt || $(EMOLLAMA) sample demo/data --clips $(DEMO_CLIPS)
+	$(EMOLLAMA) extract --dataset merr --data demo/data --store demo/store.zarr --profile tiny \
+		--workers $(WORKERS) --preview demo/preview $(ARGS)
+	$(EMOLLAMA) store info demo/store.zarr
+	@echo "NOTE: the tiny profile uses randomly initialised models: a test fixture, not a result."
+
+test: venv ## Run the test suite (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-fast: venv ## The tests not marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+extract: venv ## Extract features: DATASET=merr|mer2023|dfew|folder DATA=dir STORE=path|url [PROFILE=paper]
+	$(EMOLLAMA) extract --dataset $(DATASET) --data $(DATA) --store $(STORE) --profile $(PROFILE) --workers $(WORKERS) $(ARGS)
+
+train: venv ## Stage two (projectors + LoRA): not built yet, see issue 4
+	@echo "stage two (training) is not implemented yet: tracked as issue 4" >&2; exit 1
+
+bench-store: venv ## Benchmark the feature store against npy-per-clip and HDF5 (not a test)
+	$(BIN)/python scripts/bench_store.py $(ARGS)
+
+bench-extract: venv ## Benchmark extraction on the sample (tiny); ARGS=--real-size adds a real clip at real sizes
+	$(BIN)/python scripts/bench_extract.py $(ARGS)
+
+clean: ## Remove the demo outputs (keeps .venv)
+	rm -rf demo

@@ -1,0 +1,105 @@
+"""Dataset adapters on small fixtures written in the real formats."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from store.datasets import DatasetError, load_corpus, load_dfew, load_folder, load_mer2023, load_merr
+
+
+def touch(path: Path, data: bytes = b"\x00") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_merr_lists_captions_transcripts_and_split(tmp_path):
+    for n in ("sample_00000001", "sample_00000002", "sample_00000003", "sample_00000004"):
+        touch(tmp_path / "video" / f"{n}.mp4")
+    (tmp_path / "MERR_coarse_grained.txt").write_text(
+        "sample_00000001 35 angry -1.174107\nsample_00000002 40 happy 0.8\n"
+        "sample_00000003 12 bored 0.1\nsample_00000005 12 sad -0.5\n../etc/passwd 3 sad 0\n")
+    (tmp_path / "MERR_fine_grained.txt").write_text("sample_00000004 20 doubt -10\nsample_00000001 35 angry -1.174107\n")
+    (tmp_path / "MERR_coarse_grained.json").write_text(json.dumps({
+        "sample_00000001": {"caption": "A frowning man shouts.", "AU_list": ["AU04"], "peak_index": 3},
+        "sample_00000002": {"caption": "She smiles."}}))
+    (tmp_path / "MERR_fine_grained.json").write_text(json.dumps({
+        "sample_00000001": {"smp_reason_caption": "Frown and raised voice: angry."}}))
+    (tmp_path / "transcription_en_all.csv").write_text(
+        'name,sentence\nsample_00000001,"No, stop it, now!"\nsample_00000002,\n')
+    (tmp_path / "split.csv").write_text("name,split\nsample_00000002,test\n")
+
+    corpus = load_merr(tmp_path)
+    by_id = {c.id: c for c in corpus.clips}
+    assert sorted(by_id) == ["sample_00000001", "sample_00000002", "sample_00000004"]
+    a = by_id["sample_00000001"]
+    assert (a.label, a.valence, a.subtitle, a.split) == ("angry", -1.174107, "No, stop it, now!", "train")
+    assert a.texts == {"reason": "A frowning man shouts.", "reason_v2": "Frown and raised voice: angry."}
+    assert a.source == tmp_path / "video" / "sample_00000001.mp4"
+    assert by_id["sample_00000002"].subtitle is None and by_id["sample_00000002"].split == "test"
+    assert by_id["sample_00000004"].valence is None   # -10 is the test-list placeholder
+    reasons = dict(corpus.rejected)
+    assert "not in the label set" in reasons["sample_00000003"]
+    assert "no video" in reasons["sample_00000005"]
+    assert "leaves the data folder" in reasons["../etc/passwd"]
+    assert corpus.splits() == {"train": 2, "test": 1}
+
+
+def test_mer2023_splits_and_labels(tmp_path):
+    for n in ("a", "b", "c"):
+        touch(tmp_path / "video" / f"{n}.avi")
+    (tmp_path / "train.txt").write_text("a 10 Happy 1.0\nb 10 worried -0.3\n")
+    (tmp_path / "test.txt").write_text("c 10 neutral -10\nb 10 sad -10\n")
+    corpus = load_corpus("mer2023", tmp_path)
+    assert [(c.id, c.label, c.split) for c in corpus.clips] == [
+        ("a", "happy", "train"), ("b", "worried", "train"), ("c", "neutral", "test")]
+    assert corpus.labels == ("neutral", "angry", "happy", "sad", "worried", "surprise")
+    assert dict(corpus.rejected)["b"].startswith("listed twice")
+
+
+def test_dfew_folds_map_numeric_labels(tmp_path):
+    for i in (1, 2, 3, 4):
+        touch(tmp_path / "Clip" / "clip_224x224" / f"{i:05d}" / f"{i:05d}_00001.jpg")
+    split = tmp_path / "EmoLabel_DataSplit"
+    (split / "train(single-labeled)").mkdir(parents=True)
+    (split / "test(single-labeled)").mkdir(parents=True)
+    (split / "train(single-labeled)" / "set_2.csv").write_text("video_name,label\n1,1\n2,6\n9,3\n")
+    (split / "test(single-labeled)" / "set_2.csv").write_text("video_name,label\n3,7\n4,0\n")
+    corpus = load_dfew(tmp_path, fold=2)
+    assert [(c.id, c.label, c.split) for c in corpus.clips] == [
+        ("00001", "happy", "train"), ("00002", "disgust", "train"), ("00003", "fear", "test")]
+    assert corpus.clips[0].source.is_dir()
+    assert len(corpus.labels) == 7 and "disgust" in corpus.labels
+    reasons = dict(corpus.rejected)
+    assert "no frame folder" in reasons["9"] and "not single-labelled" in reasons["4"]
+    with pytest.raises(DatasetError, match="fold must be 1..5"):
+        load_dfew(tmp_path, fold=6)
+    with pytest.raises(DatasetError, match="split file not found"):
+        load_dfew(tmp_path, fold=1)
+
+
+def test_folder_with_optional_csv_non_utf8_and_odd_names(tmp_path):
+    touch(tmp_path / "clip one.mp4")
+    touch(tmp_path / "sub" / "clïp2.MOV")
+    touch(tmp_path / "notes.txt")
+    touch(tmp_path / "dup.mp4")
+    touch(tmp_path / "dup.mkv")
+    (tmp_path / "labels.csv").write_bytes("name,label,sentence\nclip one,Happiness,Caf\xe9 time\n".encode("cp1252"))
+    corpus = load_folder(tmp_path, labels_csv="labels.csv")
+    by_id = {c.id: c for c in corpus.clips}
+    assert sorted(by_id) == ["clip one", "dup", "sub/clïp2"]
+    assert by_id["clip one"].label == "happy" and by_id["clip one"].subtitle == "Café time"
+    assert by_id["sub/clïp2"].label is None
+    assert "duplicate id" in dict(corpus.rejected)["dup"]
+    assert load_folder(tmp_path).labels == ()
+
+
+def test_missing_layout_errors_say_what_to_do(tmp_path):
+    with pytest.raises(DatasetError, match="MERR video folder not found"):
+        load_merr(tmp_path)
+    (tmp_path / "video").mkdir()
+    with pytest.raises(DatasetError, match="no MERR clip list"):
+        load_merr(tmp_path)
+    with pytest.raises(DatasetError, match="unknown dataset 'nope'; choose one of: merr, mer2023, dfew, folder"):
+        load_corpus("nope", tmp_path)
