@@ -1,0 +1,367 @@
+"""Decoding video files and frame folders with PyAV (no system ffmpeg).
+
+A *source* is either a video file or a folder of JPEG/PNG frames (read in natural
+name order, at ``folder_fps``). Frame indices are positions on the clip's nominal
+frame grid: index ``k`` is the frame shown at time ``k / fps`` after the first frame,
+found from the decoded frames' timestamps, so variable frame rate clips sample
+evenly in time and container frame counts are never trusted (indices past the real
+end clamp to the last frame).
+
+Frames come back upright (display-matrix rotation applied) as RGB uint8.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import av
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+LONG_CLIP_SECONDS = 120.0  # longer clips are read by seeking to each target
+SEEK_GAP_SECONDS = 5.0  # in seek mode, decode forward instead of seeking when the next target is this close
+
+
+class DecodeError(Exception):
+    """A clip cannot be decoded; ``str(e)`` is a short human-readable reason."""
+
+
+@dataclass
+class MediaInfo:
+    path: str
+    duration: float  # seconds
+    fps: float | None  # average frame rate (folder: folder_fps)
+    n_frames: int  # container count, else round(duration * fps)
+    width: int  # as displayed (after rotation)
+    height: int
+    rotation: int  # degrees counter-clockwise applied for display: 0, 90, 180 or 270
+    has_video: bool
+    has_audio: bool
+    audio_rate: int | None
+
+
+# ---------------------------------------------------------------- index helpers
+
+
+def uniform_indices(n_total: int, n: int) -> list[int]:
+    """``n`` indices spread over ``[0, n_total)``: the centres of ``n`` equal bins.
+
+    Repeats appear when ``n_total < n``.
+    """
+    if n_total <= 0:
+        raise ValueError(f"uniform_indices: n_total must be positive, got {n_total}")
+    if n <= 0:
+        return []
+    return [min(n_total - 1, int((i + 0.5) * n_total / n)) for i in range(n)]
+
+
+def segment_pair_indices(n_total: int, n_segments: int = 8, per_segment: int = 2) -> list[int]:
+    """VideoMAE test-time sampling: the middle frame of each of ``n_segments`` equal
+    segments followed by the next ``per_segment - 1`` consecutive frames
+    (``n_segments * per_segment`` indices, clamped to the clip)."""
+    if n_total <= 0:
+        raise ValueError(f"segment_pair_indices: n_total must be positive, got {n_total}")
+    out: list[int] = []
+    for mid in uniform_indices(n_total, n_segments):
+        start = min(mid, max(0, n_total - per_segment))  # keep the run inside the clip when possible
+        out.extend(min(n_total - 1, start + j) for j in range(per_segment))
+    return out
+
+
+# ---------------------------------------------------------------- frame folders
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def list_frame_files(folder: Path) -> list[Path]:
+    """The image files of a frame folder, in natural name order."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except Exception as e:  # PIL raises many types
+        raise DecodeError(f"cannot read frame {path.name}: {e}") from e
+    return img.convert("RGB")
+
+
+def _probe_folder(folder: Path, folder_fps: float) -> MediaInfo:
+    files = list_frame_files(folder)
+    if not files:
+        raise DecodeError(f"no video stream: folder has no {'/'.join(IMAGE_SUFFIXES)} frames")
+    img = _open_image(files[0])
+    return MediaInfo(
+        path=str(folder), duration=len(files) / folder_fps, fps=folder_fps, n_frames=len(files),
+        width=img.width, height=img.height, rotation=0, has_video=True, has_audio=False, audio_rate=None,
+    )
+
+
+def _scaled_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    s = max_side / max(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+def _read_folder(folder: Path, indices: Sequence[int], max_side: int | None) -> np.ndarray:
+    files = list_frame_files(folder)
+    if not files:
+        raise DecodeError("no video stream: folder has no image frames")
+    cache: dict[int, np.ndarray] = {}
+    size: tuple[int, int] | None = None
+    for k in sorted(set(indices)):
+        i = min(max(int(k), 0), len(files) - 1)
+        if i in cache:
+            continue
+        img = _open_image(files[i])
+        if size is None:
+            size = _scaled_size(img.width, img.height, max_side)
+        if img.size != size:
+            img = img.resize(size, Image.BILINEAR)
+        cache[i] = np.asarray(img, dtype=np.uint8)
+    out = [cache[min(max(int(k), 0), len(files) - 1)] for k in indices]
+    return np.stack(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+# ---------------------------------------------------------------- video files
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    if not path.exists():
+        raise DecodeError(f"cannot open: file not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DecodeError("zero length: empty file")
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise DecodeError(f"cannot open: {e}") from e
+
+
+def _norm_rotation(deg: float | int | None) -> int:
+    if not deg:
+        return 0
+    return int(round(float(deg) / 90.0)) % 4 * 90
+
+
+def _frames(container, stream) -> Iterator[av.VideoFrame]:
+    """Decoded frames; a decoding error after at least one good frame ends the stream."""
+    n = 0
+    try:
+        for frame in container.decode(stream):
+            n += 1
+            yield frame
+    except av.FFmpegError as e:
+        if n == 0:
+            raise DecodeError(f"cannot decode video: {e}") from e
+        log.warning("video decoding stopped early after %d frames: %s", n, e)
+
+
+def probe(source: str | Path, *, folder_fps: float = 25.0) -> MediaInfo:
+    """Duration, frame rate, size, rotation and streams of a video file or frame folder.
+
+    Decodes the first video frame (to read rotation and to prove the clip decodes).
+    A file with audio but no video is returned with ``has_video=False``;
+    ``read_frames`` on it raises ``DecodeError("no video stream")``.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return _probe_folder(path, folder_fps)
+    container = _open(path)
+    try:
+        vs = container.streams.video[0] if container.streams.video else None
+        as_ = container.streams.audio[0] if container.streams.audio else None
+        if vs is None and as_ is None:
+            raise DecodeError("no video stream (and no audio stream)")
+        container_dur = container.duration / 1e6 if container.duration else 0.0
+        audio_rate = int(as_.rate) if as_ is not None and as_.rate else None
+        if vs is None:
+            return MediaInfo(str(path), container_dur, None, 0, 0, 0, 0, False, True, audio_rate)
+        rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+        fps = float(rate) if rate else None
+        dur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else container_dur
+        vs.thread_type = "AUTO"
+        first = next(_frames(container, vs), None)
+        if first is None:
+            raise DecodeError("zero length: no decodable video frames")
+        rotation = _norm_rotation(first.rotation)
+        n_frames = int(vs.frames or 0)
+        if n_frames <= 0:
+            n_frames = max(1, round(dur * fps)) if fps and dur > 0 else 1
+        if dur <= 0:
+            dur = n_frames / fps if fps else 0.0
+        w, h = first.width, first.height
+        if rotation in (90, 270):
+            w, h = h, w
+        return MediaInfo(str(path), dur, fps, n_frames, w, h, rotation, True, as_ is not None, audio_rate)
+    finally:
+        container.close()
+
+
+class _Picker:
+    """Maps sorted target times to the nearest decoded frame, converting each kept frame once."""
+
+    def __init__(self, targets: list[float], max_side: int | None, rotation: int):
+        self.targets = targets  # sorted unique target times (relative to the first frame)
+        self.next = 0  # first target not yet assigned
+        self.max_side = max_side
+        self.rotation = rotation
+        self.size: tuple[int, int] | None = None
+        self.got: dict[int, np.ndarray] = {}  # target position -> image
+
+    def _convert(self, frame: av.VideoFrame) -> np.ndarray:
+        if self.size is None:
+            self.size = _scaled_size(frame.width, frame.height, self.max_side)
+        w, h = self.size
+        img = frame.to_ndarray(format="rgb24", width=w, height=h)
+        if self.rotation:
+            img = np.ascontiguousarray(np.rot90(img, k=self.rotation // 90))
+        return img
+
+    def done(self) -> bool:
+        return self.next >= len(self.targets)
+
+    def offer(self, prev: av.VideoFrame | None, prev_t: float, frame_t: float) -> None:
+        """Assign to ``prev`` every pending target nearer to prev_t than to frame_t."""
+        if prev is None:
+            return
+        img = None
+        mid = (prev_t + frame_t) / 2
+        while self.next < len(self.targets) and self.targets[self.next] < mid:
+            img = self._convert(prev) if img is None else img
+            self.got[self.next] = img
+            self.next += 1
+
+    def finish(self, last: av.VideoFrame | None) -> None:
+        if last is None or self.done():
+            return
+        img = self._convert(last)
+        while self.next < len(self.targets):
+            self.got[self.next] = img
+            self.next += 1
+
+
+def _frame_time(frame: av.VideoFrame, fallback: float) -> float:
+    t = frame.time
+    return float(t) if t is not None else fallback
+
+
+def read_frames(
+    source: str | Path,
+    indices: Sequence[int],
+    *,
+    max_side: int | None = 1280,
+    info: MediaInfo | None = None,
+) -> np.ndarray:
+    """Frames at ``indices`` as ``[len(indices), H, W, 3]`` uint8 RGB, in the order given.
+
+    One sequential decoding pass keeps only the wanted frames (clips longer than
+    120 s seek to each target instead). Index ``k`` is the frame nearest to time
+    ``k / fps``; indices past the real end give the last frame. Rotation metadata
+    is applied; frames whose longest side exceeds ``max_side`` are downscaled.
+    """
+    path = Path(source)
+    if path.is_dir():
+        return _read_folder(path, indices, max_side)
+    if any(int(k) < 0 for k in indices):
+        raise ValueError(f"read_frames: negative frame index in {list(indices)[:8]}")
+    info = info or probe(path)
+    if not info.has_video:
+        raise DecodeError("no video stream")
+    if len(indices) == 0:
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    fps = info.fps or 25.0
+    uniq = sorted(set(int(k) for k in indices))
+    targets = [k / fps for k in uniq]
+    picker = _Picker(targets, max_side, info.rotation)
+
+    container = _open(path)
+    try:
+        vs = container.streams.video[0]
+        vs.thread_type = "AUTO"
+        seek_mode = info.duration > LONG_CLIP_SECONDS
+        frames = _frames(container, vs)
+        first = next(frames, None)
+        if first is None:
+            raise DecodeError("zero length: no decodable video frames")
+        t0 = _frame_time(first, 0.0)
+        prev, prev_t, last = first, 0.0, first
+        seeked_for = -1  # the target of the last seek: never seek twice for one target
+        while not picker.done():
+            nxt = picker.next
+            if seek_mode and nxt != seeked_for and picker.targets[nxt] - prev_t > SEEK_GAP_SECONDS:
+                seeked_for = nxt
+                try:
+                    container.seek(int((t0 + picker.targets[nxt]) / vs.time_base), stream=vs,
+                                   backward=True, any_frame=False)
+                except av.FFmpegError as e:
+                    log.warning("seek failed (%s); decoding sequentially", e)
+                    seek_mode = False
+                else:
+                    frames = _frames(container, vs)
+                    prev = None
+            frame = next(frames, None)
+            if frame is None:
+                break
+            last = frame
+            t = _frame_time(frame, prev_t + 1 / fps) - t0
+            if prev is None:  # just seeked: targets before this frame (keyframe landed late) take it
+                while not picker.done() and picker.targets[picker.next] < t:
+                    picker.got[picker.next] = picker._convert(frame)
+                    picker.next += 1
+            else:
+                picker.offer(prev, prev_t, t)
+            prev, prev_t = frame, t
+        picker.finish(prev if prev is not None else last)
+    except av.FFmpegError as e:
+        raise DecodeError(f"cannot decode video: {e}") from e
+    finally:
+        container.close()
+    by_index = {k: picker.got[i] for i, k in enumerate(uniq)}
+    return np.stack([by_index[int(k)] for k in indices])
+
+
+def read_audio(source: str | Path, *, sample_rate: int = 16000) -> np.ndarray:
+    """The first audio stream as float32 mono in [-1, 1] at ``sample_rate``.
+
+    Decoded and resampled chunk by chunk (PyAV's AudioResampler). Returns an empty
+    array when there is no audio stream (frame folders included).
+    """
+    path = Path(source)
+    if path.is_dir():
+        return np.zeros(0, np.float32)
+    container = _open(path)
+    chunks: list[np.ndarray] = []
+    try:
+        if not container.streams.audio:
+            return np.zeros(0, np.float32)
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None  # let the resampler ignore timestamp gaps
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+        except av.FFmpegError as e:
+            if not chunks:
+                raise DecodeError(f"cannot decode audio: {e}") from e
+            log.warning("audio decoding stopped early: %s", e)
+        for out in resampler.resample(None):
+            chunks.append(out.to_ndarray().reshape(-1))
+    finally:
+        container.close()
+    if not chunks:
+        return np.zeros(0, np.float32)
+    audio = np.concatenate(chunks).astype(np.float32, copy=False)
+    return np.clip(audio, -1.0, 1.0, out=audio)
