@@ -1,0 +1,347 @@
+"""The extraction step: a batch of clips in, feature rows committed to the store out.
+
+This module knows nothing about executors: `pipeline` hands batches of clips to `run_batch`
+in-process or on dask workers. Each worker process loads its models once (`models()` keeps them)
+and overlaps the CPU half of the work (decoding, face tracking) of the next micro-batch with the
+encoding of the current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from extract import decode, faces
+from extract.encoders import EncodersConfig, load_encoders
+from store import FeatureSpec, FeatureStore
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("audio", "local", "temporal", "global")
+
+
+@dataclass(frozen=True)
+class FrameSettings:
+    local_frames: int = 16          # face frames sampled uniformly for the local (MAE) view
+    temporal_segments: int = 8      # VideoMAE: middle of each of 8 segments ...
+    temporal_per_segment: int = 2   # ... and the next consecutive frame = 16 frames
+    global_frame: str = "peak"      # first | middle | peak
+    max_side: int = 1280            # larger frames are downscaled on decode
+    folder_fps: float = 25.0        # frame rate assumed for folders of frames (DFEW)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything a worker needs to turn clips into features; hashable, so workers cache models by it."""
+    encoders: EncodersConfig
+    frames: FrameSettings = FrameSettings()
+    faces: faces.FaceSettings = faces.FaceSettings()
+    sample_rate: int = 16000
+    dtype: str = "float16"          # storage dtype
+    device: str = "auto"
+    offline: bool | None = None
+    missing_audio: str = "auto"     # a clip with no sound: fail | silence | auto (silence for frame folders)
+    batch_size: int = 32            # encoder batch size (images)
+    micro_batch: int = 4            # clips encoded together
+
+
+@dataclass(frozen=True)
+class ClipJob:
+    id: str
+    source: str
+
+
+@dataclass
+class BatchResult:
+    ok: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)   # stage -> seconds
+    no_face: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, loaded once per process
+
+
+@dataclass
+class Models:
+    encoders: dict[str, Any]
+    detector: faces.FaceDetector
+    specs: dict[str, FeatureSpec]   # output name ("audio.hubert.frames") -> spec
+
+
+_MODELS: dict[ExtractSettings, Models] = {}
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def models(settings: ExtractSettings) -> Models:
+    """The encoders and face detector for `settings`, loaded on first use in this process."""
+    if settings not in _MODELS:
+        encs = load_encoders(settings.encoders, device=settings.device, offline=settings.offline,
+                             batch_size=settings.batch_size)
+        det = faces.FaceDetector(settings.faces, device=resolve_device(settings.device))
+        _MODELS.clear()   # one settings set per process at a time: free the previous models
+        _MODELS[settings] = Models(encs, det, build_specs(encs, settings))
+    return _MODELS[settings]
+
+
+def build_specs(encoders: dict[str, Any], settings: ExtractSettings) -> dict[str, FeatureSpec]:
+    """One FeatureSpec per encoder output, holding everything that determines its values."""
+    fr, specs = settings.frames, {}
+    view_params = {
+        "audio": {"sample_rate": settings.sample_rate},
+        "local": {"frames": {"sampling": "uniform", "count": fr.local_frames, "max_side": fr.max_side},
+                  "faces": settings.faces.to_dict()},
+        "temporal": {"frames": {"sampling": "segment_pairs", "segments": fr.temporal_segments,
+                                "per_segment": fr.temporal_per_segment, "max_side": fr.max_side},
+                     "faces": settings.faces.to_dict()},
+        "global": {"frames": {"select": fr.global_frame, "candidates": fr.local_frames, "max_side": fr.max_side},
+                   "faces": settings.faces.to_dict() if fr.global_frame == "peak" else None},
+    }
+    for view in VIEWS:
+        enc = encoders[view]
+        for out, info in enc.outputs.items():
+            name = f"{view}.{enc.name}.{out}"
+            specs[name] = FeatureSpec(
+                name=name, modality=view, encoder=enc.name, weights=enc.weights, layer=enc.layer,
+                pooling=info.pooling, shape=tuple(info.shape), dtype=settings.dtype,
+                frame_rate=enc.frame_rate if info.shape and info.shape[0] is None else None,
+                params={**enc.params, **view_params[view], "compute_dtype": enc.compute_dtype},
+            )
+    return specs
+
+
+def describe(settings: ExtractSettings) -> dict[str, FeatureSpec]:
+    """The feature specs these settings produce (loads the models of this process once)."""
+    return models(settings).specs
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU half: decode, faces, choose frames
+
+
+@dataclass
+class Prepared:
+    job: ClipJob
+    record: dict
+    audio: np.ndarray | None = None
+    local: np.ndarray | None = None       # [N, 224, 224, 3]
+    temporal: np.ndarray | None = None    # [16, 224, 224, 3]
+    frame: np.ndarray | None = None       # the global frame [H, W, 3]
+    crops: np.ndarray | None = None       # every decoded frame's face crop (for previews)
+    error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def source_record(path: Path) -> dict:
+    st = path.stat()
+    rec = {"source": str(path), "size": st.st_size, "mtime": st.st_mtime}
+    if path.is_file():
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        rec["sha256"] = h.hexdigest()
+    else:
+        rec["size"] = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return rec
+
+
+def frame_plan(n_total: int, fr: FrameSettings) -> tuple[list[int], list[int], list[int]]:
+    """Decoded frame indices (sorted, unique) and, for each view, positions into them."""
+    local = decode.uniform_indices(n_total, fr.local_frames)
+    temporal = decode.segment_pair_indices(n_total, fr.temporal_segments, fr.temporal_per_segment)
+    extra = [0] if fr.global_frame == "first" else [max(0, (n_total - 1) // 2)] if fr.global_frame == "middle" else []
+    wanted = sorted(set(local) | set(temporal) | set(extra))
+    pos = {idx: i for i, idx in enumerate(wanted)}
+    return wanted, [pos[i] for i in local], [pos[i] for i in temporal]
+
+
+def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetector) -> Prepared:
+    prep = Prepared(job, {"id": job.id})
+    t0 = time.perf_counter()
+    try:
+        path = Path(job.source)
+        if not path.exists():
+            raise decode.DecodeError(f"source not found: {path}")
+        prep.record.update(source_record(path))
+        info = decode.probe(path, folder_fps=settings.frames.folder_fps)
+        prep.record.update(duration=info.duration, frames=info.n_frames, fps=info.fps, width=info.width,
+                           height=info.height, rotation=info.rotation, has_audio=info.has_audio)
+        if not info.has_video:
+            raise decode.DecodeError("no video stream")
+        if info.duration <= 0 or info.n_frames <= 0:
+            raise decode.DecodeError("zero length")
+        wanted, local_pos, temporal_pos = frame_plan(info.n_frames, settings.frames)
+        frames = decode.read_frames(path, wanted, max_side=settings.frames.max_side, info=info)
+        audio = decode.read_audio(path, sample_rate=settings.sample_rate) if info.has_audio else np.zeros(0, np.float32)
+        if audio.size == 0:
+            policy = settings.missing_audio
+            if policy == "fail" or (policy == "auto" and not path.is_dir()):
+                why = "audio stream decodes to zero samples" if info.has_audio else "no audio stream"
+                raise decode.DecodeError(f"{why} (the audio view needs one; --missing-audio silence encodes "
+                                         "one second of silence instead)")
+            audio = np.zeros(settings.sample_rate, np.float32)
+            prep.record["audio"] = "silence: the clip has no audio"
+        t1 = time.perf_counter()
+        prep.seconds["decode"] = t1 - t0
+
+        # Faces are detected on the anchor frames (the local view's frames and the first frame of each
+        # temporal segment); a segment's next consecutive frame is cropped with its anchor's box.
+        per = settings.frames.temporal_per_segment
+        anchors = sorted(set(local_pos) | set(temporal_pos[::per]))
+        track = detector.track(frames[anchors])
+        crop_at = dict(zip(anchors, track.crops))
+        for i, p in enumerate(temporal_pos):
+            if p not in crop_at:
+                a = anchors.index(temporal_pos[i - i % per])
+                crop_at[p] = faces.crop(frames[p], track.boxes[a], settings.faces.crop_size)
+        mode = settings.frames.global_frame
+        if mode == "peak":
+            g = anchors[faces.select_global_index("peak", track)]
+        else:   # the clip's own first / middle frame, which frame_plan put among the decoded ones
+            g = wanted.index(0 if mode == "first" else max(0, (info.n_frames - 1) // 2))
+        prep.local = np.stack([crop_at[p] for p in local_pos])
+        prep.temporal = np.stack([crop_at[p] for p in temporal_pos])
+        prep.frame = frames[g]
+        prep.audio = audio
+        prep.record.update(face_found=bool(track.found), face_frames=int(track.detected.sum()),
+                           sampled_frames=len(anchors), global_index=int(wanted[g]))
+        prep.crops = track.crops
+        prep.seconds["faces"] = time.perf_counter() - t1
+    except decode.DecodeError as e:
+        prep.error = str(e)
+    except Exception as e:  # noqa: BLE001 - one bad clip must never stop a run; the reason is kept
+        log.debug("preparing %s failed", job.id, exc_info=True)
+        prep.error = f"{type(e).__name__}: {e}"
+    return prep
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU half: encode a micro-batch of prepared clips
+
+
+def encode(prepared: Sequence[Prepared], m: Models, seconds: dict[str, float]) -> list[dict[str, np.ndarray]]:
+    inputs = {
+        "audio": [p.audio for p in prepared],
+        "local": [p.local for p in prepared],
+        "temporal": [p.temporal for p in prepared],
+        "global": [p.frame for p in prepared],
+    }
+    rows: list[dict[str, np.ndarray]] = [{} for _ in prepared]
+    for view in VIEWS:
+        enc = m.encoders[view]
+        t = time.perf_counter()
+        outs = enc.encode(inputs[view])
+        seconds[view] = seconds.get(view, 0.0) + time.perf_counter() - t
+        for row, out in zip(rows, outs):
+            for name, arr in out.items():
+                row[f"{view}.{enc.name}.{name}"] = arr
+    return rows
+
+
+def _chunks(seq: Sequence, n: int) -> Iterator[Sequence]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str, keys: dict[str, str], *,
+              storage_options: dict | None = None, preview_dir: str | None = None,
+              writer_id: str | None = None) -> BatchResult:
+    """Extract `jobs` and commit them (features or failures) to the store as one segment.
+
+    `keys` maps output names ("audio.hubert.frames") to the store's feature-set keys."""
+    m = models(settings)
+    store = FeatureStore.open(store_url, storage_options=storage_options)
+    result = BatchResult()
+    sec = result.seconds
+    groups = list(_chunks(list(jobs), max(1, settings.micro_batch)))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="emollama-prep") as pool, \
+            store.writer(writer_id) as writer:
+        def prep_group(group):
+            return [prepare(j, settings, m.detector) for j in group]
+        pending = pool.submit(prep_group, groups[0]) if groups else None
+        for gi in range(len(groups)):
+            prepared = pending.result()
+            pending = pool.submit(prep_group, groups[gi + 1]) if gi + 1 < len(groups) else None
+            good = []
+            for p in prepared:
+                for stage, s in p.seconds.items():
+                    sec[stage] = sec.get(stage, 0.0) + s
+                if p.error:
+                    writer.fail(p.job.id, p.error, {**p.record, "status": "failed", "reason": p.error})
+                    result.failed.append((p.job.id, p.error))
+                else:
+                    good.append(p)
+            if not good:
+                continue
+            try:
+                rows = encode(good, m, sec)
+            except Exception as e:  # noqa: BLE001 - record the whole micro-batch as failed, go on
+                log.debug("encoding failed", exc_info=True)
+                for p in good:
+                    reason = f"encoder error: {type(e).__name__}: {e}"
+                    writer.fail(p.job.id, reason, {**p.record, "status": "failed", "reason": reason})
+                    result.failed.append((p.job.id, reason))
+                continue
+            t = time.perf_counter()
+            for p, row in zip(good, rows):
+                writer.add(p.job.id, {keys[name]: arr for name, arr in row.items() if name in keys},
+                           {**p.record, "status": "ok"})
+                result.ok.append(p.job.id)
+                if not p.record.get("face_found"):
+                    result.no_face.append(p.job.id)
+                if preview_dir:
+                    write_preview(Path(preview_dir), p)
+            sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
+        t = time.perf_counter()
+        writer.commit()
+        sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
+    return result
+
+
+def write_preview(folder: Path, prep: Prepared, *, thumb: int = 112) -> Path:
+    """A contact sheet: the face crops in a grid, then the global frame, for a person to check."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    crops = prep.crops if prep.crops is not None else prep.local
+    cols = 8
+    rows = (len(crops) + cols - 1) // cols
+    frame = Image.fromarray(prep.frame)
+    scale = cols * thumb / frame.width
+    frame = frame.resize((cols * thumb, max(1, int(frame.height * scale))))
+    sheet = Image.new("RGB", (cols * thumb, rows * thumb + frame.height + 20), "white")
+    for i, c in enumerate(crops):
+        sheet.paste(Image.fromarray(c).resize((thumb, thumb)), ((i % cols) * thumb, (i // cols) * thumb))
+    y = rows * thumb
+    face = "face found" if prep.record.get("face_found") else "NO FACE: whole frames used"
+    ImageDraw.Draw(sheet).text((4, y + 4), f"{prep.job.id}  {face}  global frame #{prep.record.get('global_index')}",
+                               fill="black")
+    sheet.paste(frame, (0, y + 20))
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in prep.job.id)
+    out = folder / f"{safe}.png"
+    sheet.save(out)
+    return out
+
+
+def default_writer_id() -> str:
+    return f"{os.uname().nodename}-{os.getpid()}"

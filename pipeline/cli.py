@@ -1,0 +1,139 @@
+"""The `emollama` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="emollama: multimodal emotion recognition with an instruction-tuned LLM, in two stages "
+         "(extract frozen features once into a Zarr store; train projectors + LoRA over them).",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"emollama {version('emollama')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More logging: -v info, -vv debug."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if verbose < 2:
+        for noisy in ("distributed", "urllib3", "httpx", "huggingface_hub", "transformers", "timm"):
+            logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+@app.command()
+def sample(
+    folder: Path = typer.Argument(..., help="Where to write the dataset (created)."),
+    clips: int = typer.Option(24, "--clips", "-n", min=2, help="Number of clips."),
+    seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
+    test_fraction: float = typer.Option(0.25, min=0.0, max=0.9, help="Share of clips in the test split."),
+) -> None:
+    """Write a small synthetic labelled dataset in the MERR layout (real mp4 files with a face and a
+    voice-like sound, the label visible in both). The demo and the tests use it."""
+    from extract.sample import write_sample
+
+    root = write_sample(folder, clips=clips, seed=seed, test_fraction=test_fraction)
+    typer.echo(f"wrote {clips} synthetic clips to {root} (MERR layout; see {root / 'README.md'})")
+
+
+@app.command()
+def extract(
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="merr | mer2023 | dfew | folder"),
+    data: Optional[str] = typer.Option(None, "--data", help="The corpus folder."),
+    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store: a folder or an fsspec URL."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p",
+                                          help="Encoders: paper (hub ids / stand-ins) or tiny (random, local, tests only)."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A TOML config file (see docs/config.md)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Local dask workers (0 = in this process)."),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
+    local_frames: Optional[int] = typer.Option(None, "--frames", help="Face frames sampled per clip (local view)."),
+    global_frame: Optional[str] = typer.Option(None, "--global-frame", help="first | middle | peak"),
+    dtype: Optional[str] = typer.Option(None, help="Storage dtype: float16 (default) or float32."),
+    missing_audio: Optional[str] = typer.Option(None, "--missing-audio",
+                                                help="A clip without sound: fail, silence, or auto (silence "
+                                                     "for frame folders such as DFEW, fail for videos)."),
+    batch_clips: Optional[int] = typer.Option(None, "--batch-clips", help="Clips per task and store commit."),
+    fold: Optional[int] = typer.Option(None, help="DFEW fold (1-5)."),
+    labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label,sentence."),
+    preview: Optional[str] = typer.Option(None, "--preview", help="Write a contact-sheet PNG per clip here."),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub."),
+    limit: Optional[int] = typer.Option(None, help="Only the first N clips (a quick look)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Stage one: decode clips, find faces, run the four frozen encoders, write the feature store.
+
+    Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed."""
+    from pipeline.config import ConfigError, load_config
+    from pipeline.extraction import run_extract
+
+    options = {}
+    if fold is not None:
+        options["fold"] = fold
+    if labels_csv is not None:
+        options["labels_csv"] = labels_csv
+    overrides = {
+        "dataset": {"kind": dataset, "root": data, "options": options or None},
+        "extract": {"store": store, "profile": profile, "workers": workers, "scheduler": scheduler,
+                    "device": device, "local_frames": local_frames, "global_frame": global_frame,
+                    "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline},
+    }
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    try:
+        summary = run_extract(cfg, progress=progress, limit=limit)
+    except Exception as e:  # clear, short message for known user errors; traceback with -vv
+        from extract.encoders import MissingWeightsError
+        from store.datasets import DatasetError
+
+        if isinstance(e, (MissingWeightsError, DatasetError, FileNotFoundError)):
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2)
+        raise
+    if as_json:
+        typer.echo(json.dumps({"store": summary.store, "keys": summary.keys, "total": summary.total,
+                               "skipped": summary.skipped, "ok": summary.ok, "failed": summary.failed,
+                               "rejected": summary.rejected, "no_face": summary.no_face,
+                               "seconds": summary.seconds, "wall": summary.wall}, indent=2))
+    else:
+        for line in summary.lines():
+            typer.echo(line)
+    raise typer.Exit(summary.exit_code)
+
+
+def _mount_store_app() -> None:
+    from pipeline.cli_store import store_app
+
+    app.add_typer(store_app, name="store", help="Inspect, verify, import, export and prune feature stores.")
+
+
+_mount_store_app()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""Typed configuration: one TOML file (optional) plus command-line overrides, validated at once.
+
+No layers, no includes: a config file is a flat description of one job, and the resolved config
+(every default filled in) is saved beside the store and every checkpoint.
+
+    [dataset]
+    kind = "merr"                 # merr | mer2023 | dfew | folder
+    root = "data/merr"
+    options = { fold = 1 }        # adapter options (dfew: fold, frames_dir; folder: labels_csv)
+
+    [extract]
+    store = "stores/merr.zarr"    # a folder or any fsspec URL (s3://bucket/prefix)
+    profile = "paper"             # paper | tiny
+    workers = 1
+    [extract.encoders.audio]      # per-view override of the profile: a hub id or a local folder
+    model = "/models/chinese-hubert-large"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from store.datasets import ADAPTERS
+
+GLOBAL_FRAMES = ("first", "middle", "peak")
+DTYPES = ("float16", "float32")
+
+
+class ConfigError(ValueError):
+    """Every problem of a configuration, listed at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class DatasetConfig:
+    kind: str = "merr"
+    root: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.kind not in ADAPTERS:
+            out.append(f"dataset.kind = {self.kind!r}: choose one of {', '.join(ADAPTERS)}")
+        if not self.root:
+            out.append("dataset.root is empty: pass --data DIR (the corpus folder)")
+        elif "://" not in self.root and not Path(self.root).is_dir():
+            out.append(f"dataset.root = {self.root!r} is not a folder")
+        return out
+
+
+@dataclass
+class ModelOverride:
+    model: str
+    revision: str | None = None
+
+
+@dataclass
+class ExtractConfig:
+    store: str = ""
+    profile: str = "tiny"
+    encoders: dict[str, ModelOverride] = field(default_factory=dict)   # view -> override
+    local_frames: int = 16
+    global_frame: str = "peak"
+    max_side: int = 1280
+    face_margin: float = 0.2
+    face_min_size: int = 20
+    crop_size: int = 224
+    dtype: str = "float16"
+    missing_audio: str = "auto"      # fail | silence | auto (silence for frame folders, fail for videos)
+    device: str = "auto"
+    offline: bool | None = None      # None: HF_HUB_OFFLINE decides (tiny is always offline)
+    workers: int = 1                 # 0 = in this process, no dask
+    scheduler: str | None = None     # address of an existing dask scheduler
+    batch_clips: int = 8             # clips per task (one store commit)
+    micro_batch: int = 4             # clips encoded together
+    batch_size: int = 32             # images per encoder forward
+    preview: str | None = None       # folder for contact sheets
+    compact: bool = True             # merge small segments at the end of a run
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.store:
+            out.append("extract.store is empty: pass --store PATH_OR_URL")
+        if self.profile not in ("tiny", "paper"):
+            out.append(f"extract.profile = {self.profile!r}: choose tiny or paper "
+                       "(or override single encoders in [extract.encoders.<view>])")
+        for view in self.encoders:
+            if view not in ("audio", "local", "temporal", "global"):
+                out.append(f"extract.encoders.{view}: unknown view; use audio, local, temporal or global")
+        if self.global_frame not in GLOBAL_FRAMES:
+            out.append(f"extract.global_frame = {self.global_frame!r}: choose one of {', '.join(GLOBAL_FRAMES)}")
+        if self.missing_audio not in ("auto", "fail", "silence"):
+            out.append(f"extract.missing_audio = {self.missing_audio!r}: choose auto, fail or silence")
+        if self.dtype not in DTYPES:
+            out.append(f"extract.dtype = {self.dtype!r}: choose float16 or float32")
+        for name in ("local_frames", "max_side", "crop_size", "batch_clips", "micro_batch", "batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"extract.{name} = {getattr(self, name)} must be at least 1")
+        if self.workers < 0:
+            out.append(f"extract.workers = {self.workers} must be 0 (in process) or more")
+        if not 0 <= self.face_margin <= 1:
+            out.append(f"extract.face_margin = {self.face_margin} must be within [0, 1]")
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            out.append(f"extract.device = {self.device!r}: use auto, cpu, cuda or cuda:N")
+        return out
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+
+    def validate(self) -> "Config":
+        problems = self.dataset.problems() + self.extract.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, data: Mapping[str, Any], where: str, problems: list[str]):
+    """Instantiate dataclass `cls` from a mapping, collecting unknown keys and type errors."""
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown setting (known: {', '.join(known)})")
+            continue
+        if cls is ExtractConfig and key == "encoders":
+            enc = {}
+            for view, spec in (value or {}).items():
+                if isinstance(spec, str):
+                    spec = {"model": spec}
+                if not isinstance(spec, Mapping) or "model" not in spec:
+                    problems.append(f"{where}.encoders.{view}: expected a table with `model` (hub id or folder)")
+                    continue
+                enc[view] = ModelOverride(str(spec["model"]), spec.get("revision"))
+            value = enc
+        default = known[key].default
+        if default is not dataclasses.MISSING and default is not None and value is not None:
+            kind = type(default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                problems.append(f"{where}.{key} = {value!r}: expected {kind.__name__}")
+                continue
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
+    """Read a TOML file (if any), apply overrides ({section: {key: value}}, None = keep), validate."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError([f"config file not found: {p}"])
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError([f"{p}: not valid TOML: {e}"]) from None
+    problems: list[str] = []
+    for section in data:
+        if section not in ("dataset", "extract"):
+            problems.append(f"[{section}]: unknown section (known: dataset, extract)")
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+    cfg = Config(
+        dataset=_build(DatasetConfig, data.get("dataset", {}), "dataset", problems),
+        extract=_build(ExtractConfig, data.get("extract", {}), "extract", problems),
+    )
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return cfg

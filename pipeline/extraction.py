@@ -1,0 +1,142 @@
+"""Stage one, orchestrated: corpus -> tasks -> executor -> store, with a summary.
+
+Idempotent like datatrove: a clip complete in every feature set is skipped (its completion mark is
+in the store), a clip that failed is retried, a clip whose source changed is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from extract import faces
+from extract.encoders import EncodersConfig, ModelSource, profile
+from extract.step import ClipJob, ExtractSettings, FrameSettings, describe, run_batch
+from pipeline.config import Config
+from pipeline.executors import make_executor
+from store import FeatureStore
+from store.datasets import Clip, load_corpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractSummary:
+    store: str
+    keys: dict[str, str]                  # output name -> feature-set key
+    total: int = 0                        # clips in the corpus (accepted by the adapter)
+    skipped: int = 0                      # already complete
+    ok: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)   # refused by the dataset adapter
+    no_face: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0
+    executor: str = ""
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def lines(self) -> list[str]:
+        out = [f"store {self.store}  ({self.executor})",
+               f"clips: {self.total} in corpus, {self.skipped} already complete, {len(self.ok)} extracted, "
+               f"{len(self.failed)} failed, {len(self.rejected)} rejected by the dataset adapter"]
+        if self.ok:
+            out.append(f"throughput: {len(self.ok) / max(self.wall, 1e-9):.2f} clips/s over {self.wall:.1f} s")
+            spent = sum(self.seconds.values()) or 1.0
+            out.append("time: " + ", ".join(f"{k} {v:.1f}s ({100 * v / spent:.0f}%)" for k, v in self.seconds.items()))
+        if self.no_face:
+            out.append(f"no face found (whole frames used) in {len(self.no_face)}: {', '.join(self.no_face[:10])}")
+        for cid, why in self.failed[:20]:
+            out.append(f"FAILED {cid}: {why}")
+        if len(self.failed) > 20:
+            out.append(f"... and {len(self.failed) - 20} more failures (emollama store info --json)")
+        for cid, why in self.rejected[:10]:
+            out.append(f"rejected {cid}: {why}")
+        return out
+
+
+def encoders_config(cfg: Config, home: Path | None = None) -> EncodersConfig:
+    base = profile(cfg.extract.profile, home=home)
+    if not cfg.extract.encoders:
+        return base
+    from dataclasses import fields, replace
+
+    names = {f.name.rstrip("_"): f.name for f in fields(base)}
+    changes = {names[v]: ModelSource(o.model, o.revision) for v, o in cfg.extract.encoders.items()}
+    return replace(base, **changes)
+
+
+def settings_from(cfg: Config) -> ExtractSettings:
+    e = cfg.extract
+    offline = e.offline
+    if offline is None and e.profile == "tiny" and not e.encoders:
+        offline = True   # the tiny profile is built locally: never ask a hub
+    return ExtractSettings(
+        encoders=encoders_config(cfg),
+        frames=FrameSettings(local_frames=e.local_frames, global_frame=e.global_frame, max_side=e.max_side),
+        faces=faces.FaceSettings(crop_size=e.crop_size, margin=e.face_margin, min_face_size=e.face_min_size),
+        dtype=e.dtype, missing_audio=e.missing_audio, device=e.device, offline=offline, batch_size=e.batch_size, micro_batch=e.micro_batch,
+    )
+
+
+def _stale(clip: Clip, record: dict | None) -> bool:
+    """The source changed since it was extracted (files only; folders are not re-scanned)."""
+    if not record or not clip.source.is_file():
+        return False
+    st = clip.source.stat()
+    return record.get("size") not in (None, st.st_size) or (
+        record.get("mtime") is not None and abs(record["mtime"] - st.st_mtime) > 1e-3)
+
+
+def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None) -> ExtractSummary:
+    e = cfg.extract
+    corpus = load_corpus(cfg.dataset.kind, cfg.dataset.root, **cfg.dataset.options)
+    clips = corpus.clips[:limit] if limit else corpus.clips
+    settings = settings_from(cfg)
+    store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
+    t0 = time.perf_counter()
+    with make_executor(e.workers, e.scheduler) as ex:
+        if ex.dashboard and progress:
+            tqdm.write(f"dask dashboard: {ex.dashboard}", file=sys.stderr)
+        specs = ex.call(describe, settings)
+        keys = {name: store.ensure_set(spec, config=cfg.to_dict()) for name, spec in specs.items()}
+        summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=list(corpus.rejected),
+                                 executor=ex.name)
+        complete = set.intersection(*(store.complete(k) for k in keys.values())) if keys else set()
+        records = store.records()
+        stale = [c.id for c in clips if c.id in complete and _stale(c, records.get(c.id))]
+        if stale:
+            log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(stale))
+            store.remove(stale, list(keys.values()))
+            complete -= set(stale)
+        todo = [ClipJob(c.id, str(c.source)) for c in clips if c.id not in complete]
+        summary.skipped = len(clips) - len(todo)
+        tasks = [todo[i:i + e.batch_clips] for i in range(0, len(todo), e.batch_clips)]
+        bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress or not todo, dynamic_ncols=True)
+        for jobs, result, error in ex.map_unordered(
+                run_batch, tasks, settings=settings, store_url=e.store, keys=keys,
+                storage_options=e.storage_options or None, preview_dir=e.preview):
+            if error is not None:
+                # The task died as a whole (not one clip): nothing of it was committed; a rerun retries.
+                summary.failed += [(j.id, f"task error: {type(error).__name__}: {error}") for j in jobs]
+            else:
+                summary.ok += result.ok
+                summary.failed += result.failed
+                summary.no_face += result.no_face
+                for k, v in result.seconds.items():
+                    summary.seconds[k] = summary.seconds.get(k, 0.0) + v
+            bar.update(len(jobs))
+            bar.set_postfix(failed=len(summary.failed))
+        bar.close()
+    if e.compact and (summary.ok or summary.failed):
+        store.refresh()
+        store.compact()
+    summary.wall = time.perf_counter() - t0
+    return summary
