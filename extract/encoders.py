@@ -735,6 +735,16 @@ def load_encoder(view: str, source: ModelSource, *, device: str = "auto", offlin
     raise ValueError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
 
 
+def check_available(cfg: EncodersConfig, *, offline: bool | None = None) -> None:
+    """Raise MissingWeightsError at once when offline and a source is neither a folder nor cached."""
+    if not is_offline(offline):
+        return
+    for view in VIEWS:
+        source = cfg.source(view)
+        if source.local_path() is None and cached_snapshot(source.model, source.revision) is None:
+            raise _missing(source, hf_cache_dir(), "not in the local HF cache and offline")
+
+
 def load_encoders(cfg: EncodersConfig, *, device: str = "auto", offline: bool | None = None,
                   batch_size: int = 32, home: Path | None = None) -> dict[str, Encoder]:
     """The four encoders, keyed "audio", "local", "temporal", "global".
@@ -742,11 +752,7 @@ def load_encoders(cfg: EncodersConfig, *, device: str = "auto", offline: bool | 
     Every source is checked before any model loads, so a missing checkpoint fails at once.
     """
     offline = is_offline(offline)
-    if offline:
-        for view in VIEWS:
-            source = cfg.source(view)
-            if source.local_path() is None and cached_snapshot(source.model, source.revision) is None:
-                raise _missing(source, hf_cache_dir(), "not in the local HF cache and offline")
+    check_available(cfg, offline=offline)
     return {view: load_encoder(view, cfg.source(view), device=device, offline=offline,
                                batch_size=batch_size, home=home) for view in VIEWS}
 

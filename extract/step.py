@@ -309,9 +309,12 @@ def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str
                 result.ok.append(p.job.id)
                 if not p.record.get("face_found"):
                     result.no_face.append(p.job.id)
-                if preview_dir:
-                    write_preview(Path(preview_dir), p)
             sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
+            if preview_dir:
+                t = time.perf_counter()
+                for p in good:
+                    write_preview(Path(preview_dir), p)
+                sec["preview"] = sec.get("preview", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         writer.commit()
         sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t

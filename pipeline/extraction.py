@@ -15,7 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from extract import faces
-from extract.encoders import EncodersConfig, ModelSource, profile
+from extract.encoders import EncodersConfig, ModelSource, check_available, profile
 from extract.step import ClipJob, ExtractSettings, FrameSettings, describe, run_batch
 from pipeline.config import Config
 from pipeline.executors import make_executor
@@ -100,6 +100,7 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None)
     corpus = load_corpus(cfg.dataset.kind, cfg.dataset.root, **cfg.dataset.options)
     clips = corpus.clips[:limit] if limit else corpus.clips
     settings = settings_from(cfg)
+    check_available(settings.encoders, offline=settings.offline)   # fail before starting any worker
     store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
     t0 = time.perf_counter()
     with make_executor(e.workers, e.scheduler) as ex:

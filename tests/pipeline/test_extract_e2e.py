@@ -192,3 +192,17 @@ def test_frame_folders_and_silent_videos(sample_data, tmp_path):
     assert "no audio stream" in FeatureStore.open(tmp_path / "mute.zarr").failures()["mute"]
     out = summary_of(runner.invoke(app, args + ["--missing-audio", "silence"]))
     assert out["ok"] == ["mute"]
+
+
+def test_offline_missing_checkpoint_fails_at_once_naming_it(sample_data, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    t = time.perf_counter()
+    result = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(sample_data), "--store",
+                                 str(tmp_path / "s.zarr"), "--profile", "paper", "--workers", "1"])
+    assert time.perf_counter() - t < 5
+    assert result.exit_code == 2
+    assert "TencentGameMate/chinese-hubert-large" in result.output and "hf download" in result.output
+    assert not (tmp_path / "s.zarr").exists()
