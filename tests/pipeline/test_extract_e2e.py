@@ -206,3 +206,41 @@ def test_offline_missing_checkpoint_fails_at_once_naming_it(sample_data, tmp_pat
     assert result.exit_code == 2
     assert "TencentGameMate/chinese-hubert-large" in result.output and "hf download" in result.output
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.slow
+def test_dask_workers_write_the_same_values_as_in_process(sample_data, tmp_path):
+    inline = summary_of(extract(sample_data, tmp_path / "a.zarr"))
+    result = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(sample_data), "--store",
+                                 str(tmp_path / "b.zarr"), "--profile", "tiny", "--workers", "2",
+                                 "--batch-clips", "2", "--no-progress", "--json"])
+    dask = summary_of(result)
+    assert sorted(dask["ok"]) == sorted(inline["ok"]) and dask["keys"] == inline["keys"]
+    a, b = FeatureStore.open(tmp_path / "a.zarr"), FeatureStore.open(tmp_path / "b.zarr")
+    assert b.verify().ok
+    # Workers run torch on 1 thread, this process on 2: float sums may differ in their last bit,
+    # which fp16 storage can turn into one fp16 step.
+    for key in a.sets():
+        for cid in inline["ok"]:
+            x, y = a.read(cid, [key])[key].astype(np.float32), b.read(cid, [key])[key].astype(np.float32)
+            np.testing.assert_allclose(x, y, rtol=2e-3, atol=1e-6)
+
+
+def test_config_file_names_a_local_folder_per_encoder(tmp_path):
+    from extract.encoders import profile
+    from pipeline.config import load_config
+    from pipeline.extraction import settings_from
+
+    tiny = profile("tiny")
+    copy = tmp_path / "my-hubert"
+    shutil.copytree(tiny.audio.model, copy)
+    (tmp_path / "data").mkdir()
+    cfg_file = tmp_path / "extract.toml"
+    cfg_file.write_text(f'[dataset]\nkind = "folder"\nroot = "{tmp_path / "data"}"\n'
+                        f'[extract]\nstore = "{tmp_path / "s.zarr"}"\nprofile = "tiny"\nglobal_frame = "middle"\n'
+                        f'[extract.encoders.audio]\nmodel = "{copy}"\n')
+    cfg = load_config(cfg_file, {"extract": {"workers": 0}})
+    settings = settings_from(cfg)
+    assert settings.encoders.audio.model == str(copy)
+    assert settings.encoders.local == tiny.local
+    assert settings.frames.global_frame == "middle" and cfg.extract.workers == 0
