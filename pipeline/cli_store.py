@@ -189,9 +189,12 @@ def rm(
 def compact(
     url: str = STORE,
     full: bool = typer.Option(False, "--full", help="Also rewrite earlier compacted segments."),
+    keep: float = typer.Option(0.0, "--keep", min=0.0,
+                               help="Seconds to keep merged segments for readers that opened the store before "
+                                    "(a running training job); a later compact deletes them."),
 ) -> None:
     """Merge small segments into large sharded ones and drop removed or duplicate rows."""
     st = _open(url)
-    r = st.compact(full=full)
+    r = st.compact(full=full, keep_s=keep)
     typer.echo(f"compacted {r['compacted']} segments: files {r['files_before']} -> {r['files_after']}, "
                f"segments {r['segments_before']} -> {r['segments_after']}")

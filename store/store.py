@@ -685,23 +685,26 @@ class FeatureStore:
                 "files": len(files)}
 
     # ------------------------------------------------------------------ compaction
-    def compact(self, min_segments: int = 2, *, full: bool = False, grace_s: float = GRACE_S) -> dict:
+    def compact(self, min_segments: int = 2, *, full: bool = False, grace_s: float = GRACE_S,
+                keep_s: float = 0.0) -> dict:
         """Merge the small segments of each set into one large sharded segment.
 
         Live rows only (duplicates and tombstoned rows are dropped); the new mark lists the old
         segments in ``supersedes``; then the old marks and data are deleted. Crash-safe at every
         point: before the new mark exists nothing changed for readers; after it, the old segments
         are ignored whether or not they have been deleted yet. ``full`` also rewrites earlier
-        compacted segments. Orphan data older than ``grace_s`` seconds is deleted.
+        compacted segments. Orphan data older than ``grace_s`` seconds is deleted. Merged segments
+        are deleted once their merge is ``keep_s`` seconds old (0: at once), so readers that opened
+        the store before the merge (a training run in another process) keep finding their data.
         """
         with self._lock:
             self.refresh()
             files_before = len(self._b.walk(""))
-            self._delete_superseded()  # finish an interrupted compaction
+            self._delete_superseded(keep_s)  # finish an interrupted (or deferred) compaction
             cands = [s for s in self._active if full or self._marks[s].get("kind") != "compact"]
             result = {"segments_before": len(self._active), "compacted": 0, "files_before": files_before}
             if len(cands) >= max(min_segments, 1):
-                self._compact(cands, grace_s)
+                self._compact(cands, grace_s, keep_s)
                 result["compacted"] = len(cands)
             result["orphans_deleted"] = self._gc(grace_s)
             self.refresh()
@@ -713,7 +716,7 @@ class FeatureStore:
         if self._compact_hook is not None:
             self._compact_hook(step)
 
-    def _compact(self, cands: list[str], grace_s: float) -> str:
+    def _compact(self, cands: list[str], grace_s: float, keep_s: float = 0.0) -> str:
         cand = set(cands)
         seg = new_segment_id()
         # what the non-candidate (kept) marks hold, so tombstones hiding their rows are carried on
@@ -759,7 +762,7 @@ class FeatureStore:
         self._write_mark(seg, mark)
         self._hook("mark-written")
         self.refresh()
-        self._delete_superseded()
+        self._delete_superseded(keep_s)
         return seg
 
     def _iter_rows(self, key: str, items: list[tuple[str, tuple]]) -> Iterator[np.ndarray]:
@@ -786,10 +789,14 @@ class FeatureStore:
                 yield data[a - lo] if b == -1 else data[a - lo : b - lo]
             i = j
 
-    def _delete_superseded(self) -> None:
-        """Delete marks listed in some ``supersedes`` (marks first, then their data)."""
-        sup = self._superseded()
-        doomed = [s for s in self._marks if s in sup]
+    def _delete_superseded(self, keep_s: float = 0.0) -> None:
+        """Delete marks listed in some ``supersedes`` whose merge is at least ``keep_s`` seconds old
+        (marks first, then their data)."""
+        merged_by: dict[str, str] = {}
+        for seg, m in self._marks.items():
+            for s in m.get("supersedes") or ():
+                merged_by[s] = min(merged_by.get(s, seg), seg)
+        doomed = [s for s in self._marks if s in merged_by and _segment_age_s(merged_by[s]) >= keep_s]
         if not doomed:
             return
         for s in doomed:

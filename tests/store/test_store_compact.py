@@ -151,3 +151,20 @@ def test_crash_after_old_marks_deleted_really_happens_midway(tmp_path):
     assert len(list((tmp_path / "s" / "_commits").glob("*.json"))) == 1  # old marks gone, old data not yet
     assert sum(1 for p in (tmp_path / "s" / "sets" / UTT.key).iterdir() if p.is_dir()) == 4
     _check(FeatureStore.open(tmp_path / "s", create=False), clips)
+
+
+def test_compact_keeps_merged_segments_for_readers_opened_before(tmp_path):
+    st = FeatureStore.open(tmp_path / "s")
+    _, clips = _many_small_commits(st, n_commits=4)
+    reader = FeatureStore.open(tmp_path / "s", create=False)   # e.g. a training run's view
+    reader.complete(UTT.key)
+    before = _files(tmp_path / "s")
+    r = st.compact(keep_s=3600)
+    assert r["compacted"] == 4 and r["segments_after"] == 1
+    assert _files(tmp_path / "s") > before          # merged data kept beside the new segment
+    for c, x in zip(clips, reader.read_many(clips, UTT.key)):   # the old view still reads
+        np.testing.assert_array_equal(x, stored(c, UTT))
+    _check(FeatureStore.open(tmp_path / "s", create=False), clips)
+    r = st.compact(keep_s=0)                          # a later compaction past the delay deletes them
+    assert _files(tmp_path / "s") < before and r["segments_after"] == 1
+    _check(FeatureStore.open(tmp_path / "s", create=False), clips)
