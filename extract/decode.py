@@ -97,11 +97,28 @@ def _open_image(path: Path) -> Image.Image:
     return img.convert("RGB")
 
 
+def _first_readable(files: list[Path], i: int) -> Image.Image:
+    """Frame i, or the nearest readable frame when i is corrupt (a warning says so)."""
+    try:
+        return _open_image(files[i])
+    except DecodeError as first:
+        for d in range(1, len(files)):
+            for j in (i - d, i + d):
+                if 0 <= j < len(files):
+                    try:
+                        img = _open_image(files[j])
+                    except DecodeError:
+                        continue
+                    log.warning("%s: %s; using %s instead", files[i].parent, first, files[j].name)
+                    return img
+        raise DecodeError(f"no readable frame in {files[i].parent} ({first})") from first
+
+
 def _probe_folder(folder: Path, folder_fps: float) -> MediaInfo:
     files = list_frame_files(folder)
     if not files:
         raise DecodeError(f"no video stream: folder has no {'/'.join(IMAGE_SUFFIXES)} frames")
-    img = _open_image(files[0])
+    img = _first_readable(files, 0)
     return MediaInfo(
         path=str(folder), duration=len(files) / folder_fps, fps=folder_fps, n_frames=len(files),
         width=img.width, height=img.height, rotation=0, has_video=True, has_audio=False, audio_rate=None,
@@ -125,7 +142,7 @@ def _read_folder(folder: Path, indices: Sequence[int], max_side: int | None) -> 
         i = min(max(int(k), 0), len(files) - 1)
         if i in cache:
             continue
-        img = _open_image(files[i])
+        img = _first_readable(files, i)
         if size is None:
             size = _scaled_size(img.width, img.height, max_side)
         if img.size != size:

@@ -370,4 +370,10 @@ def load_corpus(kind: str, root: Path | str, **options: Any) -> Corpus:
         adapter = ADAPTERS[kind]
     except KeyError:
         raise DatasetError(f"unknown dataset {kind!r}; choose one of: {', '.join(ADAPTERS)}") from None
-    return adapter(root, **options)
+    corpus = adapter(root, **options)
+    if not corpus.clips:
+        why = "; ".join(f"{cid}: {r}" for cid, r in corpus.rejected[:3])
+        raise DatasetError(f"no clips found in {root} as a {kind} dataset"
+                           + (f" ({len(corpus.rejected)} rejected, e.g. {why})" if why else "")
+                           + ". Check --dataset and --data.")
+    return corpus
