@@ -131,6 +131,15 @@ def _mount_store_app() -> None:
 _mount_store_app()
 
 
+def _mount_eval_commands() -> None:
+    from pipeline.cli_eval import register
+
+    register(app)
+
+
+_mount_eval_commands()
+
+
 def main() -> None:
     app()
 
