@@ -15,7 +15,7 @@ ARGS ?=
 DEMO_CLIPS ?= 24
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast extract train bench-store bench-extract clean
+.PHONY: help venv demo test test-fast extract train bench-store bench-extract bench-scale clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-store: venv ## Benchmark the feature store against npy-per-clip and HDF5 (
 
 bench-extract: venv ## Benchmark extraction on the sample (tiny); ARGS=--real-size adds a real clip at real sizes
 	$(BIN)/python scripts/bench_extract.py $(ARGS)
+
+bench-scale: venv ## Benchmark extraction with 1 and 2 local dask workers: clips/s and scaling efficiency (not a test)
+	$(BIN)/python scripts/bench_scale.py $(ARGS)
 
 clean: ## Remove the demo outputs (keeps .venv)
 	rm -rf demo

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -82,6 +83,7 @@ class Models:
 
 
 _MODELS: dict[ExtractSettings, Models] = {}
+_MODELS_LOCK = threading.Lock()   # a dask worker with several threads loads each model once
 
 
 def resolve_device(device: str) -> str:
@@ -94,6 +96,11 @@ def resolve_device(device: str) -> str:
 
 def models(settings: ExtractSettings) -> Models:
     """The encoders and face detector for `settings`, loaded on first use in this process."""
+    with _MODELS_LOCK:
+        return _load_models(settings)
+
+
+def _load_models(settings: ExtractSettings) -> Models:
     if settings not in _MODELS:
         encs = load_encoders(settings.encoders, device=settings.device, offline=settings.offline,
                              batch_size=settings.batch_size)

@@ -75,6 +75,8 @@ def extract(
     labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label,sentence."),
     preview: Optional[str] = typer.Option(None, "--preview", help="Write a contact-sheet PNG per clip here."),
     offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub."),
+    storage_option: Optional[List[str]] = typer.Option(
+        None, "--storage-option", help="fsspec option for the store, KEY=VALUE (repeatable), e.g. endpoint_url=..."),
     limit: Optional[int] = typer.Option(None, help="Only the first N clips (a quick look)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -83,7 +85,7 @@ def extract(
 
     Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.extraction import run_extract
+    from pipeline.extraction import parse_storage_options, run_extract
 
     options = {}
     if fold is not None:
@@ -97,8 +99,10 @@ def extract(
                     "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline},
     }
     try:
+        if storage_option:
+            overrides["extract"]["storage_options"] = parse_storage_options(storage_option)
         cfg = load_config(config, overrides)
-    except ConfigError as e:
+    except (ConfigError, ValueError) as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2)
     try:

@@ -6,11 +6,15 @@ in the store), a clip that failed is retried, a clip whose source changed is rec
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -95,6 +99,68 @@ def _stale(clip: Clip, record: dict | None) -> bool:
         record.get("mtime") is not None and abs(record["mtime"] - st.st_mtime) > 1e-3)
 
 
+def source_size(source: Path) -> int | None:
+    """Bytes of a clip (a video file, or the frames of a frame folder): a stand-in for its duration that
+    costs one stat per file, no decoding. None when it cannot be read (the task will record why)."""
+    try:
+        if source.is_dir():
+            return sum(e.stat().st_size for e in os.scandir(source) if e.is_file())
+        return source.stat().st_size
+    except OSError:
+        return None
+
+
+def plan_tasks(jobs: Sequence[ClipJob], sizes: Sequence[int | None], batch_clips: int) -> list[list[ClipJob]]:
+    """Group clips into tasks of about `batch_clips` typical clips of work, longest tasks first.
+
+    A clip's cost is half fixed (faces, and the local/temporal/global encoders see a fixed number of
+    frames whatever the length) and half proportional to its length (the decoding pass and the audio
+    encoder), with the length taken from the file size relative to the corpus median (1 unit = a median
+    clip). A task closes at `batch_clips` clips or `batch_clips` units, whichever comes first, and a clip
+    that would take it past 1.25x that starts the next one, so long clips travel in smaller tasks.
+    Tasks are returned largest first, so the long ones do not straggle at the end."""
+    if not jobs:
+        return []
+    known = [s for s in sizes if s]
+    median = statistics.median(known) if known else 1.0
+    costs = [0.5 + 0.5 * ((s or median) / median) for s in sizes]
+    tasks: list[list[ClipJob]] = []
+    task_cost: list[float] = []
+    cur: list[ClipJob] = []
+    acc = 0.0
+    for job, c in zip(jobs, costs):
+        if cur and acc + c > 1.25 * batch_clips:   # a long clip would overload this task: start the next
+            tasks.append(cur)
+            task_cost.append(acc)
+            cur, acc = [], 0.0
+        cur.append(job)
+        acc += c
+        if len(cur) >= batch_clips or acc >= batch_clips:
+            tasks.append(cur)
+            task_cost.append(acc)
+            cur, acc = [], 0.0
+    if cur:
+        tasks.append(cur)
+        task_cost.append(acc)
+    order = sorted(range(len(tasks)), key=lambda i: -task_cost[i])   # stable: equal costs keep corpus order
+    return [tasks[i] for i in order]
+
+
+def parse_storage_options(items: Sequence[str]) -> dict:
+    """`KEY=VALUE` strings (the CLI's repeatable --storage-option) into fsspec storage options; a value
+    that reads as JSON (true, 3, {"a": 1}) is decoded, anything else stays a string."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"storage option {item!r}: expected KEY=VALUE (e.g. endpoint_url=http://host:9000)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
 def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None) -> ExtractSummary:
     e = cfg.extract
     corpus = load_corpus(cfg.dataset.kind, cfg.dataset.root, **cfg.dataset.options)
@@ -103,7 +169,7 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None)
     check_available(settings.encoders, offline=settings.offline)   # fail before starting any worker
     store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
     t0 = time.perf_counter()
-    with make_executor(e.workers, e.scheduler) as ex:
+    with make_executor(e.workers, e.scheduler, device=e.device) as ex:
         if ex.dashboard and progress:
             tqdm.write(f"dask dashboard: {ex.dashboard}", file=sys.stderr)
         specs = ex.call(describe, settings)
@@ -119,7 +185,8 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None)
             complete -= set(stale)
         todo = [ClipJob(c.id, str(c.source)) for c in clips if c.id not in complete]
         summary.skipped = len(clips) - len(todo)
-        tasks = [todo[i:i + e.batch_clips] for i in range(0, len(todo), e.batch_clips)]
+        tasks = plan_tasks(todo, [source_size(Path(j.source)) for j in todo], e.batch_clips)
+        log.info("%d clip(s) to extract in %d task(s) on %s", len(todo), len(tasks), ex.name)
         bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress or not todo, dynamic_ncols=True)
         for jobs, result, error in ex.map_unordered(
                 run_batch, tasks, settings=settings, store_url=e.store, keys=keys,
@@ -138,6 +205,6 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None)
         bar.close()
     if e.compact and (summary.ok or summary.failed):
         store.refresh()
-        store.compact()
+        store.compact(keep_s=3600)   # readers that opened the store earlier keep their data for an hour
     summary.wall = time.perf_counter() - t0
     return summary
