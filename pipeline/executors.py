@@ -122,9 +122,9 @@ class DaskExecutor(InlineExecutor):
         self._cluster = None
         if scheduler:
             if scheduler.endswith(".json"):
-                self.client = Client(scheduler_file=scheduler, timeout="30s")
+                self.client = Client(scheduler_file=scheduler, timeout="30s", set_as_default=False)
             else:
-                self.client = Client(scheduler, timeout="30s")
+                self.client = Client(scheduler, timeout="30s", set_as_default=False)
             if not self.client.scheduler_info().get("workers"):
                 log.warning("waiting up to %.0f s for a worker to join %s", wait_for_workers_s, scheduler)
                 try:
@@ -159,7 +159,7 @@ class DaskExecutor(InlineExecutor):
                                              host="127.0.0.1", dashboard_address=":0",
                                              silence_logs=logging.ERROR, env=env)
                 self.name = f"local dask cluster, {workers} worker(s) x {threads} thread(s)"
-            self.client = Client(self._cluster)
+            self.client = Client(self._cluster, set_as_default=False)
             self.threads = threads
         self.dashboard = self.client.dashboard_link
         if self._cluster is not None and importlib.util.find_spec("bokeh") is None:
@@ -204,7 +204,7 @@ class DaskExecutor(InlineExecutor):
             fut = self.client.submit(_in_worker, fn, self.threads, item, pure=False, resources=self.resources,
                                      priority=len(items) - i, **kwargs)
             futures[fut] = item
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=self.client.loop):
             item = futures[fut]
             try:
                 yield item, fut.result(), None

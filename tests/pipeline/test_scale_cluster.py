@@ -170,7 +170,7 @@ def user_cluster(tmp_path_factory):
         while not sched_file.exists():
             assert time.monotonic() < deadline, (tmp / "cluster.log").read_text()
             time.sleep(0.2)
-        with Client(scheduler_file=str(sched_file), timeout="30s") as client:
+        with Client(scheduler_file=str(sched_file), timeout="30s", set_as_default=False) as client:
             client.wait_for_workers(2, timeout=60)
             address = client.scheduler.address
         yield address, sched_file
@@ -215,7 +215,7 @@ def test_a_worker_killed_mid_run_loses_no_clip(user_cluster, sample_data, tmp_pa
     killed: dict = {}
 
     def kill_one_busy_worker():
-        with Client(address, timeout="30s") as client:
+        with Client(address, timeout="30s", set_as_default=False) as client:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and not killed:
                 commits = store / "_commits"
@@ -241,7 +241,7 @@ def test_a_worker_killed_mid_run_loses_no_clip(user_cluster, sample_data, tmp_pa
     # the killed process is gone; the nanny restarted a worker in its place
     with pytest.raises(ProcessLookupError):
         os.kill(killed["pid"], 0)
-    with Client(address, timeout="30s") as client:
+    with Client(address, timeout="30s", set_as_default=False) as client:
         client.wait_for_workers(2, timeout=60)
         assert killed["pid"] not in client.run(os.getpid).values()
 
