@@ -12,10 +12,12 @@ STORE ?= demo/store.zarr
 PROFILE ?= tiny
 WORKERS ?= 1
 ARGS ?=
-DEMO_CLIPS ?= 24
+DEMO_CLIPS ?= 120
+STAGE1 ?= configs/demo-stage1.toml
+STAGE2 ?= configs/demo-stage2.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast extract train bench-store bench-extract bench-scale clean
+.PHONY: help venv demo demo-extract test test-fast extract train bench-store bench-extract bench-scale bench-train clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -29,7 +31,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## Create the environment (.venv) if missing
 
-demo: venv ## Offline demo on a synthetic sample: make the data, extract all four views (tiny models)
+demo: demo-extract train ## Offline demo on a synthetic sample: make the data, extract all four views, train both stages (tiny models)
+
+demo-extract: venv
 	@test -f demo/data/MERR_coarse_grained.txt || $(EMOLLAMA) sample demo/data --clips $(DEMO_CLIPS)
 	$(EMOLLAMA) extract --dataset merr --data demo/data --store demo/store.zarr --profile tiny \
 		--workers $(WORKERS) --preview demo/preview $(ARGS)
@@ -45,8 +49,11 @@ test-fast: venv ## The tests not marked slow
 extract: venv ## Extract features: DATASET=merr|mer2023|dfew|folder DATA=dir STORE=path|url [PROFILE=paper]
 	$(EMOLLAMA) extract --dataset $(DATASET) --data $(DATA) --store $(STORE) --profile $(PROFILE) --workers $(WORKERS) $(ARGS)
 
-train: venv ## Stage two (projectors + LoRA): not built yet, see issue 4
-	@echo "stage two (training) is not implemented yet: tracked as issue 4" >&2; exit 1
+train: venv ## Stage two, curriculum: STAGE1 then STAGE2 from it (default: the demo configs, tiny profile)
+	@if [ "$(STAGE1)" = configs/demo-stage1.toml ] && [ ! -d demo/store.zarr ]; then $(MAKE) demo-extract; fi
+	$(EMOLLAMA) train -c $(STAGE1)
+	$(EMOLLAMA) train -c $(STAGE2)
+	@echo "NOTE: the tiny profile uses a random LM and random encoders: a test fixture, not a result."
 
 bench-store: venv ## Benchmark the feature store against npy-per-clip and HDF5 (not a test)
 	$(BIN)/python scripts/bench_store.py $(ARGS)
@@ -56,6 +63,9 @@ bench-extract: venv ## Benchmark extraction on the sample (tiny); ARGS=--real-si
 
 bench-scale: venv ## Benchmark extraction with 1 and 2 local dask workers: clips/s and scaling efficiency (not a test)
 	$(BIN)/python scripts/bench_scale.py $(ARGS)
+
+bench-train: venv ## Benchmark the training loop: batched + length-grouped vs batch 1 (not a test)
+	$(BIN)/python scripts/bench_train.py $(ARGS)
 
 clean: ## Remove the demo outputs (keeps .venv)
 	rm -rf demo

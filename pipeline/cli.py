@@ -126,22 +126,12 @@ def extract(
     raise typer.Exit(summary.exit_code)
 
 
-def _mount_store_app() -> None:
-    from pipeline.cli_store import store_app
+# The other command groups live in their own modules.
+from pipeline import cli_eval, cli_store, cli_train  # noqa: E402
 
-    app.add_typer(store_app, name="store", help="Inspect, verify, import, export and prune feature stores.")
-
-
-_mount_store_app()
-
-
-def _mount_eval_commands() -> None:
-    from pipeline.cli_eval import register
-
-    register(app)
-
-
-_mount_eval_commands()
+app.add_typer(cli_store.store_app, name="store", help="Inspect, verify, import, export and prune feature stores.")
+cli_train.register(app)
+cli_eval.register(app)
 
 
 def main() -> None:

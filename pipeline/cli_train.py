@@ -1,0 +1,107 @@
+"""`emollama train` and `emollama params`: stage two on the command line (``register(app)``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `train` and `params` commands to the main app."""
+    app.command("train")(train_cmd)
+    app.command("params")(params_cmd)
+
+
+def train_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A training TOML (configs/stage1.toml ...)."),
+    data: Optional[str] = typer.Option(None, "--data", help="The corpus folder (data.root)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="merr | mer2023 | dfew | folder"),
+    store: Optional[str] = typer.Option(None, "--store", "-s", help="The feature store of stage one."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="The run folder."),
+    features: Optional[List[str]] = typer.Option(None, "--feature", "-f",
+                                                 help="A feature set to feed (repeat; e.g. -f audio.hubert.mean "
+                                                      "for audio only). Default: the config's."),
+    tasks: Optional[List[str]] = typer.Option(None, "--task", help="emotion | reason | reason_v2 (repeat)."),
+    profile: Optional[str] = typer.Option(None, "--profile", "-p", help="tiny (random fixture) | paper (LLaMA-2-7B-chat)."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="The language model: a hub id or a local folder."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from this run's adapter + projectors."),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Scheduled optimizer steps (0: epochs x steps/epoch)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Per process and micro-batch."),
+    grad_accum: Optional[int] = typer.Option(None, "--grad-accum"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this step (the schedule is unchanged)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's newest checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
+) -> None:
+    """Stage two: train the projectors and the LoRA adapter over the feature store.
+
+    Under torchrun every process runs this same command (DDP; rank 0 writes the run folder)."""
+    from store.datasets import DatasetError
+    from train.checkpoint import CheckpointError
+    from train.config import TrainConfigError, load_train_config
+    from train.loop import TrainingDiverged, train
+    from train.model import MissingModelError
+
+    overrides = {
+        "data": {"root": data, "dataset": dataset, "store": store, "features": list(features) if features else None,
+                 "tasks": list(tasks) if tasks else None},
+        "model": {"profile": profile, "llm": llm, "gradient_checkpointing": gradient_checkpointing},
+        "optim": {"lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum},
+        "run": {"out": out, "init_from": init_from, "seed": seed, "device": device},
+    }
+    try:
+        cfg = load_train_config(config, overrides)
+    except TrainConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2)
+    try:
+        result = train(cfg, resume=resume, max_steps=max_steps, progress=progress,
+                       echo=(lambda s: None) if as_json else typer.echo)
+    except TrainingDiverged as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3)
+    except (MissingModelError, DatasetError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        m = {k: v for k, v in result.metrics.items() if k != "predictions"}
+        typer.echo(json.dumps({"run": str(result.run), "step": result.step, "metrics": m,
+                               "params": result.params}, indent=2, default=str))
+    else:
+        typer.echo(f"run folder: {result.run}  (step {result.step}, {result.seconds:.1f} s)")
+
+
+def params_cmd(
+    profile: str = typer.Option("paper", "--profile", "-p", help="paper (LLaMA-2-7B shapes) | tiny"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="A training TOML (LoRA, features)."),
+    store: Optional[str] = typer.Option(None, "--store", "-s",
+                                        help="Take the projector input sizes from this store's feature sets "
+                                             "(default: the paper's encoders: EVA 1025x1408, 1024 for the rest)."),
+    features: Optional[List[str]] = typer.Option(None, "--feature", "-f", help="Feature sets (repeat)."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Trainable parameters of each part (LoRA, each projector), the total and PEFT's percentage.
+
+    The paper profile is built on the meta device: no weights are downloaded or allocated."""
+    from train.params import count_for_profile
+
+    try:
+        counts = count_for_profile(profile, config=config, store=store, features=list(features) if features else None)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(counts, indent=2))
+        return
+    from train.model import format_parameters
+
+    for line in format_parameters(counts, counts.get("note", "")):
+        typer.echo(line)

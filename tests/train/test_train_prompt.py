@@ -1,0 +1,81 @@
+"""The prompt layout and the tiny tokenizer (no store needed)."""
+
+
+import pytest
+
+from train.prompt import IGNORE, INSTRUCTIONS, Layout, Slot, encode, instruction_for
+from train.tiny import build_tokenizer, ensure_tiny_llm
+
+LABELS = ["neutral", "angry", "happy", "sad", "worried", "surprise"]
+PAPER = Layout(video=(Slot("g", 256),), feature=(Slot("l", 1), Slot("t", 1), Slot("a", 1), Slot("c", 1)))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_tiny_tokenizer_is_deterministic_and_never_floods_unk(tok):
+    again = build_tokenizer()
+    assert tok.get_vocab() == again.get_vocab()
+    assert [tok.convert_ids_to_tokens(i) for i in range(4)] == ["<unk>", "<s>", "</s>", "<pad>"]
+    texts = [*LABELS, "[INST] <video></video> <feature></feature> [/INST]",
+             "We can see lips stretched tight while hearing a trembling voice, which points to worried.",
+             "Zebras quickly jumped over the naïve café: 5€!"]
+    texts += [i.replace("{labels}", ", ".join(LABELS)) for pool in INSTRUCTIONS.values() for i in pool]
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, t
+        assert tok.decode(ids) == t
+    # frequent words are single tokens, so prompts stay short
+    assert len(tok(" worried", add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_encode_layout_loss_mask_and_prompt_prefix(tok):
+    instr = instruction_for("emotion", "clip1", LABELS, fixed=True)
+    full = encode(tok, PAPER, "I lost my job.", "emotion", instr, "sad")
+    prompt = encode(tok, PAPER, "I lost my job.", "emotion", instr)
+    # the training prompt is exactly the inference prompt
+    assert full.ids[:len(prompt.ids)] == prompt.ids and full.answer_start == len(prompt.ids)
+    assert sum(full.feat) == 260 and full.feat[: full.ids.index(tok.pad_token_id)].count(True) == 0
+    answer = [l for l in full.labels if l != IGNORE]
+    assert tok.decode(answer) == " sad</s>" and full.ids[-1] == tok.eos_token_id
+    text = tok.decode([i for i, f in zip(full.ids, full.feat) if not f])
+    assert text.startswith("<s>[INST] <video></video> <feature></feature> The person in the video says: I lost my job. [emotion]")
+    assert "job.." not in text and text.endswith("[/INST] sad</s>")
+
+
+def test_missing_views_and_subtitle_drop_their_parts(tok):
+    audio_only = Layout(feature=(Slot("a", 1),))
+    enc = encode(tok, audio_only, None, "reason", "Describe it.", "A low voice.")
+    text = tok.decode([i for i, f in zip(enc.ids, enc.feat) if not f])
+    assert "<video>" not in text and "says" not in text and sum(enc.feat) == 1
+    assert text == "<s>[INST] <feature></feature> [reason] Describe it. [/INST] A low voice.</s>"
+
+
+def test_instructions_vary_by_epoch_without_rng():
+    got = {instruction_for("reason_v2", f"c{i}", LABELS, seed=1, epoch=e) for i in range(5) for e in range(4)}
+    assert len(got) > 1
+    assert instruction_for("emotion", "c", LABELS, seed=1, epoch=3) == instruction_for("emotion", "c", LABELS, seed=1, epoch=3)
+
+
+def test_tiny_llm_folder_loads_with_transformers_alone(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = ensure_tiny_llm(tmp_path)
+    assert folder == tmp_path / "models" / "tiny" / "llm" and ensure_tiny_llm(tmp_path) == folder
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size
+
+
+def test_a_missing_language_model_fails_at_once_with_what_and_how(tmp_path, monkeypatch):
+    from train.model import MissingModelError, load_llm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MissingModelError, match=r"meta-llama/Llama-2-7b-chat-hf.*offline.*(\n.*)local folder"):
+        load_llm("meta-llama/Llama-2-7b-chat-hf")
+    empty = tmp_path / "llm"
+    empty.mkdir()
+    with pytest.raises(MissingModelError, match="must hold config.json"):
+        load_llm(str(empty))

@@ -1,0 +1,190 @@
+"""Checkpoints, written atomically, loaded only through safetensors or ``torch.load(weights_only=True)``.
+
+    <run>/adapter/                     PEFT's own format (adapter_config.json + adapter_model.safetensors):
+                                       ``peft.PeftModel.from_pretrained(base, <run>/adapter)`` loads it
+    <run>/projectors.safetensors       one Linear per feature set (``<name>.weight``, ``<name>.bias``)
+    <run>/projectors.json              their config (set key, part, shapes, grouping) and the prompt layout
+    <run>/config.json                  the resolved training config
+    <run>/feature_sets.json            the store's feature-set keys and specs the run read
+    <run>/versions.json                package versions
+    <run>/checkpoints/step-000123/     everything needed for an exact resume: the adapter, projectors,
+                                       optimizer.pt, rng.pt and state.json (step, epoch, data position,
+                                       scheduler, loss history)
+
+Every folder is built under a temporary name in the same parent and renamed into place, so a crash
+never leaves a half-written checkpoint; the newest ``step-*`` folder is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+PROJECTORS = "projectors.safetensors"
+PROJECTORS_JSON = "projectors.json"
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or not in a safe format."""
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("emollama", "torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "zarr"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put folder ``tmp`` at ``final``; an existing ``final`` is moved aside first, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_projectors(projectors, folder: Path, meta: Mapping[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"{name}.{p}": t.detach().to("cpu").contiguous().clone()
+               for name, layer in projectors.layers.items() for p, t in layer.state_dict().items()}
+    save_file(tensors, str(folder / PROJECTORS), metadata={"format": "pt"})
+    write_json(folder / PROJECTORS_JSON, dict(meta))
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a safetensors file ({e}); refusing to load it "
+                              "(only safetensors checkpoints are accepted, never pickles)") from None
+
+
+def load_torch(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only, no code."""
+    if not path.is_file():
+        raise CheckpointError(f"missing checkpoint file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path} holds something other than tensors and plain data; refusing to load it "
+                              f"(weights_only=True): {str(e).splitlines()[0]}") from None
+
+
+def load_projectors(projectors, folder: Path) -> None:
+    state = load_safetensors(folder / PROJECTORS)
+    for name, layer in projectors.layers.items():
+        sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == name}
+        if not sub:
+            raise CheckpointError(f"{folder / PROJECTORS} has no projector {name!r} "
+                                  f"(it holds {sorted({k.split('.')[0] for k in state})}); "
+                                  "was it trained on other feature sets?")
+        try:
+            layer.load_state_dict(sub)
+        except RuntimeError as e:
+            raise CheckpointError(f"projector {name!r} in {folder}: {str(e).splitlines()[0]}") from None
+
+
+def load_adapter(peft_model, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+
+    state = load_safetensors(folder / "adapter" / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(peft_model, state)
+    unexpected = getattr(result, "unexpected_keys", []) or []
+    if unexpected:
+        raise CheckpointError(f"adapter in {folder} does not fit this model: unexpected keys {unexpected[:3]}")
+
+
+def write_weights(model, folder: Path, proj_meta: Mapping[str, Any]) -> None:
+    """The adapter (PEFT format) and the projectors into ``folder`` (which exists)."""
+    model.llm.save_pretrained(str(folder / "adapter"), safe_serialization=True)
+    save_projectors(model.projectors, folder, proj_meta)
+
+
+def save_checkpoint(run: Path, step: int, model, optimizer, state: Mapping[str, Any],
+                    proj_meta: Mapping[str, Any], keep_last: int = 1) -> Path:
+    """A resumable checkpoint at ``<run>/checkpoints/step-N``, then the exported weights at the
+    top of the run folder; older checkpoints beyond ``keep_last`` are removed."""
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True, exist_ok=True)
+    final = ckdir / f"{STEP_PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckdir))
+    try:
+        write_weights(model, tmp, proj_meta)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        write_json(tmp / "state.json", dict(state))
+        _replace_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    # exported weights beside the run's config: each piece replaced atomically
+    for name in ("adapter",):
+        t = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=run))
+        shutil.rmtree(t)
+        shutil.copytree(final / name, t)
+        _replace_dir(t, run / name)
+    for name in (PROJECTORS, PROJECTORS_JSON):
+        t = run / f".{name}.tmp-{os.getpid()}"
+        shutil.copyfile(final / name, t)
+        os.replace(t, run / name)
+    for old in list_checkpoints(run)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run: Path) -> list[Path]:
+    ckdir = Path(run) / "checkpoints"
+    if not ckdir.is_dir():
+        return []
+    return sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    found = list_checkpoints(run)
+    return found[-1] if found else None
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG from ``folder``; returns its state.json."""
+    load_adapter(model.llm, folder)
+    load_projectors(model.projectors, folder)
+    optimizer.load_state_dict(load_torch(folder / "optimizer.pt"))
+    rng = load_torch(folder / "rng.pt")
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    try:
+        return json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / 'state.json'} is unreadable: {e}") from None

@@ -1,0 +1,262 @@
+"""Typed configuration of a training run: one TOML file plus overrides, every problem listed at once.
+
+    [data]
+    dataset = "merr"                      # a dataset adapter (store.datasets)
+    root = "demo/data"
+    store = "demo/store.zarr"
+    features = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
+    tasks = ["emotion", "reason"]
+    [model]
+    profile = "tiny"                      # tiny (random fixture) | paper (LLaMA-2-7B-chat)
+    [lora]
+    r = 64
+    [optim]
+    lr = 1e-4
+    [run]
+    out = "runs/stage1"
+
+The resolved config (every default filled in) is saved as ``config.json`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .prompt import TASKS
+
+PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
+PAPER_FEATURES = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
+
+
+class TrainConfigError(ValueError):
+    """Every problem of a training configuration, listed at once."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid training configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "merr"
+    root: str = ""
+    options: dict[str, Any] = field(default_factory=dict)   # adapter options (e.g. fold)
+    store: str = ""
+    features: list[str] = field(default_factory=lambda: list(PAPER_FEATURES))
+    tasks: list[str] = field(default_factory=lambda: ["emotion", "reason"])
+    labels: list[str] = field(default_factory=list)          # empty: the corpus's labels
+    train_split: str = "train"
+    eval_split: str = "test"
+    standardize: bool = True        # projector inputs standardized with train-split statistics
+    patch_group: int = 4            # global patch tokens concatenated per LM token
+    max_len: int = 1024             # tokens per example (answers are cut, never the prompt)
+    length_grouping: bool = True
+    workers: int = 0                # DataLoader worker processes
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.root:
+            out.append("data.root is empty: pass --data DIR (the corpus folder)")
+        elif not Path(self.root).is_dir():
+            out.append(f"data.root = {self.root!r} is not a folder")
+        if not self.store:
+            out.append("data.store is empty: pass --store PATH (the feature store of stage one)")
+        if not self.features:
+            out.append("data.features is empty: name at least one feature set (e.g. audio.hubert.mean)")
+        if not self.tasks:
+            out.append("data.tasks is empty: choose from " + ", ".join(TASKS))
+        for t in self.tasks:
+            if t not in TASKS:
+                out.append(f"data.tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
+        if self.patch_group < 1:
+            out.append("data.patch_group must be at least 1")
+        if self.max_len < 64:
+            out.append(f"data.max_len = {self.max_len} is too short for the prompt (use 512 or more)")
+        if self.workers < 0:
+            out.append("data.workers must be 0 or more")
+        return out
+
+
+@dataclass
+class ModelConfig:
+    profile: str = "tiny"            # tiny | paper
+    llm: str = ""                    # hub id or local folder; empty: the profile's
+    revision: str | None = None
+    offline: bool | None = None      # None: HF_HUB_OFFLINE decides (tiny is always local)
+    home: str = ""                   # where the tiny LM is built; empty: $EMOLLAMA_HOME or ~/.cache/emollama
+    dtype: str = "auto"              # weights of the frozen LM: auto (fp32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.profile not in ("tiny", "paper"):
+            out.append(f"model.profile = {self.profile!r}: choose tiny or paper (or set model.llm)")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            out.append(f"model.dtype = {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        return out
+
+
+@dataclass
+class LoraConfig:
+    r: int = 64
+    alpha: int = 16
+    dropout: float = 0.05
+    bias: str = "none"
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.r < 1:
+            out.append("lora.r must be at least 1")
+        if not 0 <= self.dropout < 1:
+            out.append("lora.dropout must be within [0, 1)")
+        if self.bias not in ("none", "all", "lora_only"):
+            out.append("lora.bias: choose none, all or lora_only")
+        if not self.target_modules:
+            out.append("lora.target_modules is empty (the paper uses q_proj, v_proj)")
+        return out
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 1000
+    steps: int = 0                   # scheduled optimizer steps; 0: epochs x steps per epoch
+    epochs: int = 30
+    batch_size: int = 4              # per process and micro-batch
+    grad_accum: int = 1
+    clip_norm: float = 1.0           # 0: no clipping
+    precision: str = "auto"          # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.lr <= 0:
+            out.append("optim.lr must be positive")
+        if self.min_lr < 0 or self.min_lr > self.lr:
+            out.append("optim.min_lr must be within [0, lr]")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append("optim.betas must be two numbers in [0, 1)")
+        for name in ("batch_size", "grad_accum", "epochs"):
+            if getattr(self, name) < 1:
+                out.append(f"optim.{name} must be at least 1")
+        if self.warmup_steps < 0 or self.steps < 0:
+            out.append("optim.warmup_steps and optim.steps must be 0 or more")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            out.append(f"optim.precision = {self.precision!r}: choose auto, fp32, bf16 or fp16")
+        return out
+
+
+@dataclass
+class RunConfig:
+    out: str = ""                    # the run folder
+    seed: int = 42
+    init_from: str = ""              # a previous run folder (curriculum: stage 2 starts from stage 1)
+    save_every: int = 500            # steps between checkpoints (and one at the end)
+    eval_every: int = 500            # steps between evaluations (and one at the end); 0: end only
+    log_every: int = 10
+    keep_last: int = 1               # resumable checkpoints kept
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    eval_batch_size: int = 8
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.out:
+            out.append("run.out is empty: pass --out DIR (the run folder)")
+        if self.init_from and not Path(self.init_from).is_dir():
+            out.append(f"run.init_from = {self.init_from!r} is not a run folder")
+        for name in ("save_every", "log_every", "keep_last", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                out.append(f"run.{name} must be at least 1")
+        if self.eval_every < 0:
+            out.append("run.eval_every must be 0 or more")
+        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
+            out.append(f"run.device = {self.device!r}: use auto, cpu, cuda or cuda:N")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def problems(self) -> list[str]:
+        return (self.data.problems() + self.model.problems() + self.lora.problems() + self.optim.problems()
+                + self.run.problems())
+
+    def validate(self) -> "TrainConfig":
+        if problems := self.problems():
+            raise TrainConfigError(problems)
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
+_CLASSES = {"data": DataConfig, "model": ModelConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig}
+
+
+def _build(cls, data: Mapping[str, Any], where: str, problems: list[str]):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            problems.append(f"{where}.{key}: unknown setting (known: {', '.join(known)})")
+            continue
+        f = known[key]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        if default is not None and value is not None:
+            kind = type(default)
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            elif kind is list and isinstance(value, tuple):
+                value = list(value)
+            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                problems.append(f"{where}.{key} = {value!r}: expected {kind.__name__}")
+                continue
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Mapping[str, Any]], problems: list[str] | None = None) -> TrainConfig:
+    problems = [] if problems is None else problems
+    for section in data:
+        if section not in _CLASSES:
+            problems.append(f"[{section}]: unknown section (known: {', '.join(_CLASSES)})")
+    parts = {name: _build(cls, data.get(name, {}) or {}, name, problems) for name, cls in _CLASSES.items()}
+    return TrainConfig(**parts)
+
+
+def load_train_config(path: str | Path | None = None,
+                      overrides: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
+    """Read a TOML file (if any), apply overrides ({section: {key: value}}, None = keep), validate."""
+    data: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise TrainConfigError([f"config file not found: {p}"])
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TrainConfigError([f"{p}: not valid TOML: {e}"]) from None
+    for section, values in (overrides or {}).items():
+        for key, value in (values or {}).items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+    cfg = from_dict(data, problems)
+    problems += cfg.problems()
+    if problems:
+        raise TrainConfigError(problems)
+    return cfg

@@ -1,0 +1,264 @@
+"""The model of stage two: a frozen causal LM with a LoRA adapter, and one linear projector per
+feature set into the LM's hidden size.
+
+Feature sets become projector inputs by their per-clip shape (from the store's spec):
+
+* ``[T, D]`` fixed (``global.eva.tokens``: 1 CLS + 1024 patches): token 0 is CLS -> Linear(D, H),
+  one token in ``<feature>``; the patches, ``patch_group`` adjacent tokens concatenated
+  (1024 -> 256 x 4D) -> Linear(4D, H), in ``<video>``.
+* ``[D]`` (the utterance means: local, temporal, audio) -> Linear(D, H), one token in ``<feature>``.
+* ``[None, D]`` variable length (``audio.hubert.frames``): averaged over time, then as ``[D]``.
+
+The ``<feature>`` tokens follow the paper's order: local, temporal, audio, then the global CLS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .prompt import Layout, Slot
+
+log = logging.getLogger(__name__)
+
+MODALITY_ORDER = {"local": 0, "temporal": 1, "audio": 2, "global": 3}
+
+
+class MissingModelError(RuntimeError):
+    """A language model or tokenizer could not be loaded; the message says what and how to supply it."""
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """One projector: which feature set it reads, how, and its Linear's shape."""
+
+    name: str            # module name (also the prompt slot name)
+    set_key: str         # the store key of the feature set
+    set_name: str
+    modality: str
+    part: str            # "vector" (the whole row, time-averaged if variable) | "cls" | "patches"
+    in_features: int
+    out_features: int
+    tokens: int          # prompt tokens it produces
+    group: int = 1       # adjacent patch tokens concatenated (patches only)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
+def projector_specs(sets: Sequence[tuple[str, Any]], hidden: int, patch_group: int = 4) -> list[ProjectorSpec]:
+    """Projectors for ``sets`` = [(store key, FeatureSpec), ...], in prompt order."""
+    out: list[ProjectorSpec] = []
+    for key, spec in sets:
+        shape = tuple(spec.shape)
+        base = _slug(spec.name)
+        if len(shape) == 1:
+            out.append(ProjectorSpec(base, key, spec.name, spec.modality, "vector", shape[0], hidden, 1))
+        elif len(shape) == 2 and shape[0] is None:
+            out.append(ProjectorSpec(base, key, spec.name, spec.modality, "vector", shape[1], hidden, 1))
+        elif len(shape) == 2:
+            n_patch, dim = shape[0] - 1, shape[1]
+            if n_patch < 1 or n_patch % patch_group:
+                raise ValueError(
+                    f"feature set {spec.name}: {shape[0]} tokens = 1 CLS + {n_patch} patches, which cannot be "
+                    f"grouped {patch_group} by {patch_group} (set data.patch_group to a divisor of {n_patch})")
+            out.append(ProjectorSpec(base + "_patches", key, spec.name, spec.modality, "patches",
+                                     dim * patch_group, hidden, n_patch // patch_group, patch_group))
+            out.append(ProjectorSpec(base + "_cls", key, spec.name, spec.modality, "cls", dim, hidden, 1))
+        else:
+            raise ValueError(f"feature set {spec.name}: per-clip shape {shape} is not supported "
+                             "(expected [D], [T, D] tokens with CLS first, or variable [None, D])")
+    names = [p.name for p in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two feature sets give the same projector name: {names}")
+    return out
+
+
+def layout_for(projs: Sequence[ProjectorSpec]) -> Layout:
+    """Patches in <video>; one-token views in <feature>, local, temporal, audio, then CLS."""
+    video = tuple(Slot(p.name, p.tokens) for p in projs if p.part == "patches")
+    single = [p for p in projs if p.part != "patches"]
+    single.sort(key=lambda p: (p.part == "cls", MODALITY_ORDER.get(p.modality, 9)))
+    return Layout(video=video, feature=tuple(Slot(p.name, p.tokens) for p in single))
+
+
+class Projector(nn.Linear):
+    """Linear(in, H) over standardized features: ``W ((x - feature_mean) / feature_std) + b``.
+
+    The standardization is an affine map a Linear could absorb (same model class as the paper's plain
+    Linear), but it conditions the problem: stored features often carry large constant offsets and
+    small per-dimension spreads (tiny HuBERT: |mean| up to 2.1, std 0.05-0.14), which a plain Linear
+    learns slowly. The statistics come from the training split (``data.standardize``; identity when off)
+    and are saved with the weights as buffers."""
+
+    def __init__(self, in_features: int, out_features: int, feature_dim: int):
+        super().__init__(in_features, out_features)
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x [..., feature_dim] before grouping
+        return (x - self.feature_mean) / self.feature_std
+
+
+class Projectors(nn.Module):
+    """One Linear per projector spec; ``forward`` turns a batch of features into slot embeddings."""
+
+    def __init__(self, specs: Sequence[ProjectorSpec]):
+        super().__init__()
+        self.specs = {p.name: p for p in specs}
+        self.layers = nn.ModuleDict({p.name: Projector(p.in_features, p.out_features, p.in_features // p.group)
+                                     for p in specs})
+
+    @torch.no_grad()
+    def set_statistics(self, name: str, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        layer = self.layers[name]
+        layer.feature_mean.copy_(mean)
+        layer.feature_std.copy_(std.clamp(min=eps))
+
+    def prepare(self, name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """The raw input of projector ``name`` (before standardization and grouping): [B, D] or [B, N, D]."""
+        p = self.specs[name]
+        if isinstance(x, (list, tuple)):   # variable-length rows: time average
+            x = torch.stack([r.mean(0) for r in x])
+        if p.part == "vector":
+            return x.mean(1) if x.dim() == 3 else x
+        if p.part == "cls":
+            return x[:, 0]
+        return x[:, 1:]
+
+    def project(self, name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """[B, tokens, H] for projector ``name`` from the batch of its set's features."""
+        p = self.specs[name]
+        layer = self.layers[name]
+        x = layer(self.prepare(name, x))          # standardized
+        if p.part != "patches":
+            return nn.functional.linear(x, layer.weight, layer.bias).unsqueeze(1)
+        b, n, d = x.shape
+        return nn.functional.linear(x.reshape(b, n // p.group, p.group * d), layer.weight, layer.bias)
+
+    def slots(self, layout: Layout, feats: Mapping[str, Any]) -> torch.Tensor:
+        """[B, layout.n_tokens, H] in prompt order."""
+        parts = [self.project(s.name, feats[self.specs[s.name].set_key]) for s in layout.order]
+        return torch.cat(parts, dim=1)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_llm(source: str, *, revision: str | None = None, offline: bool | None = None,
+             dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) with ``from_pretrained`` from a hub id or a local folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(source).expanduser()
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    is_dir = local.is_dir()
+    kwargs: dict[str, Any] = {"revision": revision} if revision and not is_dir else {}
+    if offline or is_dir:
+        kwargs["local_files_only"] = True
+    where = str(local) if is_dir else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        how = ("download it once with `huggingface-cli download " + source + "` (accept the licence on the hub "
+               "first for Llama-2), then run offline, or set model.llm to a local folder holding config.json, "
+               "the safetensors weights and the tokenizer files")
+        if is_dir:
+            how = "the folder must hold config.json, the weights (*.safetensors) and the tokenizer files"
+        raise MissingModelError(f"cannot load the language model {where!r}"
+                                f"{' (offline)' if offline else ''}: {e.__class__.__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}\n  {how}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+def add_lora(model, r: int, alpha: int, dropout: float, targets: Sequence[str], bias: str = "none"):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, target_modules=list(targets),
+                     task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+class EmoModel(nn.Module):
+    """LM (+ LoRA) and projectors. ``forward(batch)`` gives (sum of answer-token losses, answer tokens)."""
+
+    def __init__(self, llm, projectors: Projectors, layout: Layout):
+        super().__init__()
+        self.llm = llm
+        self.projectors = projectors
+        self.layout = layout
+
+    def embed(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        ids = batch["input_ids"]
+        emb = self.llm.get_input_embeddings()(ids)
+        if self.layout.n_tokens:
+            slots = self.projectors.slots(self.layout, batch["features"]).to(emb.dtype)
+            mask = batch["feat_mask"]
+            emb = emb.masked_scatter(mask.unsqueeze(-1), slots.reshape(-1, slots.shape[-1]))
+        return emb
+
+    def logits(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        out = self.llm(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"], use_cache=False)
+        return out.logits
+
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(batch)[:, :-1].float()
+        target = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+        return loss, (target != -100).sum()
+
+    def trainable(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+
+def count_parameters(model: EmoModel) -> dict[str, Any]:
+    """Trainable parameters per part, and the percentages: LoRA as PEFT prints it (LoRA over all
+    parameters of the PEFT model), and everything trainable over everything."""
+    llm_total = sum(p.numel() for p in model.llm.parameters())
+    lora = sum(p.numel() for p in model.llm.parameters() if p.requires_grad)
+    projs = {name: sum(p.numel() for p in layer.parameters()) for name, layer in model.projectors.layers.items()}
+    proj_total = sum(projs.values())
+    return {
+        "lora": lora,
+        "llm_all": llm_total,
+        "lora_percent_peft": 100.0 * lora / llm_total,
+        "projectors": projs,
+        "projectors_total": proj_total,
+        "trainable_total": lora + proj_total,
+        "all_params": llm_total + proj_total,
+        "trainable_percent": 100.0 * (lora + proj_total) / (llm_total + proj_total),
+    }
+
+
+def format_parameters(counts: Mapping[str, Any], note: str = "") -> list[str]:
+    w = max([24] + [len(n) + 10 for n in counts["projectors"]])
+    lines = [f"{'LoRA (as PEFT counts it)':<{w}}{counts['lora']:>15,}  ({counts['lora_percent_peft']:.4f}% of "
+             f"{counts['llm_all']:,} LM params, PEFT's percentage)"]
+    for name, n in counts["projectors"].items():
+        lines.append(f"{'projector ' + name:<{w}}{n:>15,}")
+    lines.append(f"{'projectors total':<{w}}{counts['projectors_total']:>15,}")
+    lines.append(f"{'trainable total':<{w}}{counts['trainable_total']:>15,}  "
+                 f"({counts['trainable_percent']:.4f}% of {counts['all_params']:,})")
+    if note:
+        lines.append(note)
+    return lines

@@ -1,0 +1,87 @@
+"""Parameter counts of a profile without weights: the model is built on the meta device.
+
+The paper's LM is LLaMA-2-7B (32 layers, hidden 4096, 32 heads, MLP 11008, vocab 32000); its shapes
+are written here so that counting needs no download. PEFT's percentage is LoRA over every parameter
+of the PEFT model (base + LoRA), as ``print_trainable_parameters`` prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import PAPER_FEATURES, TrainConfig, load_train_config
+from .model import EmoModel, Projectors, add_lora, count_parameters, layout_for, projector_specs
+from .tiny import TINY_LLM, TINY_VOCAB
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                 tie_word_embeddings=False)
+
+# per-clip shapes of the paper's feature sets (see the README's extraction table)
+PAPER_SHAPES = {
+    "global.eva.tokens": ("global", (1025, 1408)),
+    "local.vit_mae.mean": ("local", (1024,)),
+    "temporal.videomae.mean": ("temporal", (1024,)),
+    "audio.hubert.mean": ("audio", (1024,)),
+    "audio.hubert.frames": ("audio", (None, 1024)),
+}
+
+
+@dataclass(frozen=True)
+class SetShape:
+    name: str
+    modality: str
+    shape: tuple
+
+
+def paper_sets(names: Sequence[str]) -> list[tuple[str, SetShape]]:
+    out = []
+    for n in names:
+        if n not in PAPER_SHAPES:
+            raise ValueError(f"no paper shape known for feature set {n!r} (known: {', '.join(PAPER_SHAPES)}); "
+                             "pass --store to read the shapes from a store")
+        modality, shape = PAPER_SHAPES[n]
+        out.append((n, SetShape(n, modality, shape)))
+    return out
+
+
+def meta_model(llm_config: dict, sets, cfg: TrainConfig) -> EmoModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(LlamaConfig(**llm_config))
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        specs = projector_specs(sets, llm_config["hidden_size"], cfg.data.patch_group)
+        peft_model = add_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.bias)
+        return EmoModel(peft_model, Projectors(specs), layout_for(specs))
+
+
+def count_for_profile(profile: str, *, config: str | Path | None = None, store: str | None = None,
+                      features: Sequence[str] | None = None) -> dict[str, Any]:
+    if profile not in ("paper", "tiny"):
+        raise ValueError(f"unknown profile {profile!r}: choose paper or tiny")
+    cfg = load_train_config(config, None) if config else TrainConfig()
+    names = list(features or cfg.data.features or PAPER_FEATURES)
+    if store:
+        from store import FeatureStore
+
+        st = FeatureStore.open(store, create=False)
+        specs = st.sets()
+        sets = [(k, specs[k]) for k in (st.resolve(n) for n in names)]
+    elif profile == "paper":
+        sets = paper_sets(names)
+    else:
+        raise ValueError("the tiny profile's feature widths come from a store: pass --store PATH")
+    llm_config = LLAMA2_7B if profile == "paper" else dict(vocab_size=TINY_VOCAB, **TINY_LLM)
+    counts = count_parameters(meta_model(llm_config, sets, cfg))
+    counts.update(profile=profile, features=names,
+                  lora_config={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                               "target_modules": cfg.lora.target_modules},
+                  note="counted on the meta device (no weights)" + (
+                      "; tiny = a random test fixture" if profile == "tiny" else ""))
+    return counts
