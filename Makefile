@@ -31,7 +31,9 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed ## Create the environment (.venv) if missing
 
-demo: demo-extract train ## Offline demo on a synthetic sample: make the data, extract all four views, train both stages (tiny models)
+demo: demo-extract train ## Offline demo on a synthetic sample: data, extraction, both training stages, eval (tiny models)
+	$(EMOLLAMA) eval --run demo/runs/stage1 --dataset merr --data demo/data --split test
+	@echo "report: demo/runs/stage1/eval/merr/report.md (tiny profile: a random test fixture, not a result)"
 
 demo-extract: venv
 	@test -f demo/data/MERR_coarse_grained.txt || $(EMOLLAMA) sample demo/data --clips $(DEMO_CLIPS)

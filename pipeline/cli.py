@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -36,6 +38,10 @@ def main_options(
     if verbose < 2:
         for noisy in ("distributed", "urllib3", "httpx", "huggingface_hub", "transformers", "timm"):
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+        # the libraries' own "Loading weights" bars (read when transformers is first imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # peft still calls transformers' renamed gradient-checkpointing property
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @app.command()

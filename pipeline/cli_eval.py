@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -47,3 +47,117 @@ def register(app: typer.Typer) -> None:
             typer.echo(m.table())
             for cid, answer in m.unparsed[:10]:
                 typer.echo(f"outside the label set: {cid}: {answer!r}")
+
+    app.command("eval")(eval_cmd)
+    app.command("infer")(infer_cmd)
+
+
+def _fail(e: Exception, code: int = 2) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(code)
+
+
+def eval_cmd(
+    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train`)."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="mer2023 | merr | dfew | emer"),
+    data: str = typer.Option(..., "--data", help="The corpus folder (emer: the CSV name,chinese,english or its folder)."),
+    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store (default: the run's)."),
+    split: str = typer.Option("test", "--split", help="The split to evaluate."),
+    fold: Optional[int] = typer.Option(None, "--fold", help="DFEW fold 1-5."),
+    all_folds: bool = typer.Option(False, "--all-folds", help="DFEW: each of the five folds, then their mean."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N labelled clips of the split."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label set to evaluate over "
+                                         "(default: the corpus labels the run knows or the clips carry)."),
+    label_map: Optional[List[str]] = typer.Option(None, "--label-map", help="FROM=TO: the model's label FROM counts "
+                                                  "as the dataset's TO (repeat; e.g. worried=fear)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="Generated tokens for the emotion answer."),
+    reason_tokens: int = typer.Option(96, "--reason-tokens", help="Generated tokens for EMER reasoning texts."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Clips per forward pass."),
+    workers: int = typer.Option(0, "--workers", "-w", help="Extraction of missing clips: 0 = in this process."),
+    extract: bool = typer.Option(True, "--extract/--no-extract", help="Extract clips missing from the store."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate answers and parse them."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Reports here instead of <run>/eval/."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="EMER judge: OpenAI-compatible base URL "
+                                            "(env EMOLLAMA_JUDGE_URL)."),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="EMER judge model (env EMOLLAMA_JUDGE_MODEL)."),
+    progress: bool = typer.Option(False, "--progress/--no-progress"),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Evaluate a trained run: MER2023 / MERR (weighted F1, accuracy, per class, confusion matrix),
+    DFEW (UAR and WAR per fold and averaged), EMER (Clue / Label Overlap by an LLM judge, else a
+    lexical proxy). Labels come two ways: closed set (label likelihoods) and the parsed generated
+    answer. Reports go to <run>/eval/<dataset>[-fold<k>]/ (metrics.json, report.md, figures)."""
+    from pipeline.evaluation import EvalError, EvalOptions, evaluate
+    from store.datasets import DatasetError
+    from train.checkpoint import CheckpointError
+    from train.emer import JudgeError
+    from train.model import MissingModelError
+    from train.run import RunError
+
+    if fold is not None and all_folds:
+        _fail(ValueError("--fold and --all-folds exclude each other"))
+    if fold is not None and fold not in range(1, 6):
+        _fail(ValueError(f"--fold {fold}: DFEW folds are 1..5"))
+    if dataset == "dfew" and fold is None and not all_folds:
+        fold = 1
+    opts = EvalOptions(run=str(run), dataset=dataset, data=data, store=store, split=split, fold=fold, limit=limit,
+                       labels=[x for x in labels.split(",") if x.strip()] if labels else None,
+                       label_map=list(label_map or []), max_new_tokens=max_new_tokens, reason_tokens=reason_tokens,
+                       batch_size=batch_size, workers=workers, extract=extract, generate=generate,
+                       out=str(out) if out else None, device=device, progress=progress,
+                       judge_url=judge_url, judge_model=judge_model)
+    say = (lambda s: None) if as_json else typer.echo
+    try:
+        res = evaluate(opts, say=say)
+    except (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, JudgeError,
+            FileNotFoundError, KeyError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2, default=str))
+
+
+def infer_cmd(
+    clips: List[Path] = typer.Argument(..., help="Video files."),
+    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train`)."),
+    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store for the new clips "
+                                        "(default: the run's; its cache is reused)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label set (default: the run's)."),
+    subtitle: Optional[str] = typer.Option(None, "--subtitle", help="What the person says (same for every clip)."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Tokens of the reasoning text."),
+    reason: bool = typer.Option(True, "--reason/--no-reason", help="Generate the reasoning text."),
+    workers: int = typer.Option(0, "--workers", "-w", help="Extraction: 0 = in this process."),
+    device: str = typer.Option("auto", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Label, probability of every label and reasoning text for any video, through exactly the
+    features the run was trained on (extracted with its feature sets' settings into its store)."""
+    from pipeline.evaluation import EvalError, infer
+    from store.datasets import DatasetError
+    from train.checkpoint import CheckpointError
+    from train.model import MissingModelError
+    from train.run import RunError
+
+    try:
+        results = infer(run, clips, store=store, labels=[x for x in labels.split(",") if x.strip()] if labels else None,
+                        subtitle=subtitle, max_new_tokens=max_new_tokens, workers=workers, device=device,
+                        reason=reason)
+    except (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, FileNotFoundError, KeyError) as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        if results and results[0].get("note"):
+            typer.echo("NOTE: " + results[0]["note"])
+        for r in results:
+            typer.echo(f"{r['file']}  [{r['id']}]")
+            if r["label"] is None:
+                typer.echo(f"  failed: {r.get('error')}")
+                continue
+            typer.echo(f"  label: {r['label']}")
+            typer.echo("  " + "  ".join(f"{k} {v:.3f}" for k, v in
+                                        sorted(r["probabilities"].items(), key=lambda kv: -kv[1])))
+            if r["reasoning"] is not None:
+                typer.echo(f"  reasoning: {r['reasoning']}")
+    if any(r["label"] is None for r in results):
+        raise typer.Exit(1)

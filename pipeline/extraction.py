@@ -161,10 +161,21 @@ def parse_storage_options(items: Sequence[str]) -> dict:
     return out
 
 
-def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None) -> ExtractSummary:
+class SettingsChanged(RuntimeError):
+    """The extraction settings no longer produce the feature sets the caller needs."""
+
+
+def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
+                clips: Sequence[Clip] | None = None, expect_keys: Sequence[str] | None = None) -> ExtractSummary:
+    """Extract the corpus of `cfg` (or the given `clips`) into its store; `expect_keys`: the feature
+    sets the settings must produce (e.g. a trained run's), checked before anything is written."""
     e = cfg.extract
-    corpus = load_corpus(cfg.dataset.kind, cfg.dataset.root, **cfg.dataset.options)
-    clips = corpus.clips[:limit] if limit else corpus.clips
+    if clips is None:
+        corpus = load_corpus(cfg.dataset.kind, cfg.dataset.root, **cfg.dataset.options)
+        clips, rejected = corpus.clips, list(corpus.rejected)
+    else:
+        clips, rejected = list(clips), []
+    clips = clips[:limit] if limit else clips
     settings = settings_from(cfg)
     check_available(settings.encoders, offline=settings.offline)   # fail before starting any worker
     store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
@@ -173,9 +184,14 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None)
         if ex.dashboard and progress:
             tqdm.write(f"dask dashboard: {ex.dashboard}", file=sys.stderr)
         specs = ex.call(describe, settings)
+        lost = sorted(set(expect_keys or ()) - {spec.key for spec in specs.values()})
+        if lost:
+            raise SettingsChanged(
+                f"the extraction settings no longer produce feature set(s) {lost} (they give "
+                f"{sorted(spec.key for spec in specs.values())}): the encoder weights or code changed since "
+                "those features were made. Extract with the original models, or use only clips already stored.")
         keys = {name: store.ensure_set(spec, config=cfg.to_dict()) for name, spec in specs.items()}
-        summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=list(corpus.rejected),
-                                 executor=ex.name)
+        summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected, executor=ex.name)
         complete = set.intersection(*(store.complete(k) for k in keys.values())) if keys else set()
         records = store.records()
         stale = [c.id for c in clips if c.id in complete and _stale(c, records.get(c.id))]

@@ -505,6 +505,8 @@ class FeatureStore:
             dimension_names=_dimension_names(spec),
             attributes=attrs,
             overwrite=True,
+            # an all-zero chunk is still written: a missing shard file then always means damage
+            config={"write_empty_chunks": True},
         )
         return arr, shards[0]
 

@@ -259,4 +259,8 @@ def load_train_config(path: str | Path | None = None,
     problems += cfg.problems()
     if problems:
         raise TrainConfigError(problems)
+    # The resolved config saved in the run folder must find the data from anywhere (eval, infer).
+    cfg.data.root = str(Path(cfg.data.root).resolve())
+    if "://" not in cfg.data.store:
+        cfg.data.store = str(Path(cfg.data.store).resolve())
     return cfg

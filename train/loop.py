@@ -98,7 +98,11 @@ def build_model(cfg: TrainConfig, sets: list[tuple[str, Any]], device: torch.dev
     specs = projector_specs(sets, hidden, cfg.data.patch_group)
     peft_model = add_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.bias)
     if cfg.model.gradient_checkpointing:
-        peft_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        inner = peft_model.base_model.model
+        if hasattr(inner, "activation_checkpointing_enable"):     # transformers >= 5.x
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = EmoModel(peft_model, Projectors(specs), layout_for(specs)).to(device)
     return model, tokenizer, specs
 

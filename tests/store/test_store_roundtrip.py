@@ -189,3 +189,14 @@ def test_store_pickles_to_a_reopened_store(st):
     clone = pickle.loads(pickle.dumps(st))
     assert clone.url == st.url and clone.complete(k) == {"a"}
     np.testing.assert_array_equal(clone.read("a", [k])[k], stored("a", UTT))
+
+
+def test_all_zero_rows_round_trip(tmp_path):
+    """Zeros are real values (HuBERT of silence can be exactly zero): their chunks are written."""
+    st = FeatureStore.open(tmp_path / "z.zarr")
+    k = st.ensure_set(UTT)
+    with st.writer() as w:
+        w.add("silent", {k: np.zeros(UTT.shape, np.float32)})
+    again = FeatureStore.open(tmp_path / "z.zarr", create=False)
+    np.testing.assert_array_equal(again.read("silent", [k])[k], np.zeros(UTT.shape, np.float16))
+    assert again.verify().ok

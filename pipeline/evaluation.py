@@ -1,0 +1,491 @@
+"""Evaluation and inference of a trained run: features from the store (missing clips extracted first
+with exactly the settings that made the run's feature sets), labels two ways, reports in the run folder.
+
+- ``evaluate(opts)``: MER2023 / MERR / DFEW (per fold or all folds). Labels from the closed set
+  (``train.evaluate.score_labels``: the likelihood of each label after the emotion prompt, always in
+  the set) and from the generated answer (``train.scoring.parse_label``: answers naming no label are
+  counted and listed, never turned into a class). Writes ``<run>/eval/<dataset>[-fold<k>]/``.
+- ``evaluate_emer(opts)``: reasoning texts generated with the ``reason`` instruction, scored against
+  the EMER references by an LLM judge (``train.emer``) or, with none configured, the lexical proxy.
+- ``infer(...)``: any video files; ids ``<stem>-<hash of the path>``; label, probability of every
+  label (softmax of the closed-set log-likelihoods) and the reasoning text.
+
+The extraction config is rebuilt from the store: every feature set records the resolved config that
+made it (``FeatureStore.set_attrs(key)["config"]``). Before extracting, the rebuilt settings must
+produce exactly the run's feature-set keys, or nothing is written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.config import Config, load_config
+from store import FeatureStore
+from store.datasets import Clip, Corpus, find_source, load_corpus, read_csv, read_transcripts
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("mer2023", "merr", "dfew", "emer")
+# extract settings that do not change feature values (where and how the work runs)
+_RUNTIME_KEYS = ("store", "workers", "scheduler", "preview", "compact", "storage_options", "device",
+                 "batch_clips", "micro_batch", "batch_size")
+
+
+class EvalError(ValueError):
+    """A usage or consistency problem; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction with the run's settings
+
+
+def extraction_config(store: FeatureStore, keys: Sequence[str], *, dataset: str = "folder", root: str | Path = ".",
+                      workers: int = 0) -> Config:
+    """The stage-one config that made ``keys``, pointed at ``store`` (in-process unless ``workers``)."""
+    recorded: list[tuple[str, dict]] = []
+    for k in keys:
+        cfg = (store.set_attrs(k).get("config") or {}).get("extract")
+        if not cfg:
+            raise EvalError(f"feature set {k} in {store.url} records no extraction config (imported with "
+                            "`store import`?): extract the missing clips yourself with the settings that made it")
+        recorded.append((k, cfg))
+    base = {n: v for n, v in recorded[0][1].items() if n not in _RUNTIME_KEYS}
+    for k, cfg in recorded[1:]:
+        other = {n: v for n, v in cfg.items() if n not in _RUNTIME_KEYS}
+        if other != base:
+            diff = sorted(n for n in set(base) | set(other) if base.get(n) != other.get(n))
+            raise EvalError(f"the run's feature sets were made by different extraction settings ({recorded[0][0]} "
+                            f"and {k} differ in {diff}); extract the missing clips yourself")
+    ext = dict(base, store=store.url, workers=workers, storage_options=store.storage_options or {},
+               device=recorded[0][1].get("device", "auto"), compact=False, preview=None)
+    try:
+        return load_config(None, {"dataset": {"kind": dataset, "root": str(root)}, "extract": ext})
+    except ValueError as e:
+        raise EvalError(f"cannot rebuild the extraction config from the store: {e}") from None
+
+
+@dataclass
+class ExtractReport:
+    extracted: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    reused: int = 0
+    seconds: float = 0.0
+
+
+def extract_missing(store: FeatureStore, keys: Sequence[str], clips: Sequence[Clip], *, workers: int = 0,
+                    progress: bool = False, dataset: str = "folder", root: str | Path = ".") -> ExtractReport:
+    """Extract the clips not complete in every set of ``keys``, with the settings that made them."""
+    from pipeline.extraction import SettingsChanged, run_extract
+
+    store.refresh()
+    complete = set.intersection(*(store.complete(k) for k in keys))
+    todo = [c for c in clips if c.id not in complete]
+    rep = ExtractReport(reused=len(clips) - len(todo))
+    if not todo:
+        return rep
+    cfg = extraction_config(store, keys, dataset=dataset, root=root, workers=workers)
+    try:
+        summary = run_extract(cfg, progress=progress, clips=todo, expect_keys=keys)
+    except SettingsChanged as e:
+        raise EvalError(f"{store.url}: {e}") from None
+    rep.extracted, rep.failed, rep.seconds = summary.ok, summary.failed, summary.wall
+    store.refresh()
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------
+# Label sets, closed set, label mapping
+
+
+def parse_label_map(items: Sequence[str], targets: Sequence[str]) -> dict[str, str]:
+    """``FROM=TO`` items: the model's label FROM counts as the dataset's label TO."""
+    out: dict[str, str] = {}
+    for item in items:
+        a, sep, b = item.partition("=")
+        a, b = a.strip().lower(), b.strip().lower()
+        if not sep or not a or not b:
+            raise EvalError(f"--label-map {item!r}: expected FROM=TO (e.g. worried=fear)")
+        if b not in targets:
+            raise EvalError(f"--label-map {item!r}: {b!r} is not a label of the evaluated set {list(targets)}")
+        out[a] = b
+    return out
+
+
+def candidates(targets: Sequence[str], label_map: Mapping[str, str]) -> list[str]:
+    """The words scored after the prompt: the target labels, then the mapped model labels."""
+    return list(targets) + [a for a in label_map if a not in targets]
+
+
+def target_probabilities(logp: np.ndarray, cands: Sequence[str], targets: Sequence[str],
+                         label_map: Mapping[str, str]) -> np.ndarray:
+    """[N, len(targets)]: softmax over the candidates' log-likelihoods, summed into their targets."""
+    if logp.size == 0:
+        return np.zeros((logp.shape[0], len(targets)))
+    z = logp - logp.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    out = np.zeros((logp.shape[0], len(targets)))
+    index = {t: i for i, t in enumerate(targets)}
+    for j, c in enumerate(cands):
+        out[:, index[label_map.get(c, c)]] += p[:, j]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data for a set of clips
+
+
+def make_data(run, store: FeatureStore, clips: Sequence[Clip], prompt_labels: Sequence[str], split: str):
+    """A ``train.data.TrainData`` over ``clips`` (those complete in the run's sets), for scoring and
+    generation with the run's tokenizer and layout; returns (data, usable clips, missing ids)."""
+    from store import FeatureDataset
+    from train.data import TrainData
+
+    complete = set.intersection(*(store.complete(k) for k in run.feature_keys))
+    usable = [replace(c, split=split) for c in clips if c.id in complete]
+    missing = [c.id for c in clips if c.id not in complete]
+    if not usable:
+        return None, [], missing
+    features = FeatureDataset(store, run.feature_keys, [c.id for c in usable])
+    corpus = Corpus("eval", Path("."), tuple(prompt_labels), usable)
+    data = TrainData(corpus, features, split, ["emotion"], list(prompt_labels), run.tokenizer, run.model.layout,
+                     seed=run.config.run.seed, max_len=run.config.data.max_len)
+    return data, usable, missing
+
+
+def open_store(run, store_url: str | None) -> FeatureStore:
+    url = store_url or run.store_url
+    if not url:
+        raise EvalError("the run records no feature store: pass --store PATH_OR_URL")
+    return FeatureStore.open(url, create=False)
+
+
+def check_store(run, store: FeatureStore) -> None:
+    have = store.sets()
+    lost = [run.specs[k].name + f" ({k})" for k in run.feature_keys if k not in have]
+    if lost:
+        raise EvalError(f"the store {store.url} has no feature set {lost} that the run {run.path} was trained on; "
+                        "pass --store with the run's store (or one made with the same extraction settings)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification evaluation
+
+
+@dataclass
+class EvalOptions:
+    run: str
+    dataset: str
+    data: str
+    store: str | None = None
+    split: str = "test"
+    fold: int | None = None
+    limit: int | None = None
+    labels: list[str] | None = None          # the evaluated label set (default: see target_labels)
+    label_map: list[str] = field(default_factory=list)
+    max_new_tokens: int = 16
+    reason_tokens: int = 96
+    batch_size: int = 8
+    workers: int = 0
+    extract: bool = True
+    out: str | None = None
+    device: str = "auto"
+    progress: bool = False
+    generate: bool = True
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_key: str | None = None
+
+
+def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
+    """The benchmarks' fixed label sets (MER2023: 6; DFEW: 7, disgust and fear included, whatever the run
+    was trained on: zero-shot through the closed set); for MERR and folders, the corpus labels the run
+    knows or the evaluated clips carry, in the corpus's order."""
+    if corpus.name in ("mer2023", "dfew"):
+        return list(corpus.labels)
+    seen = {c.label for c in clips if c.label}
+    return [l for l in corpus.labels if l in set(run_labels) | seen]
+
+
+def _out_dir(run, opts: EvalOptions, name: str) -> Path:
+    return Path(opts.out) / name if opts.out else run.path / "eval" / name
+
+
+def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions, *,
+                    say: Callable[[str], None] = log.info) -> dict:
+    """One evaluation (one dataset, split and fold); writes the report and returns the result."""
+    from train.evaluate import score_labels
+    from train.generate import generate
+    from train.report import write_report
+    from train.run import TINY_WARNING
+    from train.scoring import classification_metrics, parse_label
+
+    t0 = time.perf_counter()
+    clips = [c for c in corpus.split(opts.split) if c.label]
+    if not clips:
+        raise EvalError(f"the {opts.split!r} split of {corpus.root} has no labelled clips "
+                        f"(splits: {corpus.splits()}); pass --split")
+    if opts.limit:
+        clips = clips[:opts.limit]
+    targets = [l.strip().lower() for l in opts.labels] if opts.labels else target_labels(corpus, clips, run.labels)
+    outside = sorted({c.label for c in clips} - set(targets))
+    if outside:
+        say(f"clips labelled {outside} are outside --labels and are not evaluated")
+        clips = [c for c in clips if c.label in targets]
+    label_map = parse_label_map(opts.label_map, targets)
+    cands = candidates(targets, label_map)
+    rep = ExtractReport(reused=len(clips))
+    if opts.extract:
+        rep = extract_missing(store, run.feature_keys, clips, workers=opts.workers, progress=opts.progress,
+                              dataset=corpus.name if corpus.name in ("merr", "mer2023", "dfew") else "folder",
+                              root=corpus.root)
+        if rep.extracted:
+            say(f"extracted {len(rep.extracted)} clip(s) missing from the store ({rep.seconds:.1f} s)")
+    data, usable, missing = make_data(run, store, clips, targets, opts.split)
+    if not usable:
+        raise EvalError(f"none of the {len(clips)} clips has features in every set of the run "
+                        f"({'extraction failed: ' + str(rep.failed[:3]) if rep.failed else 'run without --no-extract'})")
+    ids = [c.id for c in usable]
+    truth = [c.label for c in usable]
+    t1 = time.perf_counter()
+    logp = score_labels(run.model, data, usable, cands, batch_size=opts.batch_size, device=run.device)
+    probs = target_probabilities(logp, cands, targets, label_map)
+    closed = [targets[i] for i in probs.argmax(1)]
+    t2 = time.perf_counter()
+    answers: list[str] = []
+    parsed: list[str | None] = []
+    if opts.generate:
+        answers = generate(run.model, data, usable, "emotion", max_new_tokens=opts.max_new_tokens,
+                           batch_size=opts.batch_size, device=run.device)
+        for a in answers:
+            p = parse_label(a, cands)
+            parsed.append(label_map.get(p, p) if p is not None else None)
+    t3 = time.perf_counter()
+    m_closed = classification_metrics(truth, closed, targets, ids=ids)
+    result: dict[str, Any] = {
+        "dataset": corpus.name if opts.dataset != "emer" else "emer", "split": opts.split, "fold": opts.fold,
+        "run": str(run.path), "step": run.step, "profile": run.config.model.profile, "tiny": run.tiny,
+        "note": TINY_WARNING if run.tiny else None, "labels": targets, "train_labels": run.labels,
+        "zero_shot": set(targets) != set(run.labels), "label_map": label_map, "candidates": cands,
+        "n": len(usable), "missing": missing, "extraction": {"extracted": len(rep.extracted), "reused": rep.reused,
+                                                              "failed": rep.failed},
+        "max_new_tokens": opts.max_new_tokens,
+        "closed_set": m_closed.to_dict(),
+    }
+    if opts.generate:
+        m_gen = classification_metrics(truth, parsed, targets, ids=ids)
+        raw = dict(zip(ids, answers))
+        m_gen.unparsed = [(cid, raw[cid]) for cid, _ in m_gen.unparsed]
+        result["generated"] = m_gen.to_dict()
+    result["seconds"] = {"extract": round(rep.seconds, 3), "closed_set": round(t2 - t1, 3),
+                         "generate": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)}
+    preds = [{"id": cid, "label": t, "closed_set": c, "probabilities": dict(zip(targets, map(float, pr))),
+              "answer": answers[i] if answers else None, "parsed": parsed[i] if parsed else None}
+             for i, (cid, t, c, pr) in enumerate(zip(ids, truth, closed, probs))]
+    name = corpus.name + (f"-fold{opts.fold}" if opts.fold else "")
+    return write_report(result, _out_dir(run, opts, name), preds)
+
+
+def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=None) -> dict:
+    """``emollama eval`` for mer2023 / merr / dfew (one fold, or all five with ``fold=0``)."""
+    from train.report import fold_lines, fold_markdown, fold_summary, summary_lines, write_json
+    from train.run import TINY_WARNING, load_run
+
+    if opts.dataset == "emer":
+        return evaluate_emer(opts, say=say, run=run)
+    if opts.dataset not in DATASETS:
+        raise EvalError(f"unknown --dataset {opts.dataset!r}: choose one of {', '.join(DATASETS)}")
+    run = run or load_run(opts.run, device=opts.device)
+    store = open_store(run, opts.store)
+    check_store(run, store)
+    if opts.dataset != "dfew":
+        if opts.fold:
+            raise EvalError("--fold and --all-folds are for --dataset dfew")
+        res = evaluate_corpus(run, store, load_corpus(opts.dataset, opts.data), opts, say=say)
+        for line in summary_lines(res):
+            say(line)
+        return res
+    folds = [opts.fold] if opts.fold else list(range(1, 6))
+    results = {}
+    for k in folds:
+        o = replace(opts, fold=k)
+        results[k] = evaluate_corpus(run, store, load_corpus("dfew", opts.data, fold=k), o, say=say)
+        for line in summary_lines(results[k]):
+            say(line)
+    if len(folds) == 1:
+        return results[folds[0]]
+    summary = fold_summary(results)
+    note = TINY_WARNING if run.tiny else None
+    out = _out_dir(run, opts, "dfew")
+    out.mkdir(parents=True, exist_ok=True)
+    summary.update(dataset="dfew", run=str(run.path), note=note, tiny=run.tiny, out_dir=str(out))
+    write_json(out / "metrics.json", summary)
+    (out / "report.md").write_text(fold_markdown(summary, str(run.path), note))
+    for line in fold_lines(summary, note):
+        say(line)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# EMER
+
+
+def read_emer(path: str | Path) -> tuple[Path, list[dict[str, str]], dict[str, str]]:
+    """(folder of the clips, rows name/english, subtitles) from an EMER CSV or a folder holding one."""
+    p = Path(path)
+    if p.is_dir():
+        found = [c for c in sorted(p.glob("*.csv")) if {"name", "english"} <= set(_header(c))]
+        if not found:
+            raise EvalError(f"no EMER CSV (columns name,chinese,english) in {p}")
+        csv_path, folder = found[0], p
+    elif p.is_file():
+        csv_path, folder = p, p.parent
+    else:
+        raise EvalError(f"--data {p}: no such file or folder (an EMER CSV name,chinese,english, or its folder)")
+    rows = read_csv(csv_path)
+    if not rows or not {"name", "english"} <= set(rows[0]):
+        raise EvalError(f"{csv_path}: expected columns name,chinese,english (the reference is `english`)")
+    subs = read_transcripts(folder / "transcription_en_all.csv")
+    return folder, [r for r in rows if r.get("name") and r.get("english")], subs
+
+
+def _header(path: Path) -> list[str]:
+    try:
+        first = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()[0]
+    except (OSError, IndexError):
+        return []
+    return [h.strip().lower() for h in next(csv.reader(io.StringIO(first)))]
+
+
+def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=None) -> dict:
+    """Reason texts for the EMER clips, scored by the judge (or the lexical proxy, named so)."""
+    from train.emer import Judge, JudgeConfig, score_emer
+    from train.generate import generate
+    from train.report import write_json
+    from train.run import TINY_WARNING, load_run
+
+    run = run or load_run(opts.run, device=opts.device)
+    store = open_store(run, opts.store)
+    check_store(run, store)
+    folder, rows, subs = read_emer(opts.data)
+    if opts.limit:
+        rows = rows[:opts.limit]
+    video_dir = folder / "video" if (folder / "video").is_dir() else folder
+    clips, refs, absent = [], {}, []
+    for r in rows:
+        src = find_source(video_dir, r["name"])
+        clips.append(Clip(r["name"], src if src is not None else video_dir / r["name"], subs.get(r["name"]),
+                          split="emer"))
+        refs[r["name"]] = r["english"]
+        if src is None:
+            absent.append(r["name"])
+    t0 = time.perf_counter()
+    if opts.extract:
+        have = set.intersection(*(store.complete(k) for k in run.feature_keys))
+        todo = [c for c in clips if c.id not in have and c.id not in absent]
+        extract_missing(store, run.feature_keys, todo, workers=opts.workers, progress=opts.progress, root=video_dir)
+    data, usable, missing = make_data(run, store, clips, run.labels, "emer")
+    if not usable:
+        raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")
+    texts = generate(run.model, data, usable, "reason", max_new_tokens=opts.reason_tokens,
+                     batch_size=opts.batch_size, device=run.device)
+    out = _out_dir(run, opts, "emer")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = JudgeConfig.from_env(base_url=opts.judge_url, model=opts.judge_model, api_key=opts.judge_key,
+                               cache=out / "judge-cache.jsonl")
+    judge = Judge(cfg) if cfg.configured else None
+    ids = [c.id for c in usable]
+    scores = score_emer(ids, texts, [refs[i] for i in ids], judge)
+    for row, text in zip(scores["rows"], texts):
+        row["prediction"], row["reference"] = text, refs[row["id"]]
+    result = {"dataset": "emer", "split": "emer", "fold": None, "run": str(run.path), "step": run.step,
+              "profile": run.config.model.profile, "tiny": run.tiny, "note": TINY_WARNING if run.tiny else None,
+              "n": len(usable), "missing": missing, "labels": run.labels, "max_new_tokens": opts.reason_tokens,
+              "emer": {k: v for k, v in scores.items() if k != "rows"},
+              "proxy": judge is None, "seconds": {"total": round(time.perf_counter() - t0, 3)}, "out_dir": str(out)}
+    with open(out / "emer-rows.jsonl", "w") as f:
+        import json
+        for row in scores["rows"]:
+            f.write(json.dumps(row) + "\n")
+    from train.report import report_markdown
+
+    write_json(out / "metrics.json", result)
+    (out / "report.md").write_text(report_markdown(result))
+    for line in emer_lines(result):
+        say(line)
+    return result
+
+
+def emer_lines(result: Mapping[str, Any]) -> list[str]:
+    e = result["emer"]
+    f = lambda x: "-" if x is None else f"{x:.3f}"   # noqa: E731
+    lines = ["NOTE: " + result["note"]] if result.get("note") else []
+    lines.append(f"EMER: n={e['n']} scored by {e['method']}"
+                 + (" (an offline lexical proxy, not the EMER judge metric)" if e["method"] == "lexical-proxy" else ""))
+    lines.append(f"Clue Overlap {f(e['clue_overlap'])}   Label Overlap {f(e['label_overlap'])}   "
+                 f"invalid judgements {len(e['invalid'])}   judge requests {e['requests']}")
+    if result.get("missing"):
+        lines.append(f"no features (video not found or extraction failed): {', '.join(result['missing'][:5])}")
+    lines.append(f"report: {Path(result['out_dir']) / 'report.md'}")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference on any video
+
+
+def clip_id_for(path: str | Path) -> str:
+    """``<file stem>-<8 hex of the resolved path>``: two files with the same name never collide."""
+    p = Path(path).expanduser().resolve()
+    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in p.stem) or "clip"
+    return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+
+
+def infer(run_path: str | Path, paths: Sequence[str | Path], *, store: str | None = None,
+          labels: Sequence[str] | None = None, subtitle: str | None = None, max_new_tokens: int = 96,
+          workers: int = 0, device: str = "auto", reason: bool = True, run=None,
+          progress: bool = False) -> list[dict]:
+    """Label, probability of every label and reasoning text for each video file."""
+    from train.evaluate import score_labels
+    from train.generate import generate
+    from train.run import TINY_WARNING, load_run
+
+    missing_files = [str(p) for p in paths if not Path(p).exists()]
+    if missing_files:
+        raise EvalError(f"no such file: {', '.join(missing_files)}")
+    run = run or load_run(run_path, device=device)
+    st = open_store(run, store)
+    check_store(run, st)
+    targets = [l.strip().lower() for l in labels] if labels else list(run.labels)
+    clips = [Clip(clip_id_for(p), Path(p).expanduser().resolve(), subtitle, None, split="infer") for p in paths]
+    rep = extract_missing(st, run.feature_keys, clips, workers=workers, progress=progress,
+                          root=clips[0].source.parent)
+    failed = dict(rep.failed)
+    data, usable, _ = make_data(run, st, clips, targets, "infer")
+    out: dict[str, dict] = {}
+    if usable:
+        logp = score_labels(run.model, data, usable, targets, device=run.device)
+        probs = target_probabilities(logp, targets, targets, {})
+        texts = (generate(run.model, data, usable, "reason", max_new_tokens=max_new_tokens, device=run.device)
+                 if reason else [None] * len(usable))
+        for c, pr, text in zip(usable, probs, texts):
+            out[c.id] = {"label": targets[int(pr.argmax())],
+                         "probabilities": {t: float(v) for t, v in zip(targets, pr)}, "reasoning": text}
+    results = []
+    for p, c in zip(paths, clips):
+        r = {"file": str(p), "id": c.id, **out.get(c.id, {"label": None, "probabilities": None, "reasoning": None,
+                                                          "error": failed.get(c.id, "no features")}),
+             "extracted": c.id in rep.extracted}
+        if run.tiny:
+            r["note"] = TINY_WARNING
+        results.append(r)
+    return results

@@ -1,0 +1,68 @@
+"""`emollama infer` end to end: a real clip from ../shared/samples/mer2023-examples through the run's
+exact feature settings into its store, label + probabilities + reasoning; same-named files never collide."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+runner = CliRunner()
+SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examples"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    from extract.sample import write_sample
+
+    tmp = tmp_path_factory.mktemp("infer")
+    data = write_sample(tmp / "data", clips=8, seed=2)
+    store = tmp / "store.zarr"
+    res = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(data), "--store", str(store),
+                              "--profile", "tiny", "--workers", "0", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["train", "--data", str(data), "--store", str(store), "--out", str(tmp / "run"),
+                              "--profile", "tiny", "--steps", "2", "-b", "2", "--no-progress", "--json",
+                              "-f", "local.vit_mae.mean", "-f", "temporal.videomae.mean", "-f", "audio.hubert.mean"])
+    assert res.exit_code == 0, res.output
+    return tmp / "run", store, data
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples/mer2023-examples is absent")
+def test_infer_a_real_clip_and_two_files_with_the_same_name(run_dir, tmp_path):
+    from store import FeatureStore
+
+    run, store, data = run_dir
+    real = sorted(SAMPLES.glob("*.mp4"))[0]
+    twin = tmp_path / real.name                        # another file with the same name (a synthetic clip)
+    shutil.copyfile(sorted((data / "video").glob("*.mp4"))[0], twin)
+    res = runner.invoke(app, ["infer", "--run", str(run), str(real), str(twin), "--max-new-tokens", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("[\n"):])
+    labels = json.loads((run / "metrics.json").read_text())["labels"]
+    assert len(out) == 2 and out[0]["id"] != out[1]["id"] and all(r["id"].startswith(real.stem) for r in out)
+    for r in out:
+        assert r["extracted"] and r["label"] in labels and "random tiny fixture" in r["note"]
+        assert set(r["probabilities"]) == set(labels) and sum(r["probabilities"].values()) == pytest.approx(1.0)
+        assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
+        assert isinstance(r["reasoning"], str)
+    # the clips are in the run's store under every feature set the run reads, with their sources
+    st = FeatureStore.open(store)
+    keys = json.loads((run / "feature_sets.json").read_text())
+    assert all({out[0]["id"], out[1]["id"]} <= st.complete(k) for k in keys)
+    assert st.records()[out[0]["id"]]["source"] == str(real.resolve())
+    # a second call reuses the store's features; the text output names the label and probabilities
+    again = runner.invoke(app, ["infer", "--run", str(run), str(real), "--no-reason"])
+    assert again.exit_code == 0, again.output
+    assert f"label: {out[0]['label']}" in again.output and "random tiny fixture" in again.output
+    j = runner.invoke(app, ["infer", "--run", str(run), str(real), "--no-reason", "--json"])
+    assert json.loads(j.output[j.output.index("[\n"):])[0]["extracted"] is False
+
+
+def test_infer_missing_file_is_a_clear_error(run_dir, tmp_path):
+    run, _, _ = run_dir
+    res = runner.invoke(app, ["infer", "--run", str(run), str(tmp_path / "nope.mp4")])
+    assert res.exit_code == 2 and "no such file" in res.output

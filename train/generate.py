@@ -1,0 +1,55 @@
+"""Greedy generation with the training prompt layout.
+
+The prompt is built by the same function as in training (``train.prompt.encode`` with no answer) and
+the task's first instruction (``fixed``), exactly the prompt ``train.evaluate.score_labels`` scores
+labels after. Feature slots are filled by the run's projectors (``EmoModel.embed``); the batch is then
+left-padded in embedding space and handed to the LM's ``generate`` (greedy, ``max_new_tokens``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .data import Example, TrainData
+from .prompt import encode, instruction_for
+
+
+def prompt_for(data: TrainData, clip, task: str):
+    """The inference prompt of ``clip`` for ``task`` (tokens + feature-slot mask), no answer."""
+    instr = instruction_for(task, clip.id, data.labels, seed=data.seed, epoch=0, fixed=True)
+    return encode(data.tokenizer, data.layout, clip.subtitle, task, instr, None)
+
+
+@torch.no_grad()
+def generate(model, data: TrainData, clips: Sequence, task: str, *, max_new_tokens: int = 64,
+             batch_size: int = 8, device: torch.device | None = None) -> list[str]:
+    """Greedy answers of ``model`` for ``clips`` (features from ``data``) to the ``task`` prompt."""
+    device = device or torch.device("cpu")
+    tok = data.tokenizer
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for i in range(0, len(clips), max(1, batch_size)):
+            chunk = list(clips[i:i + max(1, batch_size)])
+            exs = [Example(c, task, "") for c in chunk]
+            encs = [prompt_for(data, c, task) for c in chunk]
+            batch = data._batch(exs, encs).to(device)
+            emb = model.embed(batch)                                   # right-padded [B, L, H]
+            lengths = batch.attention_mask.sum(1).tolist()
+            width = emb.shape[1]
+            left = torch.zeros_like(emb)
+            att = torch.zeros(emb.shape[:2], dtype=torch.long, device=emb.device)
+            for r, n in enumerate(lengths):
+                left[r, width - n:] = emb[r, :n]
+                att[r, width - n:] = 1
+            ids = model.llm.generate(inputs_embeds=left, attention_mask=att, max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=1, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+            for row in ids:
+                out.append(tok.decode(row.tolist(), skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return out

@@ -1,0 +1,162 @@
+"""A trained run folder, loaded back for evaluation and inference.
+
+    run = load_run("runs/stage1")            # config.json, feature_sets.json, adapter/, projectors.*
+    run.model, run.tokenizer, run.labels, run.feature_keys, run.store_url, run.tiny
+
+The model is rebuilt exactly as training built it (``train.loop.build_model``: the same base LM,
+LoRA config and projector shapes), then the run's exported adapter (PEFT format) and projectors
+(safetensors, standardization statistics included) are loaded over it. The feature specs come from
+the run's own ``feature_sets.json``, so a run loads even when its store has moved; the store is only
+needed to read features.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CheckpointError, latest_checkpoint, load_adapter, load_projectors
+from .config import TrainConfig, from_dict
+
+log = logging.getLogger(__name__)
+
+TINY_WARNING = ("tiny profile: these numbers come from a random tiny fixture (random LM and encoders), "
+                "not a result; they say nothing about emotion recognition.")
+
+
+class RunError(RuntimeError):
+    """A run folder is missing a file or is inconsistent; the message says which and how to fix it."""
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    config: TrainConfig
+    model: Any                        # train.model.EmoModel, in eval mode
+    tokenizer: Any
+    labels: list[str]                 # the label set the run was trained on (emotion task)
+    feature_keys: list[str]           # store keys, in the order of config.data.features
+    specs: dict[str, Any]             # key -> store.FeatureSpec (from feature_sets.json)
+    device: torch.device
+    step: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def tiny(self) -> bool:
+        """True when the LM is the random tiny fixture (numbers from it mean nothing)."""
+        return self.config.model.profile == "tiny" and not self.config.model.llm
+
+    @property
+    def store_url(self) -> str:
+        return self.config.data.store
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise RunError(f"{path} is missing: {what}. Is {path.parent} a run folder written by `emollama train`?")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RunError(f"{path} is not valid JSON ({e})") from None
+
+
+def run_labels(path: Path, cfg: TrainConfig) -> list[str]:
+    """The run's label set: config data.labels, else the newest checkpoint's state, else metrics.json."""
+    if cfg.data.labels:
+        return list(cfg.data.labels)
+    ck = latest_checkpoint(path)
+    if ck is not None and (ck / "state.json").is_file():
+        labels = json.loads((ck / "state.json").read_text()).get("labels")
+        if labels:
+            return list(labels)
+    m = path / "metrics.json"
+    if m.is_file():
+        labels = json.loads(m.read_text()).get("labels")
+        if labels:
+            return list(labels)
+    from store.datasets import load_corpus
+
+    from .loop import resolve_labels
+
+    return resolve_labels(cfg, load_corpus(cfg.data.dataset, cfg.data.root, **cfg.data.options))
+
+
+def order_keys(cfg: TrainConfig, sets: dict[str, dict]) -> list[str]:
+    """The run's feature-set keys in the order of ``data.features`` (names or keys)."""
+    by_name: dict[str, list[str]] = {}
+    for key, info in sets.items():
+        by_name.setdefault(info["name"], []).append(key)
+    out = []
+    for f in cfg.data.features:
+        if f in sets:
+            out.append(f)
+        elif len(by_name.get(f, [])) == 1:
+            out.append(by_name[f][0])
+        else:
+            raise RunError(f"feature {f!r} of the run's config matches {by_name.get(f, [])} in feature_sets.json; "
+                           "the run folder is inconsistent (retrain or fix config.json)")
+    return out
+
+
+def load_run(path: str | Path, *, device: str = "auto", store: str | None = None) -> LoadedRun:
+    """Rebuild a run's model (base LM + LoRA + projectors) and tokenizer from its folder.
+
+    ``store`` overrides the run's feature store (``config.data.store``) for reading features."""
+    from store.spec import FeatureSpec
+
+    from .loop import build_model, pick_device
+
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(f"run folder not found: {path} (pass --run DIR, the --out of `emollama train`)")
+    raw = _read_json(path / "config.json", "the resolved training config")
+    problems: list[str] = []
+    cfg = from_dict(raw, problems)
+    if problems:
+        raise RunError(f"{path / 'config.json'}: " + "; ".join(problems))
+    if store:
+        cfg.data.store = store
+    sets = _read_json(path / "feature_sets.json", "the feature sets the run was trained on")
+    keys = order_keys(cfg, sets)
+    specs = {k: FeatureSpec.from_dict(sets[k]["spec"]) for k in keys}
+    for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
+        if not (path / name).is_file():
+            raise RunError(f"{path / name} is missing: the run has no exported weights yet "
+                           "(training writes them at its first checkpoint)")
+    dev = pick_device(device if device != "auto" else cfg.run.device)
+    cfg.run.device = str(dev)
+    model, tokenizer, _ = build_model(cfg, [(k, specs[k]) for k in keys], dev)
+    try:
+        load_adapter(model.llm, path)
+        load_projectors(model.projectors, path)
+    except CheckpointError as e:
+        raise RunError(str(e)) from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    labels = run_labels(path, cfg)
+    step = None
+    m = path / "metrics.json"
+    if m.is_file():
+        step = json.loads(m.read_text()).get("step")
+    return LoadedRun(path, cfg, model, tokenizer, labels, keys, specs, dev, step)
+
+
+def describe_run(run: LoadedRun) -> list[str]:
+    """A few lines naming what was loaded (for logs and reports)."""
+    lines = [f"run {run.path} (step {run.step}), profile {run.config.model.profile}"
+             + (f", LM {run.config.model.llm}" if run.config.model.llm else ""),
+             f"features: {', '.join(run.specs[k].name for k in run.feature_keys)}",
+             f"labels: {', '.join(run.labels)}"]
+    if run.tiny:
+        lines.append("NOTE: " + TINY_WARNING)
+    return lines
