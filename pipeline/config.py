@@ -18,24 +18,15 @@ No layers, no includes: a config file is a flat description of one job, and the 
 
 from __future__ import annotations
 
-import dataclasses
-import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from store.datasets import ADAPTERS
+from train.config import ConfigError, build_section, read_toml
 
 GLOBAL_FRAMES = ("first", "middle", "peak")
 DTYPES = ("float16", "float32")
-
-
-class ConfigError(ValueError):
-    """Every problem of a configuration, listed at once."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 @dataclass
@@ -128,63 +119,33 @@ class Config:
         return asdict(self)
 
 
-def _build(cls, data: Mapping[str, Any], where: str, problems: list[str]):
-    """Instantiate dataclass `cls` from a mapping, collecting unknown keys and type errors."""
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in known:
-            problems.append(f"{where}.{key}: unknown setting (known: {', '.join(known)})")
+def _encoders(value: Any, problems: list[str]) -> dict[str, ModelOverride]:
+    enc = {}
+    for view, spec in (value or {}).items():
+        if isinstance(spec, str):
+            spec = {"model": spec}
+        if not isinstance(spec, Mapping) or "model" not in spec:
+            problems.append(f"extract.encoders.{view}: expected a table with `model` (hub id or folder)")
             continue
-        if cls is ExtractConfig and key == "encoders":
-            enc = {}
-            for view, spec in (value or {}).items():
-                if isinstance(spec, str):
-                    spec = {"model": spec}
-                if not isinstance(spec, Mapping) or "model" not in spec:
-                    problems.append(f"{where}.encoders.{view}: expected a table with `model` (hub id or folder)")
-                    continue
-                enc[view] = ModelOverride(str(spec["model"]), spec.get("revision"))
-            value = enc
-        default = known[key].default
-        if default is not dataclasses.MISSING and default is not None and value is not None:
-            kind = type(default)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                problems.append(f"{where}.{key} = {value!r}: expected {kind.__name__}")
-                continue
-        kwargs[key] = value
-    return cls(**kwargs)
+        enc[view] = ModelOverride(str(spec["model"]), spec.get("revision"))
+    return enc
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
     """Read a TOML file (if any), apply overrides ({section: {key: value}}, None = keep), validate."""
-    data: dict[str, dict[str, Any]] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError([f"config file not found: {p}"])
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError([f"{p}: not valid TOML: {e}"]) from None
+    data = read_toml(path, overrides)
     problems: list[str] = []
     for section in data:
         if section not in ("dataset", "extract"):
             problems.append(f"[{section}]: unknown section (known: dataset, extract)")
-    for section, values in (overrides or {}).items():
-        for key, value in values.items():
-            if value is not None:
-                data.setdefault(section, {})[key] = value
+    extract = dict(data.get("extract", {}))
+    if "encoders" in extract:
+        extract["encoders"] = _encoders(extract["encoders"], problems)
     cfg = Config(
-        dataset=_build(DatasetConfig, data.get("dataset", {}), "dataset", problems),
-        extract=_build(ExtractConfig, data.get("extract", {}), "extract", problems),
+        dataset=build_section(DatasetConfig, data.get("dataset", {}), "dataset", problems),
+        extract=build_section(ExtractConfig, extract, "extract", problems),
     )
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        problems += e.problems
+    problems += cfg.dataset.problems() + cfg.extract.problems()
     if problems:
         raise ConfigError(problems)
     return cfg

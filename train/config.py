@@ -32,12 +32,20 @@ PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
 PAPER_FEATURES = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
 
 
-class TrainConfigError(ValueError):
-    """Every problem of a training configuration, listed at once."""
+class ConfigError(ValueError):
+    """Every problem of a configuration, listed at once."""
+
+    what = "configuration"
 
     def __init__(self, problems: list[str]):
         self.problems = problems
-        super().__init__("invalid training configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+        super().__init__(f"invalid {self.what}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class TrainConfigError(ConfigError):
+    """Every problem of a training configuration, listed at once."""
+
+    what = "training configuration"
 
 
 @dataclass
@@ -206,7 +214,8 @@ SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
 _CLASSES = {"data": DataConfig, "model": ModelConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig}
 
 
-def _build(cls, data: Mapping[str, Any], where: str, problems: list[str]):
+def build_section(cls, data: Mapping[str, Any], where: str, problems: list[str]):
+    """Dataclass `cls` from a mapping; unknown keys and wrong types are added to `problems`."""
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -234,27 +243,35 @@ def from_dict(data: Mapping[str, Mapping[str, Any]], problems: list[str] | None 
     for section in data:
         if section not in _CLASSES:
             problems.append(f"[{section}]: unknown section (known: {', '.join(_CLASSES)})")
-    parts = {name: _build(cls, data.get(name, {}) or {}, name, problems) for name, cls in _CLASSES.items()}
+    parts = {name: build_section(cls, data.get(name, {}) or {}, name, problems) for name, cls in _CLASSES.items()}
     return TrainConfig(**parts)
+
+
+def read_toml(path: str | Path | None, overrides: Mapping[str, Mapping[str, Any]] | None,
+              error: type[ConfigError] = ConfigError) -> dict[str, dict[str, Any]]:
+    """A TOML file's sections (if a path is given) with overrides applied ({section: {key: value}};
+    None values keep the file's)."""
+    data: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise error([f"config file not found: {p}"])
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise error([f"{p}: not valid TOML: {e}"]) from None
+    for section, values in (overrides or {}).items():
+        for key, value in (values or {}).items():
+            if value is not None:
+                data.setdefault(section, {})[key] = value
+    return data
 
 
 def load_train_config(path: str | Path | None = None,
                       overrides: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
     """Read a TOML file (if any), apply overrides ({section: {key: value}}, None = keep), validate."""
-    data: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise TrainConfigError([f"config file not found: {p}"])
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise TrainConfigError([f"{p}: not valid TOML: {e}"]) from None
-    for section, values in (overrides or {}).items():
-        for key, value in (values or {}).items():
-            if value is not None:
-                data.setdefault(section, {})[key] = value
+    data = read_toml(path, overrides, TrainConfigError)
     cfg = from_dict(data, problems)
     problems += cfg.problems()
     if problems:
