@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,8 +39,6 @@ def main_options(
             logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
         # the libraries' own "Loading weights" bars (read when transformers is first imported)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        # peft still calls transformers' renamed gradient-checkpointing property
-        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 @app.command()
