@@ -24,15 +24,7 @@ from extract.sample import render_frames
 SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examples"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """MTCNN with 2 OpenMP threads slows down up to 10x when the 2 cores are shared; 1 thread is steady."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,15 +19,7 @@ from extract.sample import LABELS, write_sample
 N_CLIPS = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """MTCNN with 2 OpenMP threads slows down up to 10x when the 2 cores are shared; 1 thread is steady."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -269,25 +268,6 @@ def test_gpu_workers_own_one_gpu_each_and_tasks_ask_for_one():
 
 
 # --------------------------------------------------------------------------------------- object storage
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x",
-                 aws_secret_access_key="x").create_bucket(Bucket="feats")
-    yield endpoint
-    server.stop()
-
 
 @pytest.mark.slow
 @pytest.mark.s3

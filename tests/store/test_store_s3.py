@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -11,28 +10,6 @@ from store import FeatureStore
 from store_helpers import FRAMES, UTT, stored, value
 
 pytestmark = pytest.mark.s3
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    mp = pytest.MonkeyPatch()
-    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        mp.setenv(k, v)
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="feats")
-    yield endpoint
-    mp.undo()
-    server.stop()
 
 
 def test_write_read_verify_compact_through_s3_url(s3_endpoint, tmp_path):

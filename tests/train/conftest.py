@@ -51,3 +51,4 @@ def tiny_cfg(data_root: Path, store: Path, out: Path, **sections):
 @pytest.fixture
 def make_cfg():
     return tiny_cfg
+

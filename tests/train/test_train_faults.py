@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from train.checkpoint import latest_checkpoint
+from train_helpers import tiny_toml
 from train.loop import train
 
 CRASH_IN_CHECKPOINT = """
@@ -30,28 +31,7 @@ def test_death_while_writing_a_checkpoint_keeps_the_last_one(small_store, make_c
                 run={"save_every": 2})
     full = train(make_cfg(data, store, tmp_path / "full", **opts))
     run = tmp_path / "crashed"
-    toml = tmp_path / "c.toml"
-    toml.write_text(f"""
-[data]
-root = "{data}"
-store = "{store}"
-features = ["audio.hubert.mean"]
-[model]
-profile = "tiny"
-[lora]
-alpha = 64
-[optim]
-lr = 3e-3
-min_lr = 1e-5
-warmup_steps = 2
-steps = 8
-batch_size = 4
-[run]
-out = "{run}"
-seed = 7
-save_every = 2
-eval_every = 0
-""")
+    toml = tiny_toml(tmp_path / "c.toml", data, store, run, steps=8)
     proc = subprocess.run([sys.executable, "-c", CRASH_IN_CHECKPOINT, "train", "-c", str(toml), "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 137, proc.stdout + proc.stderr

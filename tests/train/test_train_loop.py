@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from train.checkpoint import CheckpointError, latest_checkpoint
+from train_helpers import tiny_toml
 from train.loop import TrainingDiverged, train
 
 def n_test(data):
@@ -217,28 +218,7 @@ def test_killed_mid_run_then_resumed_gives_the_uninterrupted_curve(small_store, 
                 run={"save_every": 2})
     full = train(make_cfg(data, store, tmp_path / "full", **opts))
     run = tmp_path / "killed"
-    toml = tmp_path / "k.toml"
-    toml.write_text(f"""
-[data]
-root = "{data}"
-store = "{store}"
-features = ["audio.hubert.mean"]
-[model]
-profile = "tiny"
-[lora]
-alpha = 64
-[optim]
-lr = 3e-3
-min_lr = 1e-5
-warmup_steps = 2
-steps = 30
-batch_size = 4
-[run]
-out = "{run}"
-seed = 7
-save_every = 2
-eval_every = 0
-""")
+    toml = tiny_toml(tmp_path / "k.toml", data, store, run, steps=30)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-c", str(toml), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
