@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from store.datasets import ADAPTERS
-from train.config import ConfigError, build_section, read_toml
+from train.config import ConfigError, build_section, device_problems, read_toml
 
 GLOBAL_FRAMES = ("first", "middle", "peak")
 DTYPES = ("float16", "float32")
@@ -99,8 +99,7 @@ class ExtractConfig:
             out.append(f"extract.workers = {self.workers} must be 0 (in process) or more")
         if not 0 <= self.face_margin <= 1:
             out.append(f"extract.face_margin = {self.face_margin} must be within [0, 1]")
-        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
-            out.append(f"extract.device = {self.device!r}: use auto, cpu, cuda or cuda:N")
+        out += device_problems("extract.device", self.device)
         return out
 
 
@@ -109,11 +108,8 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
 
-    def validate(self) -> "Config":
-        problems = self.dataset.problems() + self.extract.problems()
-        if problems:
-            raise ConfigError(problems)
-        return self
+    def problems(self) -> list[str]:
+        return self.dataset.problems() + self.extract.problems()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,7 +141,7 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Mapping[
         dataset=build_section(DatasetConfig, data.get("dataset", {}), "dataset", problems),
         extract=build_section(ExtractConfig, extract, "extract", problems),
     )
-    problems += cfg.dataset.problems() + cfg.extract.problems()
+    problems += cfg.problems()
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -32,6 +32,12 @@ PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
 PAPER_FEATURES = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
 
 
+def device_problems(where: str, device: str) -> list[str]:
+    if device in ("auto", "cpu") or device.startswith(("cuda", "mps")):
+        return []
+    return [f"{where} = {device!r}: use auto, cpu, cuda or cuda:N"]
+
+
 class ConfigError(ValueError):
     """Every problem of a configuration, listed at once."""
 
@@ -184,8 +190,7 @@ class RunConfig:
                 out.append(f"run.{name} must be at least 1")
         if self.eval_every < 0:
             out.append("run.eval_every must be 0 or more")
-        if self.device not in ("auto", "cpu") and not self.device.startswith(("cuda", "mps")):
-            out.append(f"run.device = {self.device!r}: use auto, cpu, cuda or cuda:N")
+        out += device_problems("run.device", self.device)
         return out
 
 

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from train_helpers import FakeJudge
 from pipeline.evaluation import (EvalError, candidates, clip_id_for, parse_label_map, target_probabilities)
 
 runner = CliRunner()
@@ -204,33 +205,6 @@ def test_eval_errors_are_clear(tiny_run, tmp_path):
     assert res.exit_code == 2 and "not a label" in res.output
 
 
-class _Judge:
-    """A chat-completions server on loopback answering scripted replies in order."""
-
-    def __init__(self, replies):
-        import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-        self.replies, self.seen = list(replies), []
-        outer = self
-
-        class H(BaseHTTPRequestHandler):
-            def do_POST(self):
-                outer.seen.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                body = json.dumps({"choices": [{"message": {"content": outer.replies.pop(0)}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_emer_through_the_cli_with_a_loopback_judge_then_cached_then_proxy(tiny_run, tmp_path, monkeypatch):
     from store.datasets import load_corpus
 
@@ -241,7 +215,7 @@ def test_emer_through_the_cli_with_a_loopback_judge_then_cached_then_proxy(tiny_
         w = csv.writer(f)
         w.writerow(["name", "chinese", "english"])
         w.writerows([(c.id, "", c.texts["reason"]) for c in clips])
-    judge = _Judge(["I cannot say.", '{"clue_overlap": 6, "label_overlap": 8}',            # malformed, then ok
+    judge = FakeJudge(["I cannot say.", '{"clue_overlap": 6, "label_overlap": 8}',            # malformed, then ok
                     '{"clue_overlap": 14, "label_overlap": 2}', "Clue overlap: 3; label overlap: 5",   # out of range
                     '{"clue_overlap": 9, "label_overlap": 9}'])
     for var in ("EMOLLAMA_JUDGE_URL", "EMOLLAMA_JUDGE_MODEL", "EMOLLAMA_JUDGE_KEY", "OPENAI_BASE_URL", "OPENAI_API_KEY"):
@@ -256,7 +230,7 @@ def test_emer_through_the_cli_with_a_loopback_judge_then_cached_then_proxy(tiny_
     e = m["emer"]
     assert e["method"] == "llm-judge:j1" and e["n"] == 3 and e["invalid"] == [] and e["requests"] == 5
     assert e["clue_overlap"] == pytest.approx(6.0) and e["label_overlap"] == pytest.approx(22 / 3)
-    assert len(judge.seen) == 5 and clips[0].texts["reason"] in judge.seen[0]["messages"][1]["content"]
+    assert len(judge.seen) == 5 and clips[0].texts["reason"] in judge.seen[0][2]["messages"][1]["content"]
     rows = [json.loads(l) for l in (out / "emer" / "emer-rows.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [c.id for c in clips] and all(isinstance(r["prediction"], str) for r in rows)
     # a rerun asks nothing (judgements cached in the report folder), through the environment this time
