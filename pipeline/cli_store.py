@@ -1,4 +1,9 @@
-"""`emollama store ...`: look into, check, import into, export from, and tidy a feature store."""
+"""`emollama store ...`: look into, check, import into, export from, compare and tidy a feature store.
+
+``import`` recognises the authors' released feature folders (``mae_340_UTT``, ``maeV_399_UTT``,
+``HL-UTT`` and MER2024's ``*_23_*``; presets in :mod:`store.interop`) and keeps the files' precision by
+default; ``compare`` reports per-clip cosine similarity between two sets (:mod:`store.compare`).
+"""
 
 from __future__ import annotations
 
@@ -74,54 +79,93 @@ def verify(url: str = STORE, shallow: bool = typer.Option(False, "--shallow", he
 @store_app.command("import")
 def import_(
     url: str = STORE,
-    src: Path = typer.Argument(..., help="A folder of <clip>.npy files, or an HDF5 file (one dataset per clip)."),
-    name: str = typer.Option(..., "--name", help="Readable set name, e.g. audio.hubert.utt"),
-    encoder: str = typer.Option(..., "--encoder", help="Encoder that made the features, e.g. hubert"),
-    modality: str = typer.Option(..., "--modality", help="audio | local | temporal | global | ..."),
-    weights: str = typer.Option("unknown", "--weights", help="Weights identity, e.g. sha256:<hex> or hub:<id>@<rev>"),
-    layer: str = typer.Option("unknown", "--layer", help="Layer the features come from"),
-    pooling: str = typer.Option("unknown", "--pooling", help="Pooling, e.g. mean | none"),
-    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16 | float32"),
+    src: Path = typer.Argument(..., help="A folder of <clip>.npy files, or an HDF5 file (one dataset per clip). "
+                                         "The authors' released folders (mae_340_UTT, maeV_399_UTT, HL-UTT, "
+                                         "mae_340_23_UTT, maeVideo_399_23_UTT, HL_23_UTT) need no other flag."),
+    name: Optional[str] = typer.Option(None, "--name", help="Readable set name, e.g. audio.hubert.utt "
+                                                             "(required unless SRC is a released folder)"),
+    encoder: Optional[str] = typer.Option(None, "--encoder", help="Encoder that made the features, e.g. hubert "
+                                                                  "(required unless SRC is a released folder)"),
+    modality: Optional[str] = typer.Option(None, "--modality", help="audio | local | temporal | global | ... "
+                                                                    "(required unless SRC is a released folder)"),
+    weights: Optional[str] = typer.Option(None, "--weights",
+                                          help="Weights identity, e.g. sha256:<hex> or hub:<id>@<rev> "
+                                               "[default: unknown, or the preset's]"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="Layer the features come from "
+                                                              "[default: unknown, or the preset's]"),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling, e.g. mean | none "
+                                                                  "[default: unknown, or the preset's]"),
+    dtype: str = typer.Option("keep", "--dtype", help="Storage dtype: keep (the files' own: float16/float32 as "
+                                                      "they are, float64 as float32) | float16 | float32"),
     fmt: Optional[str] = typer.Option(None, "--format", help="npy | hdf5 (default: from SRC)"),
     dataset_path: Optional[str] = typer.Option(None, "--dataset-path", help="HDF5 group holding the clips"),
     param: List[str] = typer.Option([], "--param", help="Extra spec params KEY=VALUE (repeatable)"),
     fixed: bool = typer.Option(False, "--fixed", help="Keep a 2-D per-clip shape fixed (default: [T, D] is variable)"),
 ) -> None:
-    """Import features made elsewhere, declaring what they are (the shape is read from the first clip)."""
-    import numpy as np
+    """Import features made elsewhere, declaring what they are (the shape is read from the first clip).
 
+    The authors' released folders need no flags: their presets give the name, modality, encoder, shape and params.
+
+    Flags override a preset. --dtype keep (the default) stores float16/float32 files bit for bit."""
     from store import FeatureSpec
-    from store.interop import import_hdf5, import_npy_folder
+    from store.interop import (RELEASED, import_hdf5, import_npy_folder, released_preset, released_spec,
+                               storage_dtype)
 
+    if not src.exists():
+        typer.echo(f"error: {src} does not exist", err=True)
+        raise typer.Exit(2)
     fmt = fmt or ("npy" if src.is_dir() else "hdf5")
     if fmt not in ("npy", "hdf5"):
         typer.echo("error: --format must be npy or hdf5", err=True)
         raise typer.Exit(2)
-    if not src.exists():
-        typer.echo(f"error: {src} does not exist", err=True)
-        raise typer.Exit(2)
-    first = _first_array_shape(src, fmt, dataset_path)
-    shape: tuple = tuple(first)
-    if fmt == "npy" and len(shape) == 2 and shape[0] == 1:
-        shape = shape[1:]
+    if dtype != "keep":
+        import numpy as np
+
+        try:
+            dtype = np.dtype(dtype).name
+        except TypeError:
+            typer.echo(f"error: --dtype must be keep, float16 or float32, got {dtype!r}", err=True)
+            raise typer.Exit(2)
+    preset = released_preset(src) if fmt == "npy" else None
+    first_shape, first_dtype = _first_array(src, fmt, dataset_path)
+    store_dtype, note = storage_dtype(dtype, first_dtype)
     params = dict(p.split("=", 1) for p in param)
-    if len(shape) == 2 and shape[0] != 1 and not fixed:
-        shape = (None, shape[1])  # [T, D] per clip: variable length
-    spec = FeatureSpec(name=name, modality=modality, encoder=encoder, weights=weights, layer=layer,
-                       pooling=pooling, shape=shape, dtype=str(np.dtype(dtype)), params=params)
+    if preset is not None:
+        spec = released_spec(src, dtype=store_dtype, name=name, encoder=encoder, modality=modality, weights=weights,
+                             layer=layer, pooling=pooling, params=params)
+        typer.echo(f"{src.name}: released {preset[1].release} features ({preset[1].modality}) -> {spec.name}")
+    else:
+        missing = [f for f, v in (("--name", name), ("--encoder", encoder), ("--modality", modality)) if not v]
+        if missing:
+            typer.echo(f"error: {src.name!r} is not a released feature folder, so pass {', '.join(missing)} to say "
+                       f"what it holds (and optionally --weights, --layer, --pooling, --param KEY=VALUE). "
+                       f"Folders recognised without flags: {', '.join(RELEASED)}", err=True)
+            raise typer.Exit(2)
+        shape: tuple = tuple(first_shape)
+        if fmt == "npy" and len(shape) == 2 and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) == 2 and shape[0] != 1 and not fixed:
+            shape = (None, shape[1])  # [T, D] per clip: variable length
+        spec = FeatureSpec(name=name, modality=modality, encoder=encoder, weights=weights or "unknown",
+                           layer=layer or "unknown", pooling=pooling or "unknown", shape=shape, dtype=store_dtype,
+                           params=params)
+    if note:
+        typer.echo(f"note: {note}")
+    config = {"source_dtype": first_dtype.name, **({"dtype_note": note} if note else {})}
     st = _open(str(url), create=True)
     try:
         if fmt == "npy":
-            res = import_npy_folder(st, src, spec)
+            res = import_npy_folder(st, src, spec, config=config)
         else:
-            res = import_hdf5(st, src, spec, dataset_path)
+            res = import_hdf5(st, src, spec, dataset_path, config=config)
     except (ValueError, KeyError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
-    typer.echo(f"{res['key']}: imported {res['imported']} clips ({res['skipped']} already there)")
+    typer.echo(f"{res['key']}: imported {res['imported']} clips ({res['skipped']} already there) as {spec.dtype}")
 
 
-def _first_array_shape(src: Path, fmt: str, dataset_path: Optional[str]) -> tuple:
+def _first_array(src: Path, fmt: str, dataset_path: Optional[str]) -> tuple:
+    """(shape, dtype) of the first clip in SRC."""
     import numpy as np
 
     if fmt == "npy":
@@ -129,16 +173,47 @@ def _first_array_shape(src: Path, fmt: str, dataset_path: Optional[str]) -> tupl
         if not files:
             typer.echo(f"error: no .npy files in {src}", err=True)
             raise typer.Exit(2)
-        return np.load(files[0], mmap_mode="r").shape
+        a = np.load(files[0], mmap_mode="r")
+        return a.shape, a.dtype
     import h5py
 
     with h5py.File(src, "r") as f:
         g = f[dataset_path] if dataset_path else f
         for v in g.values():
             if isinstance(v, h5py.Dataset):
-                return v.shape
+                return v.shape, v.dtype
     typer.echo(f"error: no datasets in {src}:{dataset_path or '/'}", err=True)
     raise typer.Exit(2)
+
+
+@store_app.command("compare")
+def compare(
+    url: str = STORE,
+    set_a: str = typer.Argument(..., help="Set name or key in STORE, e.g. local.vit_mae.mean"),
+    set_b: str = typer.Argument(..., help="Set name or key (in STORE, or in --store-b), "
+                                          "e.g. local.mae_340_utt.released"),
+    store_b: Optional[str] = typer.Option(None, "--store-b", help="Read SET_B from this store instead of STORE."),
+    worst: int = typer.Option(10, "--worst", min=0, help="List the K clips with the lowest cosine."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """How close two feature sets are: per-clip cosine over their common complete clips.
+
+    Clips are compared as flattened float32 vectors (variable-length sets averaged over time first).
+
+    Prints the clip counts (common, only in A, only in B), the min/median/mean cosine and the K worst clips."""
+    from store.compare import compare_sets, format_comparison
+
+    sta = _open(url)
+    stb = _open(store_b) if store_b else sta
+    try:
+        r = compare_sets(sta, set_a, stb, set_b, worst=worst)
+    except KeyError as e:
+        typer.echo(f"error: {e.args[0]}", err=True)
+        raise typer.Exit(2)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    typer.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else format_comparison(r))
 
 
 @store_app.command("export")

@@ -1,8 +1,26 @@
 """Import and export: a folder of one ``<clip>.npy`` per clip, and HDF5 files.
 
-The features released by the Emotion-LLaMA authors (``HL-UTT/``, ``mae_340_UTT/``, ``maeV_399_UTT/``)
-are npy folders whose name is their only description; importing them means declaring what they are
-with a :class:`FeatureSpec`.
+The features released by the Emotion-LLaMA authors are npy folders (one ``<clip>.npy`` per clip,
+each ``[1024]`` or ``[1, 1024]``) whose name is their only description. :data:`RELEASED` maps those
+folder names to what they are, so that ``emollama store import STORE mae_340_UTT/`` (or
+:func:`import_released`) needs no flags::
+
+    folder                 set name                                  modality  encoder
+    mae_340_UTT            local.mae_340_utt.released                local     released:mae_340_UTT
+    maeV_399_UTT           temporal.maev_399_utt.released            temporal  released:maeV_399_UTT
+    HL-UTT                 audio.hl_utt.released                     audio     released:HL-UTT
+    mae_340_23_UTT         local.mae_340_23_utt.released             local     released:mae_340_23_UTT
+    maeVideo_399_23_UTT    temporal.maevideo_399_23_utt.released     temporal  released:maeVideo_399_23_UTT
+    HL_23_UTT              audio.hl_23_utt.released                  audio     released:HL_23_UTT
+
+(the name is ``<modality>.<folder, lower case, '-' -> '_'>.released``; the first three are MER2023's,
+the ``_23`` ones MER2024's). Every preset is shape ``(1024,)``, pooling ``mean``, weights
+``authors:<folder>`` (the authors' checkpoints, not distributed with the features), and params
+``{"source": ..., "release": ..., "folder": ..., "description": ...}``; see :func:`released_spec`.
+
+Imports keep the source precision by default (``dtype="keep"``, see :func:`storage_dtype`): float16
+and float32 files are stored as they are, bit for bit; float64 (and integer) files as float32, with
+the source dtype noted in the set's config.
 """
 
 from __future__ import annotations
@@ -10,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -19,9 +37,96 @@ from .store import FeatureStore
 
 log = logging.getLogger(__name__)
 
-__all__ = ["import_npy_folder", "import_hdf5", "export_hdf5", "export_npy", "ImportResult"]
+__all__ = ["import_npy_folder", "import_hdf5", "export_hdf5", "export_npy", "ImportResult", "RELEASED",
+           "ReleasedPreset", "released_preset", "released_spec", "import_released", "storage_dtype", "first_npy"]
 
 BATCH = 256  # clips per commit when importing
+
+
+class ReleasedPreset(NamedTuple):
+    """What one released feature folder holds."""
+
+    modality: str
+    release: str  # "MER2023" | "MER2024"
+    layer: str
+    description: str
+
+    def name(self, folder: str) -> str:
+        return f"{self.modality}.{folder.lower().replace('-', '_')}.released"
+
+
+_LOCAL = ("MAE ViT-L/16 self-supervised by the authors on unlabelled MER2023 face crops (OpenFace), 224 px; "
+          "mean over the sampled face frames of the final-norm output, 1024-d")
+_TEMPORAL = ("VideoMAE ViT-L self-supervised by the authors on unlabelled MER2023 clips, 16 face frames (224 px); "
+             "mean of the output tokens, 1024-d")
+_AUDIO = "chinese-hubert-large utterance mean: mean over time of the last hidden layer, 16 kHz mono, 1024-d"
+
+#: Released folder name -> preset (see the module docstring for the resulting set names).
+RELEASED: dict[str, ReleasedPreset] = {
+    "mae_340_UTT": ReleasedPreset("local", "MER2023", "last_hidden_state (final norm)", _LOCAL),
+    "maeV_399_UTT": ReleasedPreset("temporal", "MER2023", "last_hidden_state", _TEMPORAL),
+    "HL-UTT": ReleasedPreset("audio", "MER2023", "last_hidden_state", _AUDIO),
+    "mae_340_23_UTT": ReleasedPreset("local", "MER2024", "last_hidden_state (final norm)", _LOCAL),
+    "maeVideo_399_23_UTT": ReleasedPreset("temporal", "MER2024", "last_hidden_state", _TEMPORAL),
+    "HL_23_UTT": ReleasedPreset("audio", "MER2024", "last_hidden_state", _AUDIO),
+}
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("-", "_")
+
+
+def released_preset(folder: str | Path) -> tuple[str, ReleasedPreset] | None:
+    """``(canonical folder name, preset)`` when ``folder``'s last component is a released feature folder
+    (matched ignoring case and '-' vs '_'), else None."""
+    base = Path(folder).name or Path(folder).resolve().name
+    hits = [k for k in RELEASED if _norm(k) == _norm(base)]
+    return (hits[0], RELEASED[hits[0]]) if hits else None
+
+
+def released_spec(folder: str | Path, *, dtype: str = "float32", **overrides: Any) -> FeatureSpec:
+    """The spec of a released feature folder (``mae_340_UTT``, ``HL-UTT``, ...): the preset's name,
+    modality, encoder ``released:<folder>``, weights ``authors:<folder>``, layer, pooling ``mean``,
+    shape ``(1024,)`` and params; ``overrides`` replace any FeatureSpec field (``params`` are merged).
+    Raises KeyError for a folder that is not a preset."""
+    hit = released_preset(folder)
+    if hit is None:
+        raise KeyError(f"{Path(folder).name!r} is not a released feature folder (presets: {', '.join(RELEASED)})")
+    base, p = hit
+    params = {"source": "Emotion-LLaMA authors' released features", "release": p.release, "folder": base,
+              "description": p.description}
+    params.update(overrides.pop("params", None) or {})
+    kw: dict[str, Any] = dict(name=p.name(base), modality=p.modality, encoder=f"released:{base}",
+                              weights=f"authors:{base}", layer=p.layer, pooling="mean", shape=(1024,), dtype=dtype)
+    kw.update({k: v for k, v in overrides.items() if v is not None})
+    return FeatureSpec(params=params, **kw)
+
+
+def storage_dtype(requested: str, source: np.dtype | str) -> tuple[str, str | None]:
+    """The dtype to store, and a note when it differs from the source's.
+
+    ``requested`` "keep" (the import default): float16 and float32 stay as they are; float64 and other
+    numeric types become float32 (noted). Anything else is a dtype name used as it is (noted when it
+    narrows a float source, e.g. float32 -> float16)."""
+    src = np.dtype(source)
+    if requested == "keep":
+        if src in (np.float16, np.float32):
+            return src.name, None
+        return "float32", f"source dtype {src.name} stored as float32"
+    want = np.dtype(requested)
+    if np.issubdtype(src, np.floating) and np.issubdtype(want, np.floating) and want.itemsize < src.itemsize:
+        return want.name, f"source dtype {src.name} stored as {want.name} (rounded)"
+    return want.name, None
+
+
+def first_npy(folder: str | Path) -> np.ndarray:
+    """The first ``*.npy`` of a folder (sorted by name), memory-mapped: its shape and dtype describe
+    the folder. Raises FileNotFoundError when there is none."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.npy"))
+    if not files:
+        raise FileNotFoundError(f"no .npy files in {folder} (expected one <clip_id>.npy per clip)")
+    return np.load(files[0], mmap_mode="r", allow_pickle=False)
 
 
 class ImportResult(dict):
@@ -65,6 +170,20 @@ def import_npy_folder(store: FeatureStore, folder: str | Path, spec: FeatureSpec
         raise FileNotFoundError(f"no .npy files in {folder} (expected one <clip_id>.npy per clip)")
     items = ((f.stem, np.load(f, allow_pickle=False), {"imported_from": str(f)}) for f in files)
     return _write_all(store, spec, items, {"imported_from": str(folder), **(config or {})}, batch)
+
+
+def import_released(store: FeatureStore, folder: str | Path, *, dtype: str = "keep", config: dict | None = None,
+                    batch: int = BATCH, **overrides: Any) -> ImportResult:
+    """Import one of the authors' released feature folders (``.../MER2023/mae_340_UTT``, ...) with its
+    preset spec (:func:`released_spec`; ``overrides`` replace spec fields). ``dtype`` "keep" stores the
+    files' own precision (float64 as float32, noted in the set's config as ``source_dtype``)."""
+    first = first_npy(folder)
+    store_dtype, note = storage_dtype(dtype, first.dtype)
+    spec = released_spec(folder, dtype=store_dtype, **overrides)
+    if note:
+        log.warning("%s: %s", Path(folder).name, note)
+    cfg = {"source_dtype": first.dtype.name, **({"dtype_note": note} if note else {}), **(config or {})}
+    return import_npy_folder(store, folder, spec, config=cfg, batch=batch)
 
 
 def import_hdf5(store: FeatureStore, path: str | Path, spec: FeatureSpec, dataset_path: str | None = None, *,

@@ -119,7 +119,8 @@ def test_cli_import_export(tmp_path):
     runner = CliRunner()
     url = str(tmp_path / "s")
     res = runner.invoke(store_app, ["import", url, str(tmp_path / "mae_340_UTT"), "--name", "video.mae.utt",
-                                    "--encoder", "mae", "--modality", "local", "--weights", "released:mae_340"])
+                                    "--encoder", "mae", "--modality", "local", "--weights", "released:mae_340",
+                                    "--dtype", "float16"])
     assert res.exit_code == 0, res.output
     assert "imported 5 clips" in res.output
     st = FeatureStore.open(url, create=False)
