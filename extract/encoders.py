@@ -27,6 +27,41 @@ Choices (documented here because they change values):
   320 i) while attention stays within a window. Audio shorter than the receptive field (400
   samples = 25 ms) is zero-padded to it (one frame).
 
+- global position embedding: a checkpoint trained at 224 (16x16 patches) is resized to 32x32 as the
+  released model does (LAVIS `interpolate_pos_embed`): fp32, bicubic, align_corners False, no
+  antialias, CLS position kept (`extract.models.resample_pos_embed`), for weights files and timm
+  folders/hub ids alike (timm's own resample uses antialias, which gives other values).
+
+Sources (`ModelSource`): a hub id, a local transformers/timm folder, or, for the local, temporal
+and global views, one local weights FILE in its authors' original key layout, converted on load:
+
+    [extract.encoders.global]
+    model = "/ckpt/eva_vit_g.pth"
+    [extract.encoders.local]
+    model = "/ckpt/mae_340.pth"
+    config = "/models/vit-mae-large"     # optional: a folder with a HF/timm config.json (or the json)
+
+- .pth/.pt/.bin are read with torch.load(weights_only=True) (an argparse `args` Namespace, as the
+  MAE/VideoMAE training scripts save, is allowed; any other pickled code is refused), .safetensors
+  with safetensors. A top-level "model" / "module" / "state_dict" dict is unwrapped.
+- global: EVA's original layout (LAVIS `eva_vit_g.pth`: `cls_token`, `pos_embed`,
+  `patch_embed.proj.*`, `blocks.N.{norm1,attn.qkv,attn.q_bias,attn.v_bias,attn.proj,norm2,mlp.fc1,
+  mlp.fc2}.*`, fp16) -> timm Eva at 448 with depth = the blocks in the file, fp32; the encoder then
+  keeps all blocks but the last (39 of 40). Dropped: final norm, heads, mask token.
+- local: the MAE repository's `{"model": {...}}` (timm ViT names, fused qkv weight+bias, `norm.*`)
+  -> transformers ViTMAEModel. Dropped: the decoder (`decoder_*`), `mask_token`, a `head`.
+- temporal: the VideoMAE repository's `encoder.*` (Conv3d patch_embed, qkv weight + q_bias/v_bias,
+  `encoder.norm.*`; or a fine-tuned file with `fc_norm`) -> transformers VideoMAEModel. Dropped:
+  the decoder (`decoder.*`, `encoder_to_decoder.*`), `mask_token`, `head`, `fc_norm`, and a stored
+  sinusoid `pos_embed` (checked).
+- Width, depth, MLP width, patch size, image size (from pos_embed), tubelet, channels and biases
+  are read from the tensor shapes. What shapes cannot tell comes from `config` when given, else
+  from the defaults: heads = width // 64 (1408 -> 16 for EVA-g, 1280 -> 16), LayerNorm eps 1e-6
+  and exact GELU (the original repositories'), VideoMAE 16 frames at 224. A missing or mis-shaped
+  key, or an unknown one, fails with `WeightsFileError` naming the keys.
+- identity: "sha256:<hex of the file>" (hashed once, cached like folders); the converted
+  architecture details (format, heads, eps, ...) go into `params["checkpoint"]`.
+
 Profiles: `paper` (hub ids) and `tiny` (random tiny models built locally, see `extract.models`).
 Offline (HF_HUB_OFFLINE=1 or `offline=True`) a hub id missing from the local HF cache raises
 `MissingWeightsError` at once.
@@ -50,13 +85,14 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from extract.models import EVA_IMG_SIZE, VIEWS, build_model, default_home, ensure_tiny
+from extract.models import (EVA_IMG_SIZE, VIEWS, WEIGHT_SUFFIXES, WeightsFileError, build_model, default_home,
+                            ensure_tiny)
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ModelSource", "EncodersConfig", "OutputInfo", "MissingWeightsError", "PROFILES", "profile",
-    "weights_identity", "Encoder", "HubertEncoder", "MaeEncoder", "VideoMaeEncoder", "EvaEncoder",
+    "ModelSource", "EncodersConfig", "OutputInfo", "MissingWeightsError", "WeightsFileError", "PROFILES",
+    "profile", "weights_identity", "file_hash", "folder_hash", "Encoder", "HubertEncoder", "MaeEncoder", "VideoMaeEncoder", "EvaEncoder",
     "load_encoders", "load_encoder", "random_model", "random_encoder", "wrap_model",
 ]
 
@@ -72,8 +108,8 @@ PAPER = {
     "temporal": "MCG-NJU/videomae-large",
     # EVA01-CLIP-g/14 visual tower trained on LAION-400M: the same weights as BLIP-2/LAVIS's
     # `eva_vit_g.pth`, which MiniGPT-v2 (hence Emotion-LLaMA) loads. 40 blocks, 1408-d, patch 14,
-    # trained at 224: timm resamples the position embedding to 448 (bicubic), as MiniGPT-v2's
-    # interpolate_pos_embed does. The `.merged2b` tag is a later EVA-CLIP-g+ training (not
+    # trained at 224: the position embedding is resampled to 448 as MiniGPT-v2's interpolate_pos_embed
+    # does (`extract.models.resample_pos_embed`, not timm's antialiased resample). The `.merged2b` tag is a later EVA-CLIP-g+ training (not
     # MiniGPT-v2's); `eva_giant_patch14_*.clip_ft_in1k` / `m30m_*` are ImageNet fine-tunes.
     "global": "timm/eva_giant_patch14_clip_224.laion400m",
 }
@@ -91,45 +127,69 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A hub id ("org/name", optionally pinned by `revision`) or a local folder."""
+    """A hub id ("org/name", optionally pinned by `revision`), a local folder, or a local weights file.
+
+    A weights file (.pth/.pt/.bin/.safetensors, local/temporal/global views only) is a checkpoint in
+    its authors' original layout; `config` optionally names a folder holding a config.json (or the
+    json file) for what the tensor shapes cannot tell, e.g. the number of attention heads.
+    """
 
     model: str
     revision: str | None = None
+    config: str | None = None
 
     def local_path(self) -> Path | None:
-        """The folder if `model` names an existing directory (or looks like a path), else None."""
+        """The folder or weights file `model` names (resolved), or None for a hub id."""
         p = Path(self.model).expanduser()
         if p.is_dir():
             return p.resolve()
-        if not _HUB_ID.match(self.model):
+        if p.is_file():
+            if p.suffix.lower() not in WEIGHT_SUFFIXES:
+                raise ValueError(f"model {self.model!r} is a file but not a weights file "
+                                 f"({', '.join(WEIGHT_SUFFIXES)}): point it at a checkpoint file or a model folder")
+            return p.resolve()
+        if p.suffix.lower() in WEIGHT_SUFFIXES or not _HUB_ID.match(self.model):
             raise FileNotFoundError(
-                f"model {self.model!r} is neither an existing folder nor a hub id of the form "
-                "'org/name': fix the path in the encoders config"
+                f"model {self.model!r} is neither an existing folder, nor an existing weights file "
+                f"({', '.join(WEIGHT_SUFFIXES)}), nor a hub id of the form 'org/name': fix the path in the "
+                "encoders config"
             )
         return None
 
+    def weights_file(self) -> Path | None:
+        """The weights file if `model` names one, else None (a folder or a hub id)."""
+        local = self.local_path()
+        return local if local is not None and local.is_file() else None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model} if self.revision is None else asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_value(cls, value: str | Mapping[str, Any] | "ModelSource", *,
                    base: Path | None = None) -> "ModelSource":
-        """From "org/name", "path/to/folder", or {"model": ..., "revision": ...}.
+        """From "org/name", "path/to/folder", "path/to/file.pth", or a dict
+        {"model": ..., "revision": ... (hub ids), "config": ... (weights files)}.
 
-        A relative folder is taken relative to `base` (e.g. the config file's folder) when it exists there.
+        A relative folder or file (model or config) is taken relative to `base` (e.g. the config
+        file's folder) when it exists there.
         """
         if isinstance(value, ModelSource):
             return value
         if isinstance(value, str):
-            model, revision = value, None
+            model, revision, config = value, None, None
         else:
-            unknown = set(value) - {"model", "revision"}
+            unknown = set(value) - {"model", "revision", "config"}
             if unknown or "model" not in value:
-                raise ValueError(f"an encoder source needs 'model' (and optionally 'revision'), got {dict(value)}")
-            model, revision = value["model"], value.get("revision")
-        if base is not None and not Path(model).expanduser().is_absolute() and (Path(base) / model).is_dir():
-            model = str((Path(base) / model).resolve())
-        return cls(str(model), revision)
+                raise ValueError(f"an encoder source needs 'model' (and optionally 'revision' for a hub id or "
+                                 f"'config' for a weights file), got {dict(value)}")
+            model, revision, config = value["model"], value.get("revision"), value.get("config")
+
+        def rebase(path: str) -> str:
+            if base is not None and not Path(path).expanduser().is_absolute() and (Path(base) / path).exists():
+                return str((Path(base) / path).resolve())
+            return str(path)
+
+        return cls(rebase(str(model)), revision, None if config is None else rebase(str(config)))
 
 
 @dataclass(frozen=True)
@@ -155,7 +215,7 @@ class EncodersConfig:
         """From {"profile": "paper"|"tiny" (optional), "audio": ..., "local": ..., ...}.
 
         Views not given come from the profile (default "paper"); each given view is a hub id, a
-        folder, or {"model": ..., "revision": ...}.
+        folder, a weights file, or {"model": ..., "revision": ..., "config": ...}.
         """
         unknown = set(d) - set(VIEWS) - {"profile", "global_"}
         if unknown:
@@ -243,6 +303,50 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+class _HashCache:
+    """Per-file sha256 hashes cached in `<home>/hashes.json`, keyed by (resolved path, size, mtime_ns)."""
+
+    def __init__(self, home: Path | None):
+        self.home = Path(home) if home is not None else default_home()
+        self.file = self.home / "hashes.json"
+        try:
+            self.cache = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            self.cache = {}
+        self.changed = False
+
+    def digest(self, path: Path) -> str:
+        real = Path(path).resolve()
+        st = real.stat()
+        hit = self.cache.get(str(real))
+        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            return hit["sha256"]
+        digest = _sha256_file(real)
+        self.cache[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".json", dir=self.home)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.cache, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.file)
+        except OSError as e:  # a read-only home only costs re-hashing
+            log.warning("could not write the hash cache %s: %s", self.file, e)
+
+
+def file_hash(path: Path, *, home: Path | None = None) -> str:
+    """"sha256:<hex of the file's bytes>", through the same per-file cache as `folder_hash`."""
+    cache = _HashCache(home)
+    digest = cache.digest(Path(path))
+    cache.save()
+    return "sha256:" + digest
+
+
 def folder_hash(folder: Path, *, home: Path | None = None) -> str:
     """sha256 over sorted (relative path, sha256 of file) of a folder's files.
 
@@ -251,13 +355,7 @@ def folder_hash(folder: Path, *, home: Path | None = None) -> str:
     keyed by (resolved path, size, mtime_ns), so multi-GB checkpoints are hashed once.
     """
     folder = Path(folder)
-    home = Path(home) if home is not None else default_home()
-    cache_file = home / "hashes.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    changed = False
+    cache = _HashCache(home)
     entries = []
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -265,28 +363,10 @@ def folder_hash(folder: Path, *, home: Path | None = None) -> str:
             if name.startswith("."):
                 continue
             path = Path(root) / name
-            real = path.resolve()
-            st = real.stat()
-            key = str(real)
-            hit = cache.get(key)
-            if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-                digest = hit["sha256"]
-            else:
-                digest = _sha256_file(real)
-                cache[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-                changed = True
-            entries.append((path.relative_to(folder).as_posix(), digest))
+            entries.append((path.relative_to(folder).as_posix(), cache.digest(path)))
     if not entries:
         raise FileNotFoundError(f"model folder {folder} has no files")
-    if changed:
-        try:
-            home.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".json", dir=home)
-            with os.fdopen(fd, "w") as f:
-                json.dump(cache, f, indent=0, sort_keys=True)
-            os.replace(tmp, cache_file)
-        except OSError as e:  # a read-only home only costs re-hashing
-            log.warning("could not write the hash cache %s: %s", cache_file, e)
+    cache.save()
     h = hashlib.sha256()
     for rel, digest in sorted(entries):
         h.update(f"{rel}\t{digest}\n".encode())
@@ -294,14 +374,15 @@ def folder_hash(folder: Path, *, home: Path | None = None) -> str:
 
 
 def weights_identity(source: ModelSource, *, offline: bool, home: Path | None = None) -> str:
-    """"sha256:<hex>" for a local folder (see `folder_hash`); "hub:<id>@<commit>" for a hub id.
+    """"sha256:<hex>" for a local folder (see `folder_hash`) or weights file (the file's sha256, see
+    `file_hash`); "hub:<id>@<commit>" for a hub id.
 
     A hub id's commit comes from the local HF cache when offline (MissingWeightsError at once when
     absent) and from the hub when online (falling back to the cache if the hub cannot be reached).
     """
     local = source.local_path()
     if local is not None:
-        return folder_hash(local, home=home)
+        return file_hash(local, home=home) if local.is_file() else folder_hash(local, home=home)
     cache_dir = hf_cache_dir()
     snap = cached_snapshot(source.model, source.revision, cache_dir)
     if offline:
@@ -685,10 +766,54 @@ def _prepare(source: ModelSource, offline: bool, home: Path | None):
     return snap, source.model, kwargs, f"hub:{source.model}@{snap.name}"
 
 
+def _load_file(view: str, source: ModelSource, path: Path, *, device: str, batch_size: int,
+               home: Path | None) -> Encoder:
+    """One view's encoder from a checkpoint file in its authors' layout (see the module docstring)."""
+    from extract.models import load_weights_file
+
+    if source.revision is not None:
+        raise ValueError(f"{source.model}: `revision` applies to hub ids, not to a weights file: remove it")
+    if view not in ("local", "temporal", "global"):
+        raise ValueError(f"{source.model}: a single weights file is accepted for the local, temporal and global "
+                         f"views, not {view!r}: give the {view} encoder a transformers model folder or hub id")
+    identity = file_hash(path, home=home)
+    log.info("loading %s encoder from the file %s (%s)", view, path, identity)
+    cfg_dir = Path(source.config).expanduser() if source.config else None
+    model, info = load_weights_file(view, path, config=cfg_dir)
+    # value-determining architecture details (not the bookkeeping: what was dropped, where heads came from)
+    arch = {k: v for k, v in info.items()
+            if k not in ("dropped", "num_heads_from", "depth_in_file", "pos_embed_grid")}
+    if view == "global":
+        enc = EvaEncoder(model, weights=identity, device=device, batch_size=batch_size)
+        grid = info["pos_embed_grid"]
+        if list(grid) != [s // int(model.patch_embed.patch_size[0]) for s in enc.size]:
+            enc.params["pos_embed"] = _RESAMPLED.format(h=grid[0], w=grid[1])
+    else:
+        pre = (_read_json(cfg_dir / "preprocessor_config.json") if cfg_dir is not None and cfg_dir.is_dir()
+               else None) or {}
+        mean = tuple(pre.get("image_mean", IMAGENET_MEAN))
+        std = tuple(pre.get("image_std", IMAGENET_STD))
+        cls = MaeEncoder if view == "local" else VideoMaeEncoder
+        enc = cls(model, weights=identity, mean=mean, std=std, device=device, batch_size=batch_size)
+    enc.params["checkpoint"] = arch
+    return enc
+
+
+# how the global view's position embedding is resized, when the checkpoint's grid is not 32x32
+_RESAMPLED = ("resampled from {h}x{w} patches: bicubic, align_corners False, no antialias, CLS kept "
+              "(as the released model)")
+
+
 def load_encoder(view: str, source: ModelSource, *, device: str = "auto", offline: bool | None = None,
                  batch_size: int = 32, home: Path | None = None) -> Encoder:
-    """Load one view's encoder from a hub id or local folder (frozen, eval, fp16 on GPU)."""
+    """Load one view's encoder from a hub id, local folder or weights file (frozen, eval, fp16 on GPU)."""
     offline = is_offline(offline)
+    file = source.weights_file()
+    if file is not None:
+        return _load_file(view, source, file, device=device, batch_size=batch_size, home=home)
+    if source.config is not None:
+        raise ValueError(f"{source.model}: `config` applies to a weights file only (a folder or hub id brings its "
+                         f"own config.json): remove it, or point `model` at a .pth/.safetensors file")
     folder, name, kwargs, identity = _prepare(source, offline, home)
     log.info("loading %s encoder from %s (%s)", view, name, identity)
     pre = _read_json(folder / "preprocessor_config.json") or {}
@@ -716,14 +841,22 @@ def load_encoder(view: str, source: ModelSource, *, device: str = "auto", offlin
                                        batch_size=batch_size)
             if view == "global":
                 import timm
+
+                from extract.models import eva_to_img_size
                 if kwargs.get("local_files_only"):
                     uri = f"local-dir:{folder}"
                     extra = {}
                 else:
                     uri = f"hf-hub:{source.model}@{kwargs['revision']}"
                     extra = {"cache_dir": kwargs["cache_dir"]}
-                model = timm.create_model(uri, pretrained=True, img_size=EVA_IMG_SIZE, num_classes=0, **extra)
-                return EvaEncoder(model, weights=identity, device=device, batch_size=batch_size)
+                # built at the checkpoint's own size, then resized to 448 with the released model's
+                # position-embedding resample (timm's own resample uses antialias: other values)
+                model = timm.create_model(uri, pretrained=True, num_classes=0, **extra)
+                old_grid = eva_to_img_size(model, EVA_IMG_SIZE)
+                enc = EvaEncoder(model, weights=identity, device=device, batch_size=batch_size)
+                if old_grid is not None:
+                    enc.params["pos_embed"] = _RESAMPLED.format(h=old_grid[0], w=old_grid[1])
+                return enc
     except OSError as e:
         if offline or source.local_path() is not None:
             raise MissingWeightsError(

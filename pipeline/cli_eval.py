@@ -81,13 +81,17 @@ def eval_cmd(
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="EMER judge: OpenAI-compatible base URL "
                                             "(env EMOLLAMA_JUDGE_URL)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="EMER judge model (env EMOLLAMA_JUDGE_MODEL)."),
+    layout: str = typer.Option("trained", "--layout", help="trained (the prompt as trained) | public-eval (the "
+                               "public evaluation script's: all feature embeddings at <video>; emotion-llama runs)."),
+    feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET: which store set feeds an imported "
+                                                "run's ROLE (local, temporal, audio, global) where several could."),
     progress: bool = typer.Option(False, "--progress/--no-progress"),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Evaluate a trained run: MER2023 / MERR (weighted F1, accuracy, per class, confusion matrix),
     DFEW (UAR and WAR per fold and averaged), EMER (Clue / Label Overlap by an LLM judge, else a
-    lexical proxy). Labels come two ways: closed set (label likelihoods) and the parsed generated
-    answer. Reports go to <run>/eval/<dataset>[-fold<k>]/ (metrics.json, report.md, figures)."""
+    lexical proxy). Labels come three ways: closed set (label likelihoods), the parsed generated
+    answer, and the public scorer on the generated answer (last word; outside the labels -> neutral). Reports go to <run>/eval/<dataset>[-fold<k>]/ (metrics.json, report.md, figures)."""
     from pipeline.evaluation import EvalError, EvalOptions, evaluate
     from store.datasets import DatasetError
     from train.checkpoint import CheckpointError
@@ -106,7 +110,7 @@ def eval_cmd(
                        label_map=list(label_map or []), max_new_tokens=max_new_tokens, reason_tokens=reason_tokens,
                        batch_size=batch_size, workers=workers, extract=extract, generate=generate,
                        out=str(out) if out else None, device=device, progress=progress,
-                       judge_url=judge_url, judge_model=judge_model)
+                       judge_url=judge_url, judge_model=judge_model, layout=layout, features=list(feature or []))
     say = (lambda s: None) if as_json else typer.echo
     try:
         res = evaluate(opts, say=say)
@@ -128,6 +132,8 @@ def infer_cmd(
     reason: bool = typer.Option(True, "--reason/--no-reason", help="Generate the reasoning text."),
     workers: int = typer.Option(0, "--workers", "-w", help="Extraction: 0 = in this process."),
     device: str = typer.Option("auto", "--device"),
+    layout: str = typer.Option("trained", "--layout", help="trained | public-eval (see `emollama eval --help`)."),
+    feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET for an imported run (repeat)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Label, probability of every label and reasoning text for any video, through exactly the
@@ -141,7 +147,7 @@ def infer_cmd(
     try:
         results = infer(run, clips, store=store, labels=[x for x in labels.split(",") if x.strip()] if labels else None,
                         subtitle=subtitle, max_new_tokens=max_new_tokens, workers=workers, device=device,
-                        reason=reason)
+                        reason=reason, layout=layout, features=list(feature or []))
     except (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, FileNotFoundError, KeyError) as e:
         _fail(e)
     if as_json:

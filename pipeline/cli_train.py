@@ -10,9 +10,49 @@ import typer
 
 
 def register(app: typer.Typer) -> None:
-    """Add the `train` and `params` commands to the main app."""
+    """Add the `train`, `params` and `import-checkpoint` commands to the main app."""
     app.command("train")(train_cmd)
     app.command("params")(params_cmd)
+    app.command("import-checkpoint")(import_checkpoint_cmd)
+
+
+def import_checkpoint_cmd(
+    checkpoint: Path = typer.Argument(..., help="A released checkpoint: Emotion_LLaMA.pth, checkpoint_best.pth, "
+                                      "MER2024-best.pth (torch.save of {'model': ...})."),
+    out: Path = typer.Option(..., "--out", "-o", help="The run folder to write."),
+    profile: str = typer.Option("paper", "--profile", "-p", help="paper (LLaMA-2-7B-chat) | tiny (tests)."),
+    llm: Optional[str] = typer.Option(None, "--llm", help="The base LM: a local folder (or hub id) of matching "
+                                      "hidden size, e.g. your copy of Llama-2-7b-chat-hf."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was imported as JSON."),
+) -> None:
+    """Import a released Emotion-LLaMA checkpoint as a run folder that `eval`, `infer`, `params` and
+    `train --init-from` accept: the LoRA adapter in PEFT's format, the five projectors in safetensors,
+    a config with the emotion-llama prompt style, and the feature-set binding (at evaluation each of
+    the run's four sets reads the store's set of the same modality and shape). Every key of the file
+    is used, ignored with a reason, or reported. No LM weights are loaded."""
+    from train.checkpoint import CheckpointError
+    from train.model import MissingModelError
+    from train.released import import_checkpoint
+
+    if profile not in ("paper", "tiny"):
+        typer.echo(f"error: --profile {profile!r}: choose paper or tiny", err=True)
+        raise typer.Exit(2)
+    try:
+        info = import_checkpoint(checkpoint, out, profile=profile, llm=llm or "")
+    except (CheckpointError, MissingModelError, FileNotFoundError, ValueError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2, default=str))
+        return
+    typer.echo(f"imported {checkpoint} ({info['kind']}): {info['used']} tensors used "
+               f"({len(info['projectors'])} projectors, {info['lora_tensors']} LoRA tensors), "
+               f"{len(info['ignored'])} ignored")
+    for why in sorted(set(info["ignored"].values())):
+        n = sum(1 for v in info["ignored"].values() if v == why)
+        typer.echo(f"  ignored {n}: {why}")
+    typer.echo(f"run folder: {out}  (prompt style emotion-llama; evaluate with "
+               f"`emollama eval --run {out} --dataset mer2023 --data DIR --store STORE`)")
 
 
 def train_cmd(
@@ -86,16 +126,22 @@ def params_cmd(
                                         help="Take the projector input sizes from this store's feature sets "
                                              "(default: the paper's encoders: EVA 1025x1408, 1024 for the rest)."),
     features: Optional[List[str]] = typer.Option(None, "--feature", "-f", help="Feature sets (repeat)."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Count a run folder (trained or imported) instead."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Trainable parameters of each part (LoRA, each projector), the total and PEFT's percentage.
 
     The paper profile is built on the meta device: no weights are downloaded or allocated."""
-    from train.params import count_for_profile
+    from train.params import count_for_profile, count_for_run
+    from train.run import RunError
 
     try:
-        counts = count_for_profile(profile, config=config, store=store, features=list(features) if features else None)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        if run is not None:
+            counts = count_for_run(run)
+        else:
+            counts = count_for_profile(profile, config=config, store=store,
+                                       features=list(features) if features else None)
+    except (ValueError, FileNotFoundError, KeyError, RunError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     if as_json:

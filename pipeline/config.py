@@ -14,6 +14,8 @@ No layers, no includes: a config file is a flat description of one job, and the 
     workers = 1
     [extract.encoders.audio]      # per-view override of the profile: a hub id or a local folder
     model = "/models/chinese-hubert-large"
+    [extract.encoders.global]     # or a weights file in its original layout (LAVIS eva_vit_g.pth, MAE, VideoMAE)
+    model = "/models/eva_vit_g.pth"
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ class DatasetConfig:
 
 @dataclass
 class ModelOverride:
-    model: str
+    model: str                       # hub id, local folder, or a local weights file (.pth, .safetensors)
     revision: str | None = None
+    config: str | None = None        # a weights file's architecture: a folder with config.json (optional)
 
 
 @dataclass
@@ -121,9 +124,14 @@ def _encoders(value: Any, problems: list[str]) -> dict[str, ModelOverride]:
         if isinstance(spec, str):
             spec = {"model": spec}
         if not isinstance(spec, Mapping) or "model" not in spec:
-            problems.append(f"extract.encoders.{view}: expected a table with `model` (hub id or folder)")
+            problems.append(f"extract.encoders.{view}: expected a table with `model` (hub id, folder or weights file)")
             continue
-        enc[view] = ModelOverride(str(spec["model"]), spec.get("revision"))
+        unknown = sorted(set(spec) - {"model", "revision", "config"})
+        if unknown:
+            problems.append(f"extract.encoders.{view}: unknown keys {unknown} (known: model, revision, config)")
+            continue
+        enc[view] = ModelOverride(str(spec["model"]), spec.get("revision"),
+                                  None if spec.get("config") is None else str(spec["config"]))
     return enc
 
 

@@ -79,19 +79,38 @@ class ExtractReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     reused: int = 0
     seconds: float = 0.0
+    not_extractable: dict[str, list[str]] = field(default_factory=dict)   # imported set name -> clips it lacks
 
 
 def extract_missing(store: FeatureStore, keys: Sequence[str], clips: Sequence[Clip], *, workers: int = 0,
                     progress: bool = False, dataset: str = "folder", root: str | Path = ".") -> ExtractReport:
-    """Extract the clips not complete in every set of ``keys``, with the settings that made them."""
+    """Extract the clips not complete in every set of ``keys``, with the settings that made them.
+
+    Sets that record no extraction config (imported, e.g. the released MER2023 features) are never
+    re-extracted with other encoders: the clips they lack are reported by name in ``not_extractable``."""
     from pipeline.extraction import SettingsChanged, run_extract
 
     store.refresh()
+    made = [k for k in keys if (store.set_attrs(k).get("config") or {}).get("extract")]
+    imported = [k for k in keys if k not in made]
     complete = set.intersection(*(store.complete(k) for k in keys))
-    todo = [c for c in clips if c.id not in complete]
-    rep = ExtractReport(reused=len(clips) - len(todo))
+    rep = ExtractReport(reused=len([c for c in clips if c.id in complete]))
+    sets = store.sets()
+    for k in imported:
+        have = store.complete(k)
+        lacking = [c.id for c in clips if c.id not in have]
+        if lacking:
+            rep.not_extractable[sets[k].name] = lacking
+            log.warning("%d clip(s) are missing from the imported set %s and are not extracted (it records no "
+                        "extraction settings): %s", len(lacking), sets[k].name, ", ".join(lacking[:10]))
+    blocked = {cid for ids in rep.not_extractable.values() for cid in ids}
+    if not made:
+        return rep
+    done = set.intersection(*(store.complete(k) for k in made))
+    todo = [c for c in clips if c.id not in done and c.id not in blocked]
     if not todo:
         return rep
+    keys = made
     cfg = extraction_config(store, keys, dataset=dataset, root=root, workers=workers)
     try:
         summary = run_extract(cfg, progress=progress, clips=todo, expect_keys=keys)
@@ -144,9 +163,11 @@ def target_probabilities(logp: np.ndarray, cands: Sequence[str], targets: Sequen
 # Data for a set of clips
 
 
-def make_data(run, store: FeatureStore, clips: Sequence[Clip], prompt_labels: Sequence[str], split: str):
+def make_data(run, store: FeatureStore, clips: Sequence[Clip], prompt_labels: Sequence[str], split: str,
+              layout: str = "trained"):
     """A ``train.data.TrainData`` over ``clips`` (those complete in the run's sets), for scoring and
-    generation with the run's tokenizer and layout; returns (data, usable clips, missing ids)."""
+    generation with the run's tokenizer, prompt style and layout (``layout``: "trained", or
+    "public-eval" for the public evaluation script's); returns (data, usable clips, missing ids)."""
     from store import FeatureDataset
     from train.data import TrainData
 
@@ -158,7 +179,8 @@ def make_data(run, store: FeatureStore, clips: Sequence[Clip], prompt_labels: Se
     features = FeatureDataset(store, run.feature_keys, [c.id for c in usable])
     corpus = Corpus("eval", Path("."), tuple(prompt_labels), usable)
     data = TrainData(corpus, features, split, ["emotion"], list(prompt_labels), run.tokenizer, run.model.layout,
-                     seed=run.config.run.seed, max_len=run.config.data.max_len)
+                     seed=run.config.run.seed, max_len=run.config.data.max_len, style=run.config.data.prompt,
+                     eval_layout=layout)
     return data, usable, missing
 
 
@@ -169,12 +191,77 @@ def open_store(run, store_url: str | None) -> FeatureStore:
     return FeatureStore.open(url, create=False)
 
 
-def check_store(run, store: FeatureStore) -> None:
+def check_layout(run, layout: str) -> None:
+    from train.prompt import check_style
+
+    try:
+        check_style(run.config.data.prompt, layout)
+    except ValueError as e:
+        raise EvalError(f"--layout {layout}: {e}") from None
+
+
+def parse_feature_choices(items: Sequence[str]) -> dict[str, str]:
+    """``--feature ROLE=SET`` items (ROLE a modality or the run's set name; SET a store set name or key)."""
+    out: dict[str, str] = {}
+    for item in items:
+        a, sep, b = item.partition("=")
+        if not sep or not a.strip() or not b.strip():
+            raise EvalError(f"--feature {item!r}: expected ROLE=SET, e.g. local=local.mae_340.released")
+        out[a.strip()] = b.strip()
+    return out
+
+
+def bind_store(run, store: FeatureStore, choices: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Check that ``store`` has every set the run reads. A run imported from a released checkpoint
+    binds each of its sets to the store's set of the same name, else to the store's one set of the same
+    modality and shape (``choices`` = {modality or run set name: store set} decides where several could);
+    returns {run key: store key} for the sets it bound."""
     have = store.sets()
-    lost = [run.specs[k].name + f" ({k})" for k in run.feature_keys if k not in have]
+    choices = dict(choices or {})
+    lost, problems, keys, specs = [], [], {}, {}
+    for k in run.feature_keys:
+        want = run.specs[k]
+        if k in have:
+            continue
+        if k not in run.bindable:
+            lost.append(f"{want.name} ({k})")
+            continue
+        fits = lambda s: s.modality == want.modality and tuple(s.shape) == tuple(want.shape)   # noqa: E731
+        pick = choices.get(want.modality) or choices.get(want.name)
+        if pick:
+            try:
+                cands = [store.resolve(pick)]
+            except KeyError as e:
+                problems.append(f"--feature {want.modality}={pick}: {e.args[0]}")
+                continue
+            if not fits(have[cands[0]]):
+                s = have[cands[0]]
+                problems.append(f"--feature {want.modality}={pick}: that set is {s.modality} {list(s.shape)}, the run's "
+                                f"{want.name} needs {want.modality} {list(want.shape)}")
+                continue
+        else:
+            cands = sorted(kk for kk, s in have.items() if s.name == want.name and fits(s)) or \
+                sorted(kk for kk, s in have.items() if fits(s))
+        if len(cands) == 1:
+            keys[k], specs[k] = cands[0], have[cands[0]]
+        elif not cands:
+            problems.append(f"no {want.modality} set of shape {list(want.shape)} for the run's {want.name} "
+                            f"(extract it, or import the released features with `emollama store import`)")
+        else:
+            problems.append(f"several sets could feed the run's {want.name}: "
+                            + ", ".join(have[c].name for c in cands)
+                            + f"; choose one with --feature {want.modality}=NAME")
     if lost:
         raise EvalError(f"the store {store.url} has no feature set {lost} that the run {run.path} was trained on; "
                         "pass --store with the run's store (or one made with the same extraction settings)")
+    if problems:
+        raise EvalError(f"cannot bind the run {run.path} to the store {store.url}:\n"
+                        + "\n".join(f"  - {p}" for p in problems))
+    if keys:
+        run.rebind(keys, specs)
+        for k, kk in keys.items():
+            log.info("the run's %s reads %s (%s)", run.specs[kk].name if kk in run.specs else k, have[kk].name, kk)
+    return keys
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +291,8 @@ class EvalOptions:
     judge_url: str | None = None
     judge_model: str | None = None
     judge_key: str | None = None
+    layout: str = "trained"                  # trained | public-eval (the public evaluation script's layout)
+    features: list[str] = field(default_factory=list)   # ROLE=SET bindings for imported runs
 
 
 def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
@@ -227,7 +316,7 @@ def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions,
     from train.generate import generate
     from train.report import write_report
     from train.run import TINY_WARNING
-    from train.scoring import classification_metrics, parse_label
+    from train.scoring import classification_metrics, parse_label, public_label
 
     t0 = time.perf_counter()
     clips = [c for c in corpus.split(opts.split) if c.label]
@@ -250,10 +339,12 @@ def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions,
                               root=corpus.root)
         if rep.extracted:
             say(f"extracted {len(rep.extracted)} clip(s) missing from the store ({rep.seconds:.1f} s)")
-    data, usable, missing = make_data(run, store, clips, targets, opts.split)
+    data, usable, missing = make_data(run, store, clips, targets, opts.split, opts.layout)
     if not usable:
-        raise EvalError(f"none of the {len(clips)} clips has features in every set of the run "
-                        f"({'extraction failed: ' + str(rep.failed[:3]) if rep.failed else 'run without --no-extract'})")
+        why = ('extraction failed: ' + str(rep.failed[:3]) if rep.failed else
+               'missing from imported sets: ' + str({k: v[:3] for k, v in rep.not_extractable.items()})
+               if rep.not_extractable else 'run without --no-extract')
+        raise EvalError(f"none of the {len(clips)} clips has features in every set of the run ({why})")
     ids = [c.id for c in usable]
     truth = [c.label for c in usable]
     t1 = time.perf_counter()
@@ -263,12 +354,15 @@ def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions,
     t2 = time.perf_counter()
     answers: list[str] = []
     parsed: list[str | None] = []
+    public: list[str | None] = []
     if opts.generate:
         answers = generate(run.model, data, usable, "emotion", max_new_tokens=opts.max_new_tokens,
                            batch_size=opts.batch_size, device=run.device)
         for a in answers:
             p = parse_label(a, cands)
             parsed.append(label_map.get(p, p) if p is not None else None)
+            w = public_label(a, cands)
+            public.append(label_map.get(w, w) if w is not None else None)
     t3 = time.perf_counter()
     m_closed = classification_metrics(truth, closed, targets, ids=ids)
     result: dict[str, Any] = {
@@ -277,7 +371,9 @@ def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions,
         "note": TINY_WARNING if run.tiny else None, "labels": targets, "train_labels": run.labels,
         "zero_shot": set(targets) != set(run.labels), "label_map": label_map, "candidates": cands,
         "n": len(usable), "missing": missing, "extraction": {"extracted": len(rep.extracted), "reused": rep.reused,
-                                                              "failed": rep.failed},
+                                                              "failed": rep.failed,
+                                                              "not_in_imported_sets": rep.not_extractable},
+        "prompt": run.config.data.prompt, "layout": opts.layout,
         "max_new_tokens": opts.max_new_tokens,
         "closed_set": m_closed.to_dict(),
     }
@@ -286,10 +382,14 @@ def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions,
         raw = dict(zip(ids, answers))
         m_gen.unparsed = [(cid, raw[cid]) for cid, _ in m_gen.unparsed]
         result["generated"] = m_gen.to_dict()
+        m_pub = classification_metrics(truth, public, targets, ids=ids)
+        m_pub.unparsed = [(cid, raw[cid]) for cid, _ in m_pub.unparsed]
+        result["public"] = m_pub.to_dict()
     result["seconds"] = {"extract": round(rep.seconds, 3), "closed_set": round(t2 - t1, 3),
                          "generate": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)}
     preds = [{"id": cid, "label": t, "closed_set": c, "probabilities": dict(zip(targets, map(float, pr))),
-              "answer": answers[i] if answers else None, "parsed": parsed[i] if parsed else None}
+              "answer": answers[i] if answers else None, "parsed": parsed[i] if parsed else None,
+              "public": public[i] if public else None}
              for i, (cid, t, c, pr) in enumerate(zip(ids, truth, closed, probs))]
     name = corpus.name + (f"-fold{opts.fold}" if opts.fold else "")
     return write_report(result, _out_dir(run, opts, name), preds)
@@ -305,8 +405,9 @@ def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=No
     if opts.dataset not in DATASETS:
         raise EvalError(f"unknown --dataset {opts.dataset!r}: choose one of {', '.join(DATASETS)}")
     run = run or load_run(opts.run, device=opts.device)
+    check_layout(run, opts.layout)
     store = open_store(run, opts.store)
-    check_store(run, store)
+    bind_store(run, store, parse_feature_choices(opts.features))
     if opts.dataset != "dfew":
         if opts.fold:
             raise EvalError("--fold and --all-folds are for --dataset dfew")
@@ -374,8 +475,9 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
     from train.run import TINY_WARNING, load_run
 
     run = run or load_run(opts.run, device=opts.device)
+    check_layout(run, opts.layout)
     store = open_store(run, opts.store)
-    check_store(run, store)
+    bind_store(run, store, parse_feature_choices(opts.features))
     folder, rows, subs = read_emer(opts.data)
     if opts.limit:
         rows = rows[:opts.limit]
@@ -393,7 +495,7 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
         have = set.intersection(*(store.complete(k) for k in run.feature_keys))
         todo = [c for c in clips if c.id not in have and c.id not in absent]
         extract_missing(store, run.feature_keys, todo, workers=opts.workers, progress=opts.progress, root=video_dir)
-    data, usable, missing = make_data(run, store, clips, run.labels, "emer")
+    data, usable, missing = make_data(run, store, clips, run.labels, "emer", opts.layout)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")
     texts = generate(run.model, data, usable, "reason", max_new_tokens=opts.reason_tokens,
@@ -453,7 +555,7 @@ def clip_id_for(path: str | Path) -> str:
 def infer(run_path: str | Path, paths: Sequence[str | Path], *, store: str | None = None,
           labels: Sequence[str] | None = None, subtitle: str | None = None, max_new_tokens: int = 96,
           workers: int = 0, device: str = "auto", reason: bool = True, run=None,
-          progress: bool = False) -> list[dict]:
+          progress: bool = False, layout: str = "trained", features: Sequence[str] = ()) -> list[dict]:
     """Label, probability of every label and reasoning text for each video file."""
     from train.evaluate import score_labels
     from train.generate import generate
@@ -463,14 +565,18 @@ def infer(run_path: str | Path, paths: Sequence[str | Path], *, store: str | Non
     if missing_files:
         raise EvalError(f"no such file: {', '.join(missing_files)}")
     run = run or load_run(run_path, device=device)
+    check_layout(run, layout)
     st = open_store(run, store)
-    check_store(run, st)
+    bind_store(run, st, parse_feature_choices(features))
     targets = [l.strip().lower() for l in labels] if labels else list(run.labels)
     clips = [Clip(clip_id_for(p), Path(p).expanduser().resolve(), subtitle, None, split="infer") for p in paths]
     rep = extract_missing(st, run.feature_keys, clips, workers=workers, progress=progress,
                           root=clips[0].source.parent)
     failed = dict(rep.failed)
-    data, usable, _ = make_data(run, st, clips, targets, "infer")
+    for name, ids in rep.not_extractable.items():
+        for cid in ids:
+            failed.setdefault(cid, f"missing from the imported set {name} (imported sets are never re-extracted)")
+    data, usable, _ = make_data(run, st, clips, targets, "infer", layout)
     out: dict[str, dict] = {}
     if usable:
         logp = score_labels(run.model, data, usable, targets, device=run.device)

@@ -73,7 +73,7 @@ def encoders_config(cfg: Config, home: Path | None = None) -> EncodersConfig:
     from dataclasses import fields, replace
 
     names = {f.name.rstrip("_"): f.name for f in fields(base)}
-    changes = {names[v]: ModelSource(o.model, o.revision) for v, o in cfg.extract.encoders.items()}
+    changes = {names[v]: ModelSource(o.model, o.revision, o.config) for v, o in cfg.extract.encoders.items()}
     return replace(base, **changes)
 
 

@@ -99,10 +99,32 @@ def load_torch(path: Path) -> Any:
                               f"(weights_only=True): {str(e).splitlines()[0]}") from None
 
 
-def load_projectors(projectors, folder: Path) -> None:
+def _role_names(projectors, folder: Path) -> dict[str, str]:
+    """{our projector: the folder's projector of the same role (modality, part)} where names differ and
+    each role is held by one projector on both sides (e.g. an imported run's ``local_vit_mae_mean``
+    feeding a run that reads ``local.mae_340_utt.released``)."""
+    try:
+        theirs = json.loads((folder / PROJECTORS_JSON).read_text())["projectors"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    by_role: dict[tuple, list[str]] = {}
+    for p in theirs:
+        by_role.setdefault((p["modality"], p["part"]), []).append(p["name"])
+    ours: dict[tuple, list[str]] = {}
+    for p in projectors.specs.values():
+        ours.setdefault((p.modality, p.part), []).append(p.name)
+    return {o[0]: t[0] for role, t in by_role.items() if len(t) == 1 and len(o := ours.get(role, [])) == 1}
+
+
+def load_projectors(projectors, folder: Path, *, by_role: bool = False) -> None:
+    """Load ``folder``'s projectors by name; with ``by_role``, a projector missing by name is taken from
+    the folder's one projector of the same modality and part (starting from another run)."""
     state = load_safetensors(folder / PROJECTORS)
+    roles = _role_names(projectors, folder) if by_role else {}
     for name, layer in projectors.layers.items():
         sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == name}
+        if not sub and name in roles:
+            sub = {k.split(".", 1)[1]: v for k, v in state.items() if k.split(".", 1)[0] == roles[name]}
         if not sub:
             raise CheckpointError(f"{folder / PROJECTORS} has no projector {name!r} "
                                   f"(it holds {sorted({k.split('.')[0] for k in state})}); "

@@ -14,6 +14,8 @@
     lr = 1e-4
     [run]
     out = "runs/stage1"
+    [init]
+    minigpt_v2 = "ckpt/minigptv2_checkpoint.pth"   # start as the paper did (optional)
 
 The resolved config (every default filled in) is saved as ``config.json`` in the run folder.
 """
@@ -26,7 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-from .prompt import TASKS
+from .prompt import PROMPT_STYLES, TASKS
 
 PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
 PAPER_FEATURES = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
@@ -65,7 +67,8 @@ class DataConfig:
     labels: list[str] = field(default_factory=list)          # empty: the corpus's labels
     train_split: str = "train"
     eval_split: str = "test"
-    standardize: bool = True        # projector inputs standardized with train-split statistics
+    prompt: str = "emollama"        # prompt style: emollama (ours) | emotion-llama (the released model's protocol)
+    standardize: bool = False       # projector inputs standardized with train-split statistics (not the paper's)
     patch_group: int = 4            # global patch tokens concatenated per LM token
     max_len: int = 1024             # tokens per example (answers are cut, never the prompt)
     length_grouping: bool = True
@@ -86,6 +89,8 @@ class DataConfig:
         for t in self.tasks:
             if t not in TASKS:
                 out.append(f"data.tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
+        if self.prompt not in PROMPT_STYLES:
+            out.append(f"data.prompt = {self.prompt!r}: choose {' or '.join(PROMPT_STYLES)}")
         if self.patch_group < 1:
             out.append("data.patch_group must be at least 1")
         if self.max_len < 64:
@@ -104,6 +109,7 @@ class ModelConfig:
     home: str = ""                   # where the tiny LM is built; empty: $EMOLLAMA_HOME or ~/.cache/emollama
     dtype: str = "auto"              # weights of the frozen LM: auto (fp32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16
     gradient_checkpointing: bool = False
+    ln_vision: bool = True           # per-token LayerNorm (no affine, fp32) on [T, D] token sets before their projectors
 
     def problems(self) -> list[str]:
         out = []
@@ -195,16 +201,36 @@ class RunConfig:
 
 
 @dataclass
+class InitConfig:
+    """Where the trainable weights start (before ``run.init_from``, which overrides what it holds)."""
+
+    minigpt_v2: str = ""             # MiniGPT-v2's checkpoint (.pth): llama_proj -> global patches, its LoRA -> adapter
+
+    def problems(self) -> list[str]:
+        if self.minigpt_v2 and not Path(self.minigpt_v2).is_file():
+            return [f"init.minigpt_v2 = {self.minigpt_v2!r} is not a file (MiniGPT-v2's minigptv2_checkpoint.pth)"]
+        return []
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def problems(self) -> list[str]:
-        return (self.data.problems() + self.model.problems() + self.lora.problems() + self.optim.problems()
-                + self.run.problems())
+        out = (self.data.problems() + self.model.problems() + self.lora.problems() + self.optim.problems()
+               + self.run.problems() + self.init.problems())
+        if self.init.minigpt_v2 and self.data.standardize:
+            out.append("init.minigpt_v2 with data.standardize = true: MiniGPT-v2's llama_proj was trained on raw "
+                       "ln_vision tokens; set data.standardize = false")
+        if self.init.minigpt_v2 and not self.model.ln_vision:
+            out.append("init.minigpt_v2 with model.ln_vision = false: MiniGPT-v2's llama_proj expects ln_vision "
+                       "tokens; set model.ln_vision = true")
+        return out
 
     def validate(self) -> "TrainConfig":
         if problems := self.problems():
@@ -216,7 +242,8 @@ class TrainConfig:
 
 
 SECTIONS = {f.name: f.type for f in fields(TrainConfig)}
-_CLASSES = {"data": DataConfig, "model": ModelConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig}
+_CLASSES = {"data": DataConfig, "model": ModelConfig, "lora": LoraConfig, "optim": OptimConfig, "run": RunConfig,
+            "init": InitConfig}
 
 
 def build_section(cls, data: Mapping[str, Any], where: str, problems: list[str]):
@@ -285,4 +312,6 @@ def load_train_config(path: str | Path | None = None,
     cfg.data.root = str(Path(cfg.data.root).resolve())
     if "://" not in cfg.data.store:
         cfg.data.store = str(Path(cfg.data.store).resolve())
+    if cfg.init.minigpt_v2:
+        cfg.init.minigpt_v2 = str(Path(cfg.init.minigpt_v2).resolve())
     return cfg

@@ -117,7 +117,8 @@ class TrainData:
     """Examples of one split with their features (held by a store.FeatureDataset)."""
 
     def __init__(self, corpus: Corpus, features, split: str, tasks: Sequence[str], labels: Sequence[str],
-                 tokenizer, layout: Layout, *, seed: int = 0, max_len: int = 1024):
+                 tokenizer, layout: Layout, *, seed: int = 0, max_len: int = 1024, style: str = "emollama",
+                 eval_layout: str = "trained"):
         self.features = features                   # store.FeatureDataset over every clip we need
         self.index = {c: i for i, c in enumerate(features.clip_ids)}
         clips = [c for c in corpus.split(split) if c.id in self.index]
@@ -131,6 +132,7 @@ class TrainData:
         self.split, self.tokenizer, self.layout = split, tokenizer, layout
         self.labels = list(labels)
         self.seed, self.max_len = seed, max_len
+        self.style, self.eval_layout = style, eval_layout
         # approximate lengths for grouping: answer + subtitle tokens (instructions vary little)
         self.lengths = [len(tokenizer(e.answer + " " + (e.clip.subtitle or ""), add_special_tokens=False)["input_ids"])
                         for e in self.examples]
@@ -139,9 +141,17 @@ class TrainData:
         return len(self.examples)
 
     def encode(self, ex: Example, epoch: int, *, fixed: bool = False, answer: str | None = None):
-        instr = instruction_for(ex.task, ex.clip.id, self.labels, seed=self.seed, epoch=epoch, fixed=fixed)
+        instr = instruction_for(ex.task, ex.clip.id, self.labels, seed=self.seed, epoch=epoch, fixed=fixed,
+                                style=self.style)
         return encode(self.tokenizer, self.layout, ex.clip.subtitle, ex.task, instr,
-                      ex.answer if answer is None else answer, max_len=self.max_len)
+                      ex.answer if answer is None else answer, max_len=self.max_len, style=self.style,
+                      eval_layout=self.eval_layout)
+
+    def prompt(self, clip: Clip, task: str):
+        """The inference prompt of ``clip`` for ``task``: the task's first instruction, no answer."""
+        instr = instruction_for(task, clip.id, self.labels, seed=self.seed, epoch=0, fixed=True, style=self.style)
+        return encode(self.tokenizer, self.layout, clip.subtitle, task, instr, None, style=self.style,
+                      eval_layout=self.eval_layout)
 
     def collate(self, indices: Sequence[int], epoch: int) -> Batch:
         exs = [self.examples[i] for i in indices]

@@ -1,7 +1,7 @@
 """Greedy generation with the training prompt layout.
 
-The prompt is built by the same function as in training (``train.prompt.encode`` with no answer) and
-the task's first instruction (``fixed``), exactly the prompt ``train.evaluate.score_labels`` scores
+The prompt is built by the same function as in training (``TrainData.prompt``: ``train.prompt.encode``
+with no answer and the task's first instruction), exactly the prompt ``train.evaluate.score_labels`` scores
 labels after. Feature slots are filled by the run's projectors (``EmoModel.embed``); the batch is then
 left-padded in embedding space and handed to the LM's ``generate`` (greedy, ``max_new_tokens``).
 """
@@ -13,13 +13,6 @@ from typing import Sequence
 import torch
 
 from .data import Example, TrainData
-from .prompt import encode, instruction_for
-
-
-def prompt_for(data: TrainData, clip, task: str):
-    """The inference prompt of ``clip`` for ``task`` (tokens + feature-slot mask), no answer."""
-    instr = instruction_for(task, clip.id, data.labels, seed=data.seed, epoch=0, fixed=True)
-    return encode(data.tokenizer, data.layout, clip.subtitle, task, instr, None)
 
 
 @torch.no_grad()
@@ -35,7 +28,7 @@ def generate(model, data: TrainData, clips: Sequence, task: str, *, max_new_toke
         for i in range(0, len(clips), max(1, batch_size)):
             chunk = list(clips[i:i + max(1, batch_size)])
             exs = [Example(c, task, "") for c in chunk]
-            encs = [prompt_for(data, c, task) for c in chunk]
+            encs = [data.prompt(c, task) for c in chunk]
             batch = data._batch(exs, encs).to(device)
             emb = model.embed(batch)                                   # right-padded [B, L, H]
             lengths = batch.attention_mask.sum(1).tolist()

@@ -95,7 +95,7 @@ def build_model(cfg: TrainConfig, sets: list[tuple[str, Any]], device: torch.dev
     for p in llm.parameters():
         p.requires_grad_(False)
     hidden = llm.config.hidden_size
-    specs = projector_specs(sets, hidden, cfg.data.patch_group)
+    specs = projector_specs(sets, hidden, cfg.data.patch_group, cfg.model.ln_vision)
     peft_model = add_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.bias)
     if cfg.model.gradient_checkpointing:
         inner = peft_model.base_model.model
@@ -176,9 +176,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     model, tokenizer, pspecs = build_model(cfg, sets, device)
     features = FeatureDataset(store, keys)
     train_data = TrainData(corpus, features, cfg.data.train_split, cfg.data.tasks, labels, tokenizer, model.layout,
-                           seed=cfg.run.seed, max_len=cfg.data.max_len)
+                           seed=cfg.run.seed, max_len=cfg.data.max_len, style=cfg.data.prompt)
     eval_data = TrainData(corpus, features, cfg.data.eval_split, cfg.data.tasks, labels, tokenizer, model.layout,
-                          seed=cfg.run.seed, max_len=cfg.data.max_len)
+                          seed=cfg.run.seed, max_len=cfg.data.max_len, style=cfg.data.prompt)
     per_step = cfg.optim.batch_size * world * cfg.optim.grad_accum
     if len(train_data) < per_step:
         raise ValueError(f"the {cfg.data.train_split!r} split has {len(train_data)} examples, fewer than one "
@@ -189,10 +189,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
 
     if cfg.data.standardize:
         fit_statistics(train_data, model.projectors)
+    if cfg.init.minigpt_v2:
+        from .released import init_from_minigpt_v2
+
+        mapped = init_from_minigpt_v2(model, cfg.init.minigpt_v2)
+        say(f"started from MiniGPT-v2 ({cfg.init.minigpt_v2}): llama_proj -> {', '.join(mapped.projectors)}, "
+            f"{len(mapped.lora)} LoRA tensors; fresh: {', '.join(mapped.fresh) or 'none'}; ignored: "
+            f"{len(mapped.ignored)} key(s) ({'; '.join(sorted(set(mapped.ignored.values()))) or '-'})")
     if cfg.run.init_from:
         src = Path(cfg.run.init_from)
         load_adapter(model.llm, src)
-        load_projectors(model.projectors, src)
+        load_projectors(model.projectors, src, by_role=True)
         say(f"initialised adapter and projectors from {src}")
 
     params = count_parameters(model)

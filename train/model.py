@@ -3,13 +3,17 @@ feature set into the LM's hidden size.
 
 Feature sets become projector inputs by their per-clip shape (from the store's spec):
 
-* ``[T, D]`` fixed (``global.eva.tokens``: 1 CLS + 1024 patches): token 0 is CLS -> Linear(D, H),
-  one token in ``<feature>``; the patches, ``patch_group`` adjacent tokens concatenated
+* ``[T, D]`` fixed (``global.eva.tokens``: 1 CLS + 1024 patches): every token first goes through
+  ``ln_vision`` (``model.ln_vision``, on by default as in MiniGPT-v2 / Emotion-LLaMA: a LayerNorm over
+  its D values, eps 1e-5, no affine, in fp32); then token 0 (CLS) -> Linear(D, H), one token in
+  ``<feature>``; the patches, in raster order, ``patch_group`` consecutive tokens concatenated
   (1024 -> 256 x 4D) -> Linear(4D, H), in ``<video>``.
 * ``[D]`` (the utterance means: local, temporal, audio) -> Linear(D, H), one token in ``<feature>``.
 * ``[None, D]`` variable length (``audio.hubert.frames``): averaged over time, then as ``[D]``.
 
 The ``<feature>`` tokens follow the paper's order: local, temporal, audio, then the global CLS.
+Optionally (``data.standardize``, off for the paper's model) each projector input is standardized per
+dimension with train-split statistics after ``ln_vision`` and before the Linear.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class ProjectorSpec:
     out_features: int
     tokens: int          # prompt tokens it produces
     group: int = 1       # adjacent patch tokens concatenated (patches only)
+    norm: str = "none"   # "layernorm": ln_vision on every token of the set first (cls / patches)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,9 +62,14 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
-def projector_specs(sets: Sequence[tuple[str, Any]], hidden: int, patch_group: int = 4) -> list[ProjectorSpec]:
+LN_VISION_EPS = 1e-5
+
+
+def projector_specs(sets: Sequence[tuple[str, Any]], hidden: int, patch_group: int = 4,
+                    ln_vision: bool = True) -> list[ProjectorSpec]:
     """Projectors for ``sets`` = [(store key, FeatureSpec), ...], in prompt order."""
     out: list[ProjectorSpec] = []
+    norm = "layernorm" if ln_vision else "none"
     for key, spec in sets:
         shape = tuple(spec.shape)
         base = _slug(spec.name)
@@ -74,8 +84,8 @@ def projector_specs(sets: Sequence[tuple[str, Any]], hidden: int, patch_group: i
                     f"feature set {spec.name}: {shape[0]} tokens = 1 CLS + {n_patch} patches, which cannot be "
                     f"grouped {patch_group} by {patch_group} (set data.patch_group to a divisor of {n_patch})")
             out.append(ProjectorSpec(base + "_patches", key, spec.name, spec.modality, "patches",
-                                     dim * patch_group, hidden, n_patch // patch_group, patch_group))
-            out.append(ProjectorSpec(base + "_cls", key, spec.name, spec.modality, "cls", dim, hidden, 1))
+                                     dim * patch_group, hidden, n_patch // patch_group, patch_group, norm))
+            out.append(ProjectorSpec(base + "_cls", key, spec.name, spec.modality, "cls", dim, hidden, 1, 1, norm))
         else:
             raise ValueError(f"feature set {spec.name}: per-clip shape {shape} is not supported "
                              "(expected [D], [T, D] tokens with CLS first, or variable [None, D])")
@@ -127,15 +137,17 @@ class Projectors(nn.Module):
         layer.feature_std.copy_(std.clamp(min=eps))
 
     def prepare(self, name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-        """The raw input of projector ``name`` (before standardization and grouping): [B, D] or [B, N, D]."""
+        """The input of projector ``name`` before standardization and grouping: [B, D] or [B, N, D]
+        (tokens through ``ln_vision`` first where the spec says so)."""
         p = self.specs[name]
         if isinstance(x, (list, tuple)):   # variable-length rows: time average
             x = torch.stack([r.mean(0) for r in x])
         if p.part == "vector":
             return x.mean(1) if x.dim() == 3 else x
-        if p.part == "cls":
-            return x[:, 0]
-        return x[:, 1:]
+        x = x[:, 0] if p.part == "cls" else x[:, 1:]
+        if p.norm == "layernorm":   # MiniGPT-v2's ln_vision: fresh, frozen (weight 1, bias 0), in fp32
+            x = nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=LN_VISION_EPS).to(x.dtype)
+        return x
 
     def project(self, name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """[B, tokens, H] for projector ``name`` from the batch of its set's features."""

@@ -49,16 +49,45 @@ def paper_sets(names: Sequence[str]) -> list[tuple[str, SetShape]]:
     return out
 
 
-def meta_model(llm_config: dict, sets, cfg: TrainConfig) -> EmoModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def meta_model(llm_config, sets, cfg: TrainConfig) -> EmoModel:
+    """The model of ``cfg`` over ``sets`` on the meta device; ``llm_config`` is a transformers config or
+    the keyword arguments of a LlamaConfig."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
+    if isinstance(llm_config, dict):
+        llm_config = LlamaConfig(**llm_config)
     with torch.device("meta"):
-        llm = LlamaForCausalLM(LlamaConfig(**llm_config))
+        llm = AutoModelForCausalLM.from_config(llm_config)
         for p in llm.parameters():
             p.requires_grad_(False)
-        specs = projector_specs(sets, llm_config["hidden_size"], cfg.data.patch_group)
+        specs = projector_specs(sets, llm_config.hidden_size, cfg.data.patch_group, cfg.model.ln_vision)
         peft_model = add_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.bias)
         return EmoModel(peft_model, Projectors(specs), layout_for(specs))
+
+
+def count_for_run(path: str | Path) -> dict[str, Any]:
+    """Counts of a run folder (trained or imported) from its config and feature sets, on the meta device."""
+    from transformers import AutoConfig
+
+    from store.spec import FeatureSpec
+
+    from .loop import llm_source
+    from .run import read_run
+
+    cfg, sets, keys = read_run(Path(path))
+    specs = [(k, FeatureSpec.from_dict(sets[k]["spec"])) for k in keys]
+    if cfg.model.profile == "paper" and not cfg.model.llm:
+        llm_config = LLAMA2_7B
+    else:
+        src = llm_source(cfg)
+        llm_config = AutoConfig.from_pretrained(src, local_files_only=Path(src).is_dir() or None)
+    counts = count_parameters(meta_model(llm_config, specs, cfg))
+    counts.update(profile=cfg.model.profile, run=str(path), features=[s.name for _, s in specs],
+                  lora_config={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
+                               "target_modules": cfg.lora.target_modules},
+                  note="counted on the meta device (no weights)" + (
+                      "; tiny = a random test fixture" if cfg.model.profile == "tiny" and not cfg.model.llm else ""))
+    return counts
 
 
 def count_for_profile(profile: str, *, config: str | Path | None = None, store: str | None = None,

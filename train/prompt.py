@@ -1,5 +1,9 @@
 """The prompt: one layout for training and inference, feature tokens as embedding slots.
 
+Two prompt styles (``data.prompt``, saved in the run's config):
+
+``emollama`` (the default for new runs), our own wording:
+
     [INST] <video>{global patch tokens}</video> <feature>{local, temporal, audio, CLS}</feature>
     The person in the video says: {subtitle}. [{task}] {instruction} [/INST] {answer}</s>
 
@@ -12,15 +16,35 @@
 * A subtitle that already ends with . ! or ? gets no second full stop.
 * Only the answer tokens and the closing ``</s>`` carry loss. Where the answer starts is found from
   the tokenizer's character offsets, so the prompt tokens are exactly those of the prompt alone.
+
+``emotion-llama``: the released model's training protocol, token for token (what its weights expect):
+
+    <s> | [INST] <video> | 256 patches | </video> <feature> | local temporal audio CLS |
+    </feature> The person in video says: {sentence}.  [{task}] {instruction}  [/INST] | {answer}</s>
+
+* each text piece is tokenized on its own with ``add_special_tokens=False``; the answer too (so it
+  gets its own leading word boundary), then ``</s>``. Note "in video" and the two double spaces.
+* the answer first passes the caption filter (``caption_filter``: lowercase, ``. ! " ( ) * # : ; ~``
+  to spaces, whitespace collapsed, at most 200 words); the emotion instruction is the released one
+  (nine labels, whatever the label set); the reason instructions are the released pool of five.
+* the tags and the sentence are always written (the protocol has no optional part); a clip without
+  a subtitle says ``The person in video says: .``.
+
+Evaluation layout ``public-eval`` (``emotion-llama`` only) reproduces the public evaluation script,
+which made the published MER2023 number: all feature embeddings (256 patches, local, temporal, audio,
+CLS) go where ``<video>`` is, and ``<feature><FeatureHere></feature>`` stays literal text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 TASKS = ("emotion", "reason", "reason_v2")
+PROMPT_STYLES = ("emollama", "emotion-llama")
+EVAL_LAYOUTS = ("trained", "public-eval")
 TASK_TAGS = {"emotion": "emotion", "reason": "reason", "reason_v2": "reason_v2"}
 IGNORE = -100
 
@@ -43,6 +67,44 @@ INSTRUCTIONS: dict[str, tuple[str, ...]] = {
         "Why does the person feel this way? Give the evidence from the expression, the voice and the speech.",
     ),
 }
+
+
+# The released model's instructions: protocol strings, as its weights were trained on them.
+RELEASED_EMOTION_INSTRUCTION = ("Please determine which emotion label in the video represents: happy, sad, neutral, "
+                                "angry, worried, surprise, fear, contempt, doubt.")
+RELEASED_REASON_INSTRUCTIONS = (
+    "Please analyze all the clues in the video and reason out the emotional label of the person in the video.",
+    "What is the emotional state of the person in the video? Please tell me the reason.",
+    "What are the facial expressions and vocal tone used in the video? What is the intended meaning behind his "
+    "words? Which emotion does this reflect?",
+    "Please integrate information from various modalities to infer the emotional category of the person in the "
+    "video.",
+    "Could you describe the emotion-related features of the individual in the video? What emotional category do "
+    "they fall into?",
+)
+RELEASED_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
+    "emotion": (RELEASED_EMOTION_INSTRUCTION,),
+    "reason": RELEASED_REASON_INSTRUCTIONS,
+    "reason_v2": RELEASED_REASON_INSTRUCTIONS,
+}
+_FILTERED = re.compile(r'[.!"()*#:;~]')
+
+
+def caption_filter(text: str, max_words: int = 200) -> str:
+    """The released model's answer filter: lowercase; each of . ! " ( ) * # : ; ~ replaced by a space;
+    runs of whitespace collapsed; stripped; at most ``max_words`` words."""
+    words = _FILTERED.sub(" ", text.lower()).split()
+    return " ".join(words[:max_words])
+
+
+def check_style(style: str, layout: str = "trained") -> None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {style!r}: choose {' or '.join(PROMPT_STYLES)}")
+    if layout not in EVAL_LAYOUTS:
+        raise ValueError(f"unknown evaluation layout {layout!r}: choose {' or '.join(EVAL_LAYOUTS)}")
+    if layout == "public-eval" and style != "emotion-llama":
+        raise ValueError("the public-eval layout reproduces the public evaluation script's text, which exists "
+                         "only for the emotion-llama prompt style (this run uses " + repr(style) + ")")
 
 
 @dataclass(frozen=True)
@@ -77,12 +139,14 @@ class Encoded:
 
 
 def instruction_for(task: str, key: str, labels: Sequence[str], *, seed: int = 0, epoch: int = 0,
-                    fixed: bool = False) -> str:
-    """An instruction from the task's pool: drawn by a hash of (seed, epoch, key) so that it needs no
-    RNG state (exact resume) and differs across epochs; ``fixed`` takes the first (evaluation)."""
-    if task not in INSTRUCTIONS:
+                    fixed: bool = False, style: str = "emollama") -> str:
+    """An instruction from the task's pool of the prompt ``style``: drawn by a hash of (seed, epoch,
+    key) so that it needs no RNG state (exact resume) and differs across epochs; ``fixed`` takes the
+    first (evaluation)."""
+    pools = RELEASED_INSTRUCTIONS if style == "emotion-llama" else INSTRUCTIONS
+    if task not in pools:
         raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-    pool = INSTRUCTIONS[task]
+    pool = pools[task]
     if fixed:
         i = 0
     else:
@@ -102,8 +166,13 @@ def prompt_text(subtitle: str | None, task: str, instruction: str) -> str:
 
 
 def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
-           answer: str | None = None, *, max_len: int | None = None) -> Encoded:
+           answer: str | None = None, *, max_len: int | None = None, style: str = "emollama",
+           eval_layout: str = "trained") -> Encoded:
     """Token ids of one example; with ``answer`` None, the prompt alone (what inference feeds)."""
+    check_style(style, eval_layout)
+    if style == "emotion-llama":
+        return _encode_released(tokenizer, layout, subtitle, task, instruction, answer, max_len=max_len,
+                                public_eval=eval_layout == "public-eval")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     ids: list[int] = [tokenizer.bos_token_id]
     feat: list[bool] = [False]
@@ -147,4 +216,46 @@ def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instructi
     ids.append(tokenizer.eos_token_id)
     feat.append(False)
     labels.append(tokenizer.eos_token_id)
+    return Encoded(ids, feat, labels, answer_start)
+
+
+def _encode_released(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
+                     answer: str | None, *, max_len: int | None, public_eval: bool) -> Encoded:
+    """The ``emotion-llama`` style (see the module docstring), piece by piece."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    ids: list[int] = [tokenizer.bos_token_id]
+    feat: list[bool] = [False]
+
+    def text(s: str) -> None:
+        got = tokenizer(s, add_special_tokens=False)["input_ids"]
+        ids.extend(got)
+        feat.extend([False] * len(got))
+
+    def slots(group: Sequence[Slot]) -> None:
+        for s in group:
+            ids.extend([pad] * s.n)
+            feat.extend([True] * s.n)
+
+    sentence = (subtitle or "").strip()
+    tail = f"The person in video says: {sentence}.  [{TASK_TAGS[task]}] {instruction}  [/INST]"
+    text("[INST] <video>")
+    slots(layout.video)
+    if public_eval:
+        slots(layout.feature)
+        text("</video> <feature><FeatureHere></feature> " + tail)
+    else:
+        text("</video> <feature>")
+        slots(layout.feature)
+        text("</feature> " + tail)
+    answer_start = len(ids)
+    labels = [IGNORE] * len(ids)
+    if answer is None:
+        return Encoded(ids, feat, labels, answer_start)
+    ans = tokenizer(caption_filter(answer), add_special_tokens=False)["input_ids"]
+    if max_len is not None and len(ids) + len(ans) + 1 > max_len:
+        ans = ans[:max(max_len - 1 - len(ids), 1)]   # never cut into the prompt; keep one answer token
+    ans = ans + [tokenizer.eos_token_id]
+    ids.extend(ans)
+    feat.extend([False] * len(ans))
+    labels.extend(ans)
     return Encoded(ids, feat, labels, answer_start)

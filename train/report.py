@@ -2,7 +2,8 @@
 
 An evaluation result is a plain dict (see ``pipeline.evaluation``); each labelled method in it
 (``closed_set``: the likelihood of each label after the prompt; ``generated``: the label parsed from
-the generated answer) holds ``train.scoring.Metrics.to_dict()``. Figures use matplotlib's Agg backend.
+the generated answer; ``public``: the public Emotion-LLaMA scorer on the generated answer, last word
+and anything outside the labels counted as neutral) holds ``train.scoring.Metrics.to_dict()``. Figures use matplotlib's Agg backend.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-METHODS = {"closed_set": "closed set (label likelihood)", "generated": "generated answer, parsed"}
+METHODS = {"closed_set": "closed set (label likelihood)", "generated": "generated answer, parsed",
+           "public": "generated, public scorer"}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -101,7 +103,9 @@ def write_report(result: dict, out_dir: Path, predictions: Sequence[Mapping[str,
         figures[key] = fig
     result["figures"] = figures
     if predictions:
-        for key, col in (("closed_set", "closed_set"), ("generated", "answer")):
+        for key, col in (("closed_set", "closed_set"), ("generated", "answer"), ("public", "public")):
+            if key not in result:
+                continue
             with open(out_dir / f"predictions-{key.replace('_', '-')}.csv", "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["name", "label", "prediction"])
@@ -131,6 +135,11 @@ def report_markdown(result: Mapping[str, Any]) -> str:
         md.append(f"- not evaluated (no features in every set): {len(result['missing'])} "
                   f"({', '.join(result['missing'][:10])})")
     md.append(f"- generated answers: greedy, at most {result.get('max_new_tokens')} new tokens")
+    if result.get("layout"):
+        md.append(f"- prompt: style {result.get('prompt')}, evaluation layout {result['layout']}")
+    if result.get("public"):
+        md.append("- public scorer: the public evaluation script's rule (the last space-separated word of the "
+                  "answer; anything outside the labels counts as neutral), for comparison with published numbers")
     md += ["", "| method | accuracy (WAR) | UAR | weighted F1 | macro F1 | answers outside the label set |",
            "|---|---|---|---|---|---|"]
     for key, title in METHODS.items():

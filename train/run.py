@@ -45,6 +45,16 @@ class LoadedRun:
     device: torch.device
     step: int | None = None
     meta: dict = field(default_factory=dict)
+    bindable: set = field(default_factory=set)   # keys bound to a store's set at evaluation (imported runs)
+
+    def rebind(self, keys: dict[str, str], specs: dict[str, Any]) -> None:
+        """Read the store's set ``keys[k]`` (spec ``specs[k]``) wherever the run reads ``k``."""
+        from dataclasses import replace
+
+        self.feature_keys = [keys.get(k, k) for k in self.feature_keys]
+        self.specs = {keys.get(k, k): (specs[k] if k in keys else s) for k, s in self.specs.items()}
+        p = self.model.projectors
+        p.specs = {n: replace(s, set_key=keys.get(s.set_key, s.set_key)) for n, s in p.specs.items()}
 
     @property
     def tiny(self) -> bool:
@@ -107,6 +117,21 @@ def order_keys(cfg: TrainConfig, sets: dict[str, dict]) -> list[str]:
     return out
 
 
+def read_run(path: Path) -> tuple[TrainConfig, dict[str, dict], list[str]]:
+    """(config, feature_sets.json, the run's set keys in config order) of a run folder, without weights."""
+    if not path.is_dir():
+        raise RunError(f"run folder not found: {path} (pass --run DIR, the --out of `emollama train`)")
+    raw = _read_json(path / "config.json", "the resolved training config")
+    problems: list[str] = []
+    if isinstance(raw.get("model"), dict):   # runs saved before ln_vision existed were trained without it
+        raw["model"].setdefault("ln_vision", False)
+    cfg = from_dict(raw, problems)
+    if problems:
+        raise RunError(f"{path / 'config.json'}: " + "; ".join(problems))
+    sets = _read_json(path / "feature_sets.json", "the feature sets the run was trained on")
+    return cfg, sets, order_keys(cfg, sets)
+
+
 def load_run(path: str | Path, *, device: str = "auto", store: str | None = None) -> LoadedRun:
     """Rebuild a run's model (base LM + LoRA + projectors) and tokenizer from its folder.
 
@@ -116,17 +141,9 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
     from .loop import build_model, pick_device
 
     path = Path(path)
-    if not path.is_dir():
-        raise RunError(f"run folder not found: {path} (pass --run DIR, the --out of `emollama train`)")
-    raw = _read_json(path / "config.json", "the resolved training config")
-    problems: list[str] = []
-    cfg = from_dict(raw, problems)
-    if problems:
-        raise RunError(f"{path / 'config.json'}: " + "; ".join(problems))
+    cfg, sets, keys = read_run(path)
     if store:
         cfg.data.store = store
-    sets = _read_json(path / "feature_sets.json", "the feature sets the run was trained on")
-    keys = order_keys(cfg, sets)
     specs = {k: FeatureSpec.from_dict(sets[k]["spec"]) for k in keys}
     for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
         if not (path / name).is_file():
@@ -148,7 +165,8 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
     m = path / "metrics.json"
     if m.is_file():
         step = json.loads(m.read_text()).get("step")
-    return LoadedRun(path, cfg, model, tokenizer, labels, keys, specs, dev, step)
+    return LoadedRun(path, cfg, model, tokenizer, labels, keys, specs, dev, step,
+                     bindable={k for k in keys if sets[k].get("bind")})
 
 
 def describe_run(run: LoadedRun) -> list[str]:

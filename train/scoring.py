@@ -7,6 +7,7 @@
 - `parse_label`: the label an answer names (case, punctuation and common synonyms handled), or
   None: answers outside the label set are counted and listed by the caller, never silently turned
   into a class (the public scorer maps them to "neutral").
+- `public_label`: the public scorer itself, for comparing with the published numbers on equal terms.
 """
 
 from __future__ import annotations
@@ -52,6 +53,15 @@ def parse_label(answer: str, labels: Sequence[str], synonyms: Mapping[str, Seque
                 if best is None or end > best[0]:
                     best = (end, label)
     return best[1] if best else None
+
+
+def public_label(answer: str, labels: Sequence[str], fallback: str = "neutral") -> str | None:
+    """The public Emotion-LLaMA scorer: the last space-separated word of the (stripped) answer, taken as
+    it is; anything outside ``labels`` becomes ``fallback`` (None when the fallback is not a label)."""
+    word = answer.strip().split(" ")[-1]
+    if word in labels:
+        return word
+    return fallback if fallback in labels else None
 
 
 @dataclass

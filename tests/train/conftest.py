@@ -37,7 +37,7 @@ def tiny_cfg(data_root: Path, store: Path, out: Path, **sections):
     from train.config import load_train_config
 
     base = {
-        "data": {"root": str(data_root), "store": str(store)},
+        "data": {"root": str(data_root), "store": str(store), "standardize": True},
         "model": {"profile": "tiny"},
         "lora": {"alpha": 64},
         "optim": {"lr": 3e-3, "min_lr": 1e-5, "warmup_steps": 2, "steps": 6, "batch_size": 4},

@@ -82,7 +82,7 @@ def test_generation_is_the_plain_greedy_loop_and_batching_does_not_change_it(tin
     from store import FeatureStore
     from store.datasets import load_corpus
     from train.data import Example
-    from train.generate import generate, prompt_for
+    from train.generate import generate
     from train.run import load_run
     from pipeline.evaluation import make_data
 
@@ -97,7 +97,7 @@ def test_generation_is_the_plain_greedy_loop_and_batching_does_not_change_it(tin
     assert one == three
     tok = run.tokenizer
     for clip, text in zip(usable, one):          # greedy by hand: full recompute, no cache, no padding
-        enc = prompt_for(td, clip, "reason")
+        enc = td.prompt(clip, "reason")
         b = td._batch([Example(clip, "reason", "")], [enc])
         ids = b.input_ids
         new = []

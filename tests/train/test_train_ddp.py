@@ -32,6 +32,7 @@ def test_two_processes_match_one_at_the_same_global_batch(small_store, make_cfg,
 root = "{data}"
 store = "{store}"
 features = {json.dumps(feats)}
+standardize = true
 [model]
 profile = "tiny"
 [lora]

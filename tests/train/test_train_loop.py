@@ -173,6 +173,7 @@ root = "{data}"
 store = "{store}"
 features = ["audio.hubert.mean", "temporal.videomae.mean"]
 tasks = ["emotion", "reason_v2"]
+standardize = true
 [model]
 profile = "tiny"
 [optim]

@@ -79,3 +79,66 @@ def test_a_missing_language_model_fails_at_once_with_what_and_how(tmp_path, monk
     empty.mkdir()
     with pytest.raises(MissingModelError, match="must hold config.json"):
         load_llm(str(empty))
+
+
+def llama2_style_tokenizer(words):
+    """A sentencepiece-like tokenizer built here: Metaspace (a word boundary '▁' before every piece, and a
+    leading one at the start of every separately tokenized text, as LLaMA-2's), one token per piece."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *dict.fromkeys(words)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<unk>")
+
+
+def test_emotion_llama_prompt_token_for_token():
+    from train.prompt import RELEASED_REASON_INSTRUCTIONS, caption_filter
+
+    instr = RELEASED_REASON_INSTRUCTIONS[1]   # "What is the emotional state of the person in the video? ..."
+    caption = 'She SMILES (broadly): "we won!"  Her voice rises;\nso -- happy~'
+    assert caption_filter(caption) == "she smiles broadly we won her voice rises so -- happy"
+    assert caption_filter(" ".join(["w"] * 250)) == " ".join(["w"] * 200)
+    # written out by hand: every piece, the word boundaries and the two lone boundaries of the double spaces
+    pieces = (["<s>", "▁[INST]", "▁<video>"] + ["PAD"] * 2 + ["▁</video>", "▁<feature>"] + ["PAD"] * 4
+              + ["▁</feature>", "▁The", "▁person", "▁in", "▁video", "▁says:", "▁Well,", "▁I", "▁can't", "▁believe",
+                 "▁it!.", "▁", "▁[reason]", "▁What", "▁is", "▁the", "▁emotional", "▁state", "▁of", "▁the",
+                 "▁person", "▁in", "▁the", "▁video?", "▁Please", "▁tell", "▁me", "▁the", "▁reason.", "▁", "▁[/INST]"]
+              + ["▁she", "▁smiles", "▁broadly", "▁we", "▁won", "▁her", "▁voice", "▁rises", "▁so", "▁--", "▁happy", "</s>"])
+    tok = llama2_style_tokenizer([p for p in pieces if p != "PAD"])
+    layout = Layout(video=(Slot("g", 2),), feature=(Slot("l", 1), Slot("t", 1), Slot("a", 1), Slot("c", 1)))
+    enc = encode(tok, layout, "Well, I can't believe it!", "reason", instr, caption, style="emotion-llama")
+    assert [p if not f else "PAD" for p, f in zip(tok.convert_ids_to_tokens(enc.ids), enc.feat)] == pieces
+    assert sum(enc.feat) == 6
+    n_answer = 12   # the filtered caption's 11 words and </s>
+    assert enc.labels[:-n_answer] == [IGNORE] * (len(pieces) - n_answer)
+    assert enc.labels[-n_answer:] == enc.ids[-n_answer:] and enc.answer_start == len(pieces) - n_answer
+    # the prompt alone is the training prompt up to the answer (what inference feeds)
+    prompt = encode(tok, layout, "Well, I can't believe it!", "reason", instr, None, style="emotion-llama")
+    assert prompt.ids == enc.ids[:enc.answer_start]
+    # the emotion task draws the released nine-label instruction whatever the label set
+    assert instruction_for("emotion", "c", ["sad", "happy"], style="emotion-llama", seed=3, epoch=5) == (
+        "Please determine which emotion label in the video represents: happy, sad, neutral, angry, worried, "
+        "surprise, fear, contempt, doubt.")
+
+
+def test_public_scorer_takes_the_last_word_and_defaults_to_neutral():
+    from train.scoring import public_label
+
+    labels = ["neutral", "angry", "happy", "sad", "worried", "surprise"]
+    answers = {
+        "happy": "happy",                                              # a bare label
+        "  The emotion is sad ": "sad",                                 # stripped, then the last word
+        "sad and then happy": "happy",                                  # the last word wins
+        "happy.": "neutral",                                            # punctuation is not removed
+        "Happy": "neutral",                                             # nor case
+        "fear": "neutral",                                              # outside the six labels
+        "I think she is angry but": "neutral",                          # the last word only
+        "surprise\nsurprise": "neutral",                                # split on spaces, not newlines
+        "": "neutral",
+    }
+    assert {a: public_label(a, labels) for a in answers} == answers
+    assert public_label("joy", ["happy", "sad"]) is None   # no neutral to fall back on: counted, not mapped

@@ -14,6 +14,7 @@ def tiny_toml(path: Path, data: Path, store: Path, run: Path, *, steps: int, sav
 root = "{data}"
 store = "{store}"
 features = ["audio.hubert.mean"]
+standardize = true
 [model]
 profile = "tiny"
 [lora]
