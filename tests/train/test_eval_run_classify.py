@@ -59,7 +59,8 @@ def test_eval_cli_reproduces_training_closed_set_and_writes_the_report(tiny_run)
     m = json.loads((out / "metrics.json").read_text())
     assert m["tiny"] and "random tiny fixture" in m["note"] and "random tiny fixture" in (out / "report.md").read_text()
     assert m["n"] == result.metrics["n"] and m["labels"] == result.metrics["labels"]
-    assert m["extraction"] == {"extracted": 0, "reused": m["n"], "failed": []}        # all from the store
+    assert m["extraction"] == {"extracted": 0, "reused": m["n"], "failed": [],       # all from the store
+                               "not_in_imported_sets": {}}
     # the reloaded run (adapter + projectors + standardization from disk) predicts what training predicted
     preds = {json.loads(l)["id"]: json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()}
     assert {k: v["closed_set"] for k, v in preds.items()} == result.metrics["predictions"]
