@@ -17,7 +17,7 @@ STAGE1 ?= configs/demo-stage1.toml
 STAGE2 ?= configs/demo-stage2.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-extract test test-fast extract train bench-store bench-extract bench-scale bench-train clean
+.PHONY: help venv demo demo-extract test test-fast extract train bench-store bench-extract bench-scale bench-train gpu-wheels bench-gpu clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -68,6 +68,15 @@ bench-scale: venv ## Benchmark extraction with 1 and 2 local dask workers: clips
 
 bench-train: venv ## Benchmark the training loop: batched + length-grouped vs batch 1 (not a test)
 	$(BIN)/python scripts/bench_train.py $(ARGS)
+
+gpu-wheels: ## Fetch cp312 wheels (.whl/) and sample clips (.bench/clips/) that bench-gpu needs on a bare, offline GPU machine
+	bash scripts/gpu_wheels.sh
+
+# No venv here: the GPU machine has its own python3 with torch; the wheels go to /tmp/site.
+bench-gpu: ## On a lent GPU machine (carry .whl and .bench): both stages at paper size, random weights; ARGS=--cpu-smoke on a CPU
+	@ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make gpu-wheels' where PyPI is reachable, then carry [\".whl\", \".bench\"]"; exit 2; }
+	$(PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	set -o pipefail; PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(PY) scripts/bench_gpu.py --clips .bench/clips $(ARGS) 2>&1 | tee "$${OUT:-/tmp}/bench_gpu.log"
 
 clean: ## Remove the demo outputs (keeps .venv)
 	rm -rf demo
