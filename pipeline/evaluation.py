@@ -13,6 +13,11 @@ with exactly the settings that made the run's feature sets), labels two ways, re
 The extraction config is rebuilt from the store: every feature set records the resolved config that
 made it (``FeatureStore.set_attrs(key)["config"]``). Before extracting, the rebuilt settings must
 produce exactly the run's feature-set keys, or nothing is written.
+
+The run's training store is never written. Clips missing from it are extracted into an eval store of
+their own (``<run>/eval-store.zarr``, or ``--cache-store``), under the same set keys; features are read
+per clip from the training store where the clip is complete there, else from the eval store
+(``MergedFeatures``). A shared read-only training store therefore serves eval and infer as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import csv
 import hashlib
 import io
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,8 +47,47 @@ _RUNTIME_KEYS = ("store", "workers", "scheduler", "preview", "compact", "storage
                  "batch_clips", "micro_batch", "batch_size")
 
 
+EVAL_STORE = "eval-store.zarr"      # <run>/eval-store.zarr: clips extracted for eval/infer (default)
+
+
 class EvalError(ValueError):
     """A usage or consistency problem; the message says what to do."""
+
+
+class EvalStorageError(EvalError):
+    """The eval store cannot be written (read-only folder, disk full); nothing committed is lost."""
+
+
+def _is_url(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+@dataclass
+class EvalStores:
+    """The run's training store (read only here) and the eval store that clips missing from it go into."""
+    train: FeatureStore
+    cache_url: str
+    cache_options: dict | None = None
+
+    def cache(self, *, create: bool = False) -> FeatureStore | None:
+        """The eval store; None when it does not exist yet (and ``create`` is False)."""
+        try:
+            return FeatureStore.open(self.cache_url, create=create, storage_options=self.cache_options or None)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+
+
+def eval_stores(run, store: FeatureStore, cache_store: str | None = None) -> EvalStores:
+    """``store`` (the run's, read only) and the eval store: ``cache_store``, default ``<run>/eval-store.zarr``."""
+    url = str(cache_store) if cache_store else str(Path(run.path) / EVAL_STORE)
+    same = (url.rstrip("/") == store.url.rstrip("/")) if _is_url(url) or _is_url(store.url) else \
+        Path(url.removeprefix("file://")).expanduser().resolve() == Path(store.url).resolve()
+    if same:
+        raise EvalError(f"--cache-store {url} is the training store; eval and infer never write into it: "
+                        "name another folder (default: <run>/eval-store.zarr)")
+    return EvalStores(store, url, store.storage_options if _is_url(url) and _is_url(store.url) else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,8 +95,9 @@ class EvalError(ValueError):
 
 
 def extraction_config(store: FeatureStore, keys: Sequence[str], *, dataset: str = "folder", root: str | Path = ".",
-                      workers: int = 0) -> Config:
-    """The stage-one config that made ``keys``, pointed at ``store`` (in-process unless ``workers``)."""
+                      workers: int = 0, target: str | None = None, target_options: dict | None = None) -> Config:
+    """The stage-one config that made ``keys`` (read from ``store``), writing into ``target`` (default:
+    ``store``), in-process unless ``workers``."""
     recorded: list[tuple[str, dict]] = []
     for k in keys:
         cfg = (store.set_attrs(k).get("config") or {}).get("extract")
@@ -65,7 +112,8 @@ def extraction_config(store: FeatureStore, keys: Sequence[str], *, dataset: str 
             diff = sorted(n for n in set(base) | set(other) if base.get(n) != other.get(n))
             raise EvalError(f"the run's feature sets were made by different extraction settings ({recorded[0][0]} "
                             f"and {k} differ in {diff}); extract the missing clips yourself")
-    ext = dict(base, store=store.url, workers=workers, storage_options=store.storage_options or {},
+    ext = dict(base, store=target or store.url, workers=workers,
+               storage_options=(target_options if target else store.storage_options) or {},
                device=recorded[0][1].get("device", "auto"), compact=False, preview=None)
     try:
         return load_config(None, {"dataset": {"kind": dataset, "root": str(root)}, "extract": ext})
@@ -80,21 +128,41 @@ class ExtractReport:
     reused: int = 0
     seconds: float = 0.0
     not_extractable: dict[str, list[str]] = field(default_factory=dict)   # imported set name -> clips it lacks
+    cache: str | None = None                 # the eval store the extracted clips went into
 
 
-def extract_missing(store: FeatureStore, keys: Sequence[str], clips: Sequence[Clip], *, workers: int = 0,
-                    progress: bool = False, dataset: str = "folder", root: str | Path = ".") -> ExtractReport:
-    """Extract the clips not complete in every set of ``keys``, with the settings that made them.
+def _complete(st: FeatureStore | None, keys: Sequence[str]) -> set[str]:
+    """Clips complete in every set of ``keys`` in ``st`` (none where a set is absent)."""
+    if st is None or not keys:
+        return set()
+    have = st.sets()
+    if any(k not in have for k in keys):
+        return set()
+    return set.intersection(*(st.complete(k) for k in keys))
+
+
+def extract_missing(stores: EvalStores | FeatureStore, keys: Sequence[str], clips: Sequence[Clip], *,
+                    workers: int = 0, progress: bool = False, dataset: str = "folder",
+                    root: str | Path = ".") -> ExtractReport:
+    """Extract the clips complete neither in the training store nor in the eval store, with the settings
+    that made ``keys``, into the eval store (``stores.cache_url``); the training store is only read.
 
     Sets that record no extraction config (imported, e.g. the released MER2023 features) are never
     re-extracted with other encoders: the clips they lack are reported by name in ``not_extractable``."""
     from pipeline.extraction import SettingsChanged, run_extract
 
+    if isinstance(stores, FeatureStore):
+        raise TypeError("extract_missing takes EvalStores (the training store is never written): use eval_stores()")
+    store = stores.train
     store.refresh()
     made = [k for k in keys if (store.set_attrs(k).get("config") or {}).get("extract")]
     imported = [k for k in keys if k not in made]
+    cache = stores.cache()
     complete = set.intersection(*(store.complete(k) for k in keys))
-    rep = ExtractReport(reused=len([c for c in clips if c.id in complete]))
+    complete_made = _complete(store, made) | _complete(cache, made)
+    in_imported = _complete(store, imported) if imported else None
+    rep = ExtractReport(reused=len([c for c in clips if c.id in complete or (
+        c.id in complete_made and (in_imported is None or c.id in in_imported))]))
     sets = store.sets()
     for k in imported:
         have = store.complete(k)
@@ -106,19 +174,86 @@ def extract_missing(store: FeatureStore, keys: Sequence[str], clips: Sequence[Cl
     blocked = {cid for ids in rep.not_extractable.values() for cid in ids}
     if not made:
         return rep
-    done = set.intersection(*(store.complete(k) for k in made))
-    todo = [c for c in clips if c.id not in done and c.id not in blocked]
+    todo = [c for c in clips if c.id not in complete_made and c.id not in blocked]
     if not todo:
         return rep
-    keys = made
-    cfg = extraction_config(store, keys, dataset=dataset, root=root, workers=workers)
+    cfg = extraction_config(store, made, dataset=dataset, root=root, workers=workers, target=stores.cache_url,
+                            target_options=stores.cache_options)
     try:
-        summary = run_extract(cfg, progress=progress, clips=todo, expect_keys=keys)
+        stores.cache(create=True)
+    except (FileExistsError, ValueError) as e:
+        raise EvalError(f"--cache-store: {e}") from None
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise EvalStorageError(f"cannot create the eval store {stores.cache_url} ({why}); the training store "
+                               f"{store.url} is only read: pass --cache-store DIR on a writable disk") from None
+    try:
+        summary = run_extract(cfg, progress=progress, clips=todo, expect_keys=made)
     except SettingsChanged as e:
         raise EvalError(f"{store.url}: {e}") from None
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        raise EvalStorageError(f"cannot write the eval store {stores.cache_url} ({why}); the training store "
+                               f"{store.url} is only read and nothing committed was lost: free space or pass "
+                               "--cache-store DIR on a writable disk, then rerun") from None
     rep.extracted, rep.failed, rep.seconds = summary.ok, summary.failed, summary.wall
-    store.refresh()
+    rep.cache = stores.cache_url
+    lost = sorted(set(made) - set(summary.keys.values()))
+    if lost:    # run_extract checks expect_keys before writing; this is the same promise, kept here too
+        raise EvalError(f"the eval store {stores.cache_url} got sets {sorted(summary.keys.values())}, not the "
+                        f"run's {lost}")
     return rep
+
+
+class MergedFeatures:
+    """A ``store.FeatureDataset`` look-alike (``keys``, ``clip_ids``, ``__getitems__``) over two stores with
+    the same set keys: a clip complete in every set of the training store is read from it; otherwise each
+    set is read from the eval store where the clip is complete there, else from the training store (an
+    imported set, which the eval store never holds)."""
+
+    def __init__(self, train: FeatureStore, cache: FeatureStore | None, keys: Sequence[str],
+                 clip_ids: Sequence[str]) -> None:
+        from store import FeatureDataset
+
+        self.keys = list(keys)
+        self.clip_ids = list(clip_ids)
+        full = _complete(train, self.keys)
+        cache_sets = cache.sets() if cache is not None else {}
+        # key -> [(dataset, {position in clip_ids: position in the dataset})]
+        self._parts: dict[str, list[tuple[Any, dict[int, int]]]] = {}
+        self.sources: dict[str, dict[str, str]] = {}       # clip -> key -> "train" | "eval"
+        for k in self.keys:
+            in_cache = cache.complete(k) if k in cache_sets else set()
+            groups: dict[str, list[int]] = {"train": [], "eval": []}
+            for i, c in enumerate(self.clip_ids):
+                where = "eval" if c not in full and c in in_cache else "train"
+                groups[where].append(i)
+                self.sources.setdefault(c, {})[k] = where
+            parts = []
+            for where, idx in groups.items():
+                if idx:
+                    ds = FeatureDataset(train if where == "train" else cache, [k], [self.clip_ids[i] for i in idx])
+                    parts.append((ds, {i: j for j, i in enumerate(idx)}))
+            self._parts[k] = parts
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        indices = [int(i) for i in indices]
+        items: list[dict[str, Any]] = [{"id": self.clip_ids[i]} for i in indices]
+        for k in self.keys:
+            for ds, local in self._parts[k]:
+                mine = [n for n, i in enumerate(indices) if i in local]
+                if not mine:
+                    continue
+                rows = ds.__getitems__([local[indices[n]] for n in mine])
+                for n, row in zip(mine, rows):
+                    items[n][k] = row[k]
+        return items
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,20 +298,34 @@ def target_probabilities(logp: np.ndarray, cands: Sequence[str], targets: Sequen
 # Data for a set of clips
 
 
-def make_data(run, store: FeatureStore, clips: Sequence[Clip], prompt_labels: Sequence[str], split: str,
+def make_data(run, store: FeatureStore | EvalStores, clips: Sequence[Clip], prompt_labels: Sequence[str], split: str,
               layout: str = "trained"):
     """A ``train.data.TrainData`` over ``clips`` (those complete in the run's sets), for scoring and
     generation with the run's tokenizer, prompt style and layout (``layout``: "trained", or
-    "public-eval" for the public evaluation script's); returns (data, usable clips, missing ids)."""
+    "public-eval" for the public evaluation script's); returns (data, usable clips, missing ids).
+
+    With ``EvalStores``, each clip is read from the training store where it is complete there, else from
+    the eval store (``MergedFeatures``)."""
     from store import FeatureDataset
     from train.data import TrainData
 
-    complete = set.intersection(*(store.complete(k) for k in run.feature_keys))
+    keys = run.feature_keys
+    if isinstance(store, EvalStores):
+        train, cache = store.train, store.cache()
+        cache_sets = cache.sets() if cache is not None else {}
+        per_key = [store.train.complete(k) | (cache.complete(k) if k in cache_sets else set()) for k in keys]
+        complete = set.intersection(*per_key)
+    else:
+        train, cache = store, None
+        complete = set.intersection(*(store.complete(k) for k in keys))
     usable = [replace(c, split=split) for c in clips if c.id in complete]
     missing = [c.id for c in clips if c.id not in complete]
     if not usable:
         return None, [], missing
-    features = FeatureDataset(store, run.feature_keys, [c.id for c in usable])
+    if cache is None:
+        features = FeatureDataset(train, keys, [c.id for c in usable])
+    else:
+        features = MergedFeatures(train, cache, keys, [c.id for c in usable])
     corpus = Corpus("eval", Path("."), tuple(prompt_labels), usable)
     data = TrainData(corpus, features, split, ["emotion"], list(prompt_labels), run.tokenizer, run.model.layout,
                      seed=run.config.run.seed, max_len=run.config.data.max_len, style=run.config.data.prompt,
@@ -211,7 +360,8 @@ def parse_feature_choices(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def bind_store(run, store: FeatureStore, choices: Mapping[str, str] | None = None) -> dict[str, str]:
+def bind_store(run, store: FeatureStore, choices: Mapping[str, str] | None = None,
+               say: Callable[[str], None] = log.info) -> dict[str, str]:
     """Check that ``store`` has every set the run reads. A run imported from a released checkpoint
     binds each of its sets to the store's set of the same name, else to the store's one set of the same
     modality and shape (``choices`` = {modality or run set name: store set} decides where several could);
@@ -257,10 +407,10 @@ def bind_store(run, store: FeatureStore, choices: Mapping[str, str] | None = Non
     if problems:
         raise EvalError(f"cannot bind the run {run.path} to the store {store.url}:\n"
                         + "\n".join(f"  - {p}" for p in problems))
+    for k, kk in keys.items():
+        say(f"the run's {run.specs[k].name} reads {have[kk].name} ({kk})")
     if keys:
         run.rebind(keys, specs)
-        for k, kk in keys.items():
-            log.info("the run's %s reads %s (%s)", run.specs[kk].name if kk in run.specs else k, have[kk].name, kk)
     return keys
 
 
@@ -293,6 +443,7 @@ class EvalOptions:
     judge_key: str | None = None
     layout: str = "trained"                  # trained | public-eval (the public evaluation script's layout)
     features: list[str] = field(default_factory=list)   # ROLE=SET bindings for imported runs
+    cache_store: str | None = None           # the eval store for clips missing from the training store
 
 
 def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
@@ -309,7 +460,7 @@ def _out_dir(run, opts: EvalOptions, name: str) -> Path:
     return Path(opts.out) / name if opts.out else run.path / "eval" / name
 
 
-def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions, *,
+def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts: EvalOptions, *,
                     say: Callable[[str], None] = log.info) -> dict:
     """One evaluation (one dataset, split and fold); writes the report and returns the result."""
     from train.evaluate import score_labels
@@ -332,13 +483,16 @@ def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions,
         clips = [c for c in clips if c.label in targets]
     label_map = parse_label_map(opts.label_map, targets)
     cands = candidates(targets, label_map)
+    if isinstance(store, FeatureStore):
+        store = eval_stores(run, store, opts.cache_store)
     rep = ExtractReport(reused=len(clips))
     if opts.extract:
         rep = extract_missing(store, run.feature_keys, clips, workers=opts.workers, progress=opts.progress,
                               dataset=corpus.name if corpus.name in ("merr", "mer2023", "dfew") else "folder",
                               root=corpus.root)
         if rep.extracted:
-            say(f"extracted {len(rep.extracted)} clip(s) missing from the store ({rep.seconds:.1f} s)")
+            say(f"extracted {len(rep.extracted)} clip(s) missing from the training store into the eval store "
+                f"{rep.cache} ({rep.seconds:.1f} s)")
     data, usable, missing = make_data(run, store, clips, targets, opts.split, opts.layout)
     if not usable:
         why = ('extraction failed: ' + str(rep.failed[:3]) if rep.failed else
@@ -372,8 +526,10 @@ def evaluate_corpus(run, store: FeatureStore, corpus: Corpus, opts: EvalOptions,
         "zero_shot": set(targets) != set(run.labels), "label_map": label_map, "candidates": cands,
         "n": len(usable), "missing": missing, "extraction": {"extracted": len(rep.extracted), "reused": rep.reused,
                                                               "failed": rep.failed,
-                                                              "not_in_imported_sets": rep.not_extractable},
+                                                              "not_in_imported_sets": rep.not_extractable,
+                                                              "eval_store": store.cache_url},
         "prompt": run.config.data.prompt, "layout": opts.layout,
+        "feature_sets": {run.specs[k].name: k for k in run.feature_keys},
         "max_new_tokens": opts.max_new_tokens,
         "closed_set": m_closed.to_dict(),
     }
@@ -407,11 +563,12 @@ def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=No
     run = run or load_run(opts.run, device=opts.device)
     check_layout(run, opts.layout)
     store = open_store(run, opts.store)
-    bind_store(run, store, parse_feature_choices(opts.features))
+    bind_store(run, store, parse_feature_choices(opts.features), say)
+    stores = eval_stores(run, store, opts.cache_store)
     if opts.dataset != "dfew":
         if opts.fold:
             raise EvalError("--fold and --all-folds are for --dataset dfew")
-        res = evaluate_corpus(run, store, load_corpus(opts.dataset, opts.data), opts, say=say)
+        res = evaluate_corpus(run, stores, load_corpus(opts.dataset, opts.data), opts, say=say)
         for line in summary_lines(res):
             say(line)
         return res
@@ -419,7 +576,7 @@ def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=No
     results = {}
     for k in folds:
         o = replace(opts, fold=k)
-        results[k] = evaluate_corpus(run, store, load_corpus("dfew", opts.data, fold=k), o, say=say)
+        results[k] = evaluate_corpus(run, stores, load_corpus("dfew", opts.data, fold=k), o, say=say)
         for line in summary_lines(results[k]):
             say(line)
     if len(folds) == 1:
@@ -477,7 +634,8 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
     run = run or load_run(opts.run, device=opts.device)
     check_layout(run, opts.layout)
     store = open_store(run, opts.store)
-    bind_store(run, store, parse_feature_choices(opts.features))
+    bind_store(run, store, parse_feature_choices(opts.features), say)
+    stores = eval_stores(run, store, opts.cache_store)
     folder, rows, subs = read_emer(opts.data)
     if opts.limit:
         rows = rows[:opts.limit]
@@ -492,10 +650,9 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
             absent.append(r["name"])
     t0 = time.perf_counter()
     if opts.extract:
-        have = set.intersection(*(store.complete(k) for k in run.feature_keys))
-        todo = [c for c in clips if c.id not in have and c.id not in absent]
-        extract_missing(store, run.feature_keys, todo, workers=opts.workers, progress=opts.progress, root=video_dir)
-    data, usable, missing = make_data(run, store, clips, run.labels, "emer", opts.layout)
+        todo = [c for c in clips if c.id not in absent]
+        extract_missing(stores, run.feature_keys, todo, workers=opts.workers, progress=opts.progress, root=video_dir)
+    data, usable, missing = make_data(run, stores, clips, run.labels, "emer", opts.layout)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")
     texts = generate(run.model, data, usable, "reason", max_new_tokens=opts.reason_tokens,
@@ -552,31 +709,69 @@ def clip_id_for(path: str | Path) -> str:
     return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
 
 
+def not_a_clip(path: str | Path) -> str | None:
+    """Why ``path`` cannot be a clip (a FIFO, a socket, a device, a folder without image frames), or None
+    for a regular file or a frame folder. Checked with one ``stat``: a FIFO is never opened (that would
+    block until something writes into it)."""
+    p = Path(path).expanduser()
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        return f"cannot read it ({os.strerror(e.errno) if e.errno else e})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        from extract.decode import list_frame_files
+
+        try:
+            if list_frame_files(p):
+                return None            # a folder of frames (as DFEW ships its clips)
+        except OSError as e:
+            return f"a folder that cannot be listed ({os.strerror(e.errno) if e.errno else e})"
+        return "a folder with no image frames, not a video file"
+    kind = ("a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{kind}, not a video file: save the stream to a file first"
+
+
 def infer(run_path: str | Path, paths: Sequence[str | Path], *, store: str | None = None,
           labels: Sequence[str] | None = None, subtitle: str | None = None, max_new_tokens: int = 96,
           workers: int = 0, device: str = "auto", reason: bool = True, run=None,
-          progress: bool = False, layout: str = "trained", features: Sequence[str] = ()) -> list[dict]:
-    """Label, probability of every label and reasoning text for each video file."""
+          progress: bool = False, layout: str = "trained", features: Sequence[str] = (),
+          cache_store: str | None = None) -> list[dict]:
+    """Label, probability of every label and reasoning text for each video file. The clips are read from
+    the run's store where they are, else extracted into the eval store (``cache_store``, default
+    ``<run>/eval-store.zarr``); the run's store is never written. A path that is not a regular file or a
+    frame folder (a FIFO, a device) gets its own error; the others go on."""
     from train.evaluate import score_labels
     from train.generate import generate
     from train.run import TINY_WARNING, load_run
 
-    missing_files = [str(p) for p in paths if not Path(p).exists()]
+    missing_files = [f"{p} (a broken link)" if Path(p).expanduser().is_symlink() else str(p)
+                     for p in paths if not Path(p).expanduser().exists()]
     if missing_files:
         raise EvalError(f"no such file: {', '.join(missing_files)}")
+    bad = {str(p): why for p in paths if (why := not_a_clip(p)) is not None}
     run = run or load_run(run_path, device=device)
     check_layout(run, layout)
     st = open_store(run, store)
     bind_store(run, st, parse_feature_choices(features))
+    stores = eval_stores(run, st, cache_store)
     targets = [l.strip().lower() for l in labels] if labels else list(run.labels)
     clips = [Clip(clip_id_for(p), Path(p).expanduser().resolve(), subtitle, None, split="infer") for p in paths]
-    rep = extract_missing(st, run.feature_keys, clips, workers=workers, progress=progress,
-                          root=clips[0].source.parent)
+    good = [c for p, c in zip(paths, clips) if str(p) not in bad]
+    rep = ExtractReport()
+    if good:
+        rep = extract_missing(stores, run.feature_keys, good, workers=workers, progress=progress,
+                              root=good[0].source.parent)
     failed = dict(rep.failed)
+    for p, c in zip(paths, clips):
+        if str(p) in bad:
+            failed[c.id] = bad[str(p)]
     for name, ids in rep.not_extractable.items():
         for cid in ids:
             failed.setdefault(cid, f"missing from the imported set {name} (imported sets are never re-extracted)")
-    data, usable, _ = make_data(run, st, clips, targets, "infer", layout)
+    data, usable, _ = make_data(run, stores, good, targets, "infer", layout)
     out: dict[str, dict] = {}
     if usable:
         logp = score_labels(run.model, data, usable, targets, device=run.device)
