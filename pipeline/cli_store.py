@@ -8,6 +8,7 @@ default; ``compare`` reports per-clip cosine similarity between two sets (:mod:`
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,14 +22,45 @@ store_app = typer.Typer(
 STORE = typer.Argument(..., help="Store location: a directory or an fsspec URL (s3://bucket/prefix).")
 
 
+STORAGE_EXIT = 4  # the store is not writable, the disk is full, or the store is damaged beyond the command
+
+
 def _open(url: str, create: bool = False):
     from store import FeatureStore
 
     try:
-        return FeatureStore.open(url, create=create)
+        with _storage_errors(f"opening {url}"):
+            return FeatureStore.open(url, create=create)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+
+
+@contextmanager
+def _storage_errors(doing: str):
+    """A storage failure (disk full, read-only store) as one line on stderr and exit status 4."""
+    from store import StorageError
+
+    try:
+        yield
+    except StorageError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(STORAGE_EXIT)
+    except (FileNotFoundError, FileExistsError):
+        raise
+    except OSError as e:
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        typer.echo(f"error: storage error while {doing}: {e.strerror or e}{where}; nothing committed was lost: "
+                   "fix the cause (free space, permissions) and rerun", err=True)
+        raise typer.Exit(STORAGE_EXIT)
+
+
+def _damaged(st) -> None:
+    """A line on stderr when commit marks are damaged (their clips are hidden)."""
+    bad = st.damaged_marks
+    if bad:
+        typer.echo(f"warning: {len(bad)} damaged commit mark(s) hide their clips: run `emollama store repair "
+                   f"{st.url}`", err=True)
 
 
 def _mb(n: int) -> str:
@@ -42,6 +74,7 @@ def ls(url: str = STORE) -> None:
     for s in st.info()["sets"]:
         shape = "x".join(str(d) for d in s["shape"])
         typer.echo(f"{s['key']}\t{s['clips']} clips\t[{shape}] {s['dtype']}\t{s['modality']}/{s['encoder']}")
+    _damaged(st)
 
 
 @store_app.command("info")
@@ -55,6 +88,11 @@ def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="P
     typer.echo(f"store    {d['url']}")
     typer.echo(f"clips    {d['clips']}  (failures: {d['failures']})")
     typer.echo(f"size     {_mb(d['bytes'])} in {d['files']} files, {d['segments']} segments")
+    if d["damaged_marks"]:
+        typer.echo(f"damaged  {len(d['damaged_marks'])} commit mark(s) hide their clips; "
+                   f"`emollama store repair {d['url']}` rebuilds them")
+        for why in sorted(d["damaged_marks"].values()):
+            typer.echo(f"  {why}")
     for s in d["sets"]:
         shape = "x".join(str(x) for x in s["shape"])
         typer.echo(f"  {s['key']:<40} {s['clips']:>8} clips  [{shape}] {s['dtype']}  {_mb(s['bytes'])}")
@@ -72,7 +110,40 @@ def verify(url: str = STORE, shallow: bool = typer.Option(False, "--shallow", he
     typer.echo(str(report))
     if report.orphans:
         typer.echo(f"({len(report.orphans)} uncommitted segment(s) are invisible to readers; `compact` removes old ones)")
+    if st.damaged_marks:
+        typer.echo(f"run `emollama store repair {st.url}` to rebuild the damaged commit mark(s)")
     if not report.ok:
+        raise typer.Exit(1)
+
+
+@store_app.command("repair")
+def repair(url: str = STORE, shallow: bool = typer.Option(False, "--shallow", help="Skip decoding every chunk.")) -> None:
+    """Rebuild damaged commit marks: from their copy, else from the segment data (the clips come back);
+    clips whose data is lost are marked for recompute (a rerun of extraction redoes them). Nothing is deleted.
+
+    Exit 0 when the store verifies clean afterwards, 1 when problems remain (listed), 4 on a storage error."""
+    st = _open(url)
+    with _storage_errors(f"repairing {url}"):
+        r = st.repair(deep=not shallow)
+    if not r["marks"] and not r["recompute"]:
+        typer.echo("no damaged commit marks")
+    for seg, how in sorted(r["marks"].items()):
+        typer.echo(f"commit mark {seg}: {how}")
+    if r["marks"]:
+        typer.echo(f"{r['recovered_clips']} clip(s) recovered from {len(r['marks'])} damaged mark(s)"
+                   f"{'; damaged marks kept in _commits/.damaged' if r['marks'] else ''}")
+    for p in r["unrecovered"]:
+        typer.echo(f"kept, not readable: {p}")
+    if r["recompute"]:
+        more = f" ... (+{len(r['recompute']) - 10})" if len(r["recompute"]) > 10 else ""
+        typer.echo(f"{len(r['recompute'])} clip(s) marked for recompute (a rerun of extraction redoes them): "
+                   f"{', '.join(r['recompute'][:10])}{more}")
+    if r["ok"]:
+        typer.echo("store OK")
+    else:
+        typer.echo(f"store still has {len(r['problems'])} problem(s) repair does not fix:")
+        for p in r["problems"]:
+            typer.echo(f"  - {p}")
         raise typer.Exit(1)
 
 
@@ -154,10 +225,11 @@ def import_(
     config = {"source_dtype": first_dtype.name, **({"dtype_note": note} if note else {})}
     st = _open(str(url), create=True)
     try:
-        if fmt == "npy":
-            res = import_npy_folder(st, src, spec, config=config)
-        else:
-            res = import_hdf5(st, src, spec, dataset_path, config=config)
+        with _storage_errors(f"importing into {url}"):
+            if fmt == "npy":
+                res = import_npy_folder(st, src, spec, config=config)
+            else:
+                res = import_hdf5(st, src, spec, dataset_path, config=config)
     except (ValueError, KeyError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -253,7 +325,8 @@ def rm(
     """Remove clips' features (a rerun of extraction recomputes them)."""
     st = _open(url)
     try:
-        n = st.remove(clips, sets or None)
+        with _storage_errors(f"removing clips from {url}"):
+            n = st.remove(clips, sets or None)
     except KeyError as e:
         typer.echo(f"error: {e.args[0]}", err=True)
         raise typer.Exit(2)
@@ -268,8 +341,19 @@ def compact(
                                help="Seconds to keep merged segments for readers that opened the store before "
                                     "(a running training job); a later compact deletes them."),
 ) -> None:
-    """Merge small segments into large sharded ones and drop removed or duplicate rows."""
+    """Merge small segments into large sharded ones and drop removed or duplicate rows.
+
+    Prints what it did: segments merged, merged segments deleted (also those an earlier compaction kept),
+    orphaned data deleted, files removed and written, bytes freed. Exit 4 (one line) when the disk is full
+    or the store is not writable: the store is left as it was."""
     st = _open(url)
-    r = st.compact(full=full, keep_s=keep)
-    typer.echo(f"compacted {r['compacted']} segments: files {r['files_before']} -> {r['files_after']}, "
-               f"segments {r['segments_before']} -> {r['segments_after']}")
+    with _storage_errors(f"compacting {url}"):
+        r = st.compact(full=full, keep_s=keep)
+    merged = (f"merged {r['compacted']} segments into {r['segments_written']}" if r["compacted"]
+              else "nothing to merge")
+    typer.echo(f"compact: {merged}; deleted {r['merged_deleted']} merged segment(s) and {r['orphans_deleted']} "
+               f"orphaned one(s); files {r['files_before']} -> {r['files_after']} ({r['files_removed']} removed, "
+               f"{r['files_written']} written), {_mb(max(r['bytes_freed'], 0))} freed"
+               + (f" ({_mb(-r['bytes_freed'])} more used until the merged segments are deleted)"
+                  if r["bytes_freed"] < 0 else "")
+               + f"; segments {r['segments_before']} -> {r['segments_after']}")

@@ -6,9 +6,10 @@ and exports npy folders and HDF5 files. (``store.datasets`` holds the dataset ad
 """
 
 from .spec import FeatureSpec
-from .store import FeatureStore, StoreWriter, VerifyReport
+from .store import FeatureStore, StorageError, StoreFullError, StoreWriter, VerifyReport
 
-__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "FeatureDataset"]
+__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError",
+           "FeatureDataset"]
 
 
 def __getattr__(name: str):  # torch is imported only when the Dataset is asked for

@@ -59,11 +59,11 @@ class LocalBackend(Backend):
         path = self._p(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
+        try:  # the temporary file goes whatever fails (a full disk must not keep half-written files)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             if exclusive:
                 try:
                     os.link(tmp, path)  # fails when the file exists: first writer wins

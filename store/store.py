@@ -7,16 +7,23 @@ Layout under the root (a local directory or any fsspec URL)::
     sets/<key>/zarr.json        one group per feature set, attrs {key, name, spec, version, config}
     sets/<key>/<segment>/       one sharded array per (set, segment): the clips of one committed batch
     _commits/<segment>.json     the completion mark of a segment, written last in one whole-object write
+    _commits/.copies/<seg>.json a copy of that mark, written just before it (``repair()`` restores a
+                                damaged mark from it; a copy without a mark is an uncommitted write)
+    _commits/.damaged/<seg>.json the bytes of a mark that ``repair()`` replaced (kept, never read)
 
 A segment exists for readers only once its mark exists. Marks are replayed in order: a clip copy's
 order is the id of the segment that first wrote it (segment ids sort by time); the first copy of a
 clip after the latest tombstone for it wins; clip records merge in order (a later success replaces
 an earlier failure). Compaction rewrites many small segments into one and lists them in its mark's
 ``supersedes``; marks listed there are ignored (and then deleted).
+
+A mark that cannot be read or has the wrong shape hides its clips; every open says so (one warning
+line), ``verify()`` lists it and ``repair()`` rebuilds it from its copy or from the segment's own data.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -41,15 +48,104 @@ from .spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureStore", "StoreWriter", "VerifyReport", "new_segment_id", "FORMAT"]
+__all__ = ["FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "new_segment_id",
+           "FORMAT"]
 
 FORMAT = 1
 COMMITS = "_commits"
+COPIES = f"{COMMITS}/.copies"    # a copy of every mark, for repair()
+DAMAGED = f"{COMMITS}/.damaged"  # damaged marks that repair() replaced, kept as they were
 SETS = "sets"
 CHUNK_BYTES = 64 * 1024  # raw bytes per chunk: the unit a random read decodes
 SHARD_BYTES = 128 * 1024 * 1024  # raw bytes per shard file (one segment = one file up to this size)
 GRACE_S = 3600.0  # orphan data / old tombstones younger than this are left alone by compact()
 _SEGMENT_RE = re.compile(r"^\d{20}-[0-9a-f]{8}$")
+
+
+class StorageError(OSError):
+    """The store cannot be written (disk full, read-only, no permission) or is damaged beyond what the
+    operation can handle. Raised after the operation has removed what it had written: nothing committed
+    was lost. ``str()`` is one line saying what happened and what to do; ``errno`` is the cause's."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> tuple:  # keeps errno across processes (dask workers)
+        return (type(self), (str(self), self.errno))
+
+
+class StoreFullError(StorageError):
+    """No space left on the store's device (ENOSPC, EDQUOT)."""
+
+
+def _storage_error(url: str, e: OSError, doing: str, need_bytes: int | None = None) -> StorageError:
+    code = getattr(e, "errno", None)
+    why = e.strerror or str(e) or type(e).__name__
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        need = f" (it writes up to about {need_bytes / 1e6:.1f} MB)" if need_bytes else ""
+        err: StorageError = StoreFullError(
+            f"disk full while {doing} in {url}: nothing committed was lost and the partial output was removed; "
+            f"free space{need} and rerun", code)
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        err = StorageError(f"{url} is not writable ({why}) while {doing}: nothing committed was lost; "
+                           "make it writable or use another store, then rerun", code)
+    else:
+        err = StorageError(f"storage error while {doing} in {url} ({why}): nothing committed was lost and the "
+                           "partial output was removed; fix the cause and rerun", code)
+    return err
+
+
+def _is_list_of(x: Any, t: type) -> bool:
+    return isinstance(x, list) and all(isinstance(v, t) and not isinstance(v, bool) for v in x)
+
+
+def _mark_problem(mark: Any, seg: str) -> str | None:
+    """What is wrong with the shape of a parsed commit mark, or None when replay can use it."""
+    if not isinstance(mark, dict):
+        return f"is a JSON {type(mark).__name__}, not an object"
+    if mark.get("segment", seg) != seg:
+        return f"names segment {mark.get('segment')!r}, not its own"
+
+    def get(name: str, empty: Any) -> Any:  # a missing or null field is empty; [] where {} belongs is not
+        v = mark.get(name)
+        return empty if v is None else v
+
+    sets = get("sets", {})
+    if not isinstance(sets, dict):
+        return "has 'sets' that is not an object"
+    for key, info in sets.items():
+        if not isinstance(info, dict) or not _is_list_of(info.get("clips"), str):
+            return f"has no list of clip ids for set {key}"
+        n = len(info["clips"])
+        off, origin = info.get("offsets"), info.get("origin")
+        if off is not None and not (_is_list_of(off, int) and len(off) == n + 1):
+            return f"has offsets for set {key} that do not match its {n} clips"
+        if origin is not None and not (_is_list_of(origin, str) and len(origin) == n):
+            return f"has origins for set {key} that do not match its {n} clips"
+    removed = get("removed", {})
+    if not isinstance(removed, dict) or not all(_is_list_of(v, str) for v in removed.values()):
+        return "has 'removed' that is not an object of clip id lists"
+    removed_at = get("removed_at", {})
+    if not isinstance(removed_at, dict) or not all(
+            isinstance(v, dict) and all(isinstance(o, str) for o in v.values()) for v in removed_at.values()):
+        return "has 'removed_at' of the wrong shape"
+    records = get("records", {})
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        return "has 'records' that are not objects"
+    rec_origin = get("record_origin", {})
+    if not isinstance(rec_origin, dict) or not all(isinstance(o, str) for o in rec_origin.values()):
+        return "has 'record_origin' of the wrong shape"
+    sup = get("supersedes", [])
+    if not _is_list_of(sup, str):
+        return "has 'supersedes' that is not a list of segment ids"
+    return None
+
+
+_WARNED: set[tuple[str, str]] = set()  # (store, segment): each damaged mark is reported once per process
 
 
 def _version() -> str:
@@ -298,15 +394,18 @@ class FeatureStore:
             gone = [s for s in self._marks if s not in present]
             new = []
             for s in segs:
-                if s in self._marks or s in self._bad_marks:
-                    continue
-                try:
-                    self._marks[s] = json.loads(self._b.read_bytes(f"{COMMITS}/{s}.json"))
-                    new.append(s)
-                except FileNotFoundError:
+                if s in self._marks:
+                    continue  # (a damaged mark is read again each time: another process may have repaired it)
+                mark, why = self._read_mark(s)
+                if why is None and mark is None:
                     continue  # deleted by a compaction meanwhile
-                except (ValueError, OSError) as e:
-                    self._bad_marks[s] = f"commit mark {s} is unreadable: {e}"
+                if why is not None:
+                    self._bad_marks[s] = f"commit mark {COMMITS}/{s}.json {why}"
+                    self._warn_bad_mark(s, why)
+                    continue
+                self._bad_marks.pop(s, None)
+                self._marks[s] = mark
+                new.append(s)
             for s in gone:
                 del self._marks[s]
             for s in [s for s in self._bad_marks if s not in present]:
@@ -326,6 +425,33 @@ class FeatureStore:
                 self._active.extend(new)
             else:
                 self._rebuild()
+
+    def _read_mark(self, seg: str, base: str = COMMITS) -> tuple[dict | None, str | None]:
+        """(mark, None), (None, what is wrong with it), or (None, None) when there is no such file."""
+        try:
+            raw = self._b.read_bytes(f"{base}/{seg}.json")
+        except FileNotFoundError:
+            return None, None
+        except OSError as e:
+            return None, f"cannot be read ({e.strerror or e})"
+        try:
+            mark = json.loads(raw)
+        except ValueError:
+            return None, f"is not valid JSON ({len(raw)} bytes: truncated or overwritten?)"
+        why = _mark_problem(mark, seg)
+        return (None, why) if why else (mark, None)
+
+    def _warn_bad_mark(self, seg: str, why: str) -> None:
+        if (self.url, seg) in _WARNED:
+            return
+        _WARNED.add((self.url, seg))
+        log.warning("%s: commit mark %s/%s.json %s; the clips it committed are hidden from every reader until "
+                    "`emollama store repair %s` rebuilds it", self.url, COMMITS, seg, why, self.url)
+
+    @property
+    def damaged_marks(self) -> dict[str, str]:
+        """Segment -> what is wrong with its commit mark (its clips are hidden until :meth:`repair`)."""
+        return dict(self._bad_marks)
 
     def _superseded(self) -> set[str]:
         out: set[str] = set()
@@ -553,7 +679,30 @@ class FeatureStore:
         return entry
 
     def _write_mark(self, seg: str, mark: dict) -> None:
-        self._b.write_atomic(f"{COMMITS}/{seg}.json", _dumps(mark))
+        data = _dumps(mark)
+        self._b.write_atomic(f"{COPIES}/{seg}.json", data)  # the copy first: a mark never exists without one
+        self._b.write_atomic(f"{COMMITS}/{seg}.json", data)
+
+    def _discard_segment(self, seg: str) -> None:
+        """Remove what an uncommitted write of ``seg`` left (its arrays in every set, its mark copy)."""
+        for key in self._b.listdir(SETS):
+            if not key.startswith(".") and not key.startswith("zarr.") and self._b.exists(f"{SETS}/{key}/{seg}"):
+                self._b.remove_tree(f"{SETS}/{key}/{seg}")
+        self._b.remove_file(f"{COPIES}/{seg}.json")
+
+    def check_writable(self) -> None:
+        """Raise :class:`StorageError` (one line) unless a small file can be written into the store and removed:
+        call it before starting work that will write."""
+        probe = f"{COMMITS}/.probe-{uuid.uuid4().hex}"
+        try:
+            self._b.write_atomic(probe, b"\0" * 4096)
+            self._b.remove_file(probe)
+        except OSError as e:
+            try:
+                self._b.remove_file(probe)
+            except OSError:
+                pass
+            raise _storage_error(self.url, e, "checking that the store is writable") from None
 
     def _mark_header(self, seg: str, kind: str, writer: str) -> dict:
         return {"format": FORMAT, "kind": kind, "segment": seg, "writer": writer,
@@ -653,6 +802,102 @@ class FeatureStore:
                     out.append(f"{where}: {bad} row(s) in {s}..{s + step} hold NaN or inf")
         return out
 
+    # ------------------------------------------------------------------ repair
+    def repair(self, *, deep: bool = True) -> dict:
+        """Bring a store with damaged commit marks back to a consistent state; returns what was done.
+
+        Each damaged mark is replaced by its copy (``_commits/.copies``) when that is intact, else rebuilt
+        from the segment's own data (each array's attributes hold its clip ids and offsets): the clips
+        whose data is intact are back. Set data that is missing or does not verify is left where it is
+        (the rebuilt mark lists it under ``unrecovered``, so compaction keeps it) and its clips, like every
+        clip that is now missing from some set, get a failed record: a rerun of extraction recomputes them.
+        The damaged mark's bytes are kept in ``_commits/.damaged``. Nothing is deleted.
+        """
+        with self._lock:
+            self.refresh()
+            out: dict[str, Any] = {"marks": {}, "recovered_clips": 0, "recompute": [], "unrecovered": []}
+            recompute: set[str] = set()
+            for seg in sorted(self._bad_marks):
+                why = self._bad_marks[seg]
+                mark, how = self._recover_mark(seg, why, deep, recompute)
+                try:
+                    raw = self._b.read_bytes(f"{COMMITS}/{seg}.json")
+                except OSError:
+                    raw = None
+                try:
+                    if raw is not None:
+                        self._b.write_atomic(f"{DAMAGED}/{seg}.json", raw)
+                    self._write_mark(seg, mark)
+                except OSError as e:
+                    raise _storage_error(self.url, e, f"repairing commit mark {seg}") from None
+                _WARNED.discard((self.url, seg))
+                out["marks"][seg] = how
+                out["recovered_clips"] += len({c for info in mark.get("sets", {}).values() for c in info["clips"]})
+                out["unrecovered"] += mark.get("unrecovered") or []
+            self.refresh()
+            # every clip now missing from some set (and not already failed) is marked for recompute
+            missing: dict[str, list[str]] = {}
+            for c in sorted(self.clips() | recompute):
+                if self._records.get(c, {}).get("status") == "failed":
+                    continue
+                lacks = [k for k in sorted(self._specs) if c not in self._loc.get(k, ())]
+                if lacks:
+                    missing[c] = lacks
+            if missing:
+                seg = new_segment_id()
+                mark = self._mark_header(seg, "repair", f"repair-{os.getpid()}")
+                mark["records"] = {c: {"status": "failed", "reason": f"store repair: features lost from "
+                                       f"{', '.join(keys)}; a rerun of extraction recomputes it"}
+                                   for c, keys in missing.items()}
+                try:
+                    self._write_mark(seg, mark)
+                except OSError as e:
+                    raise _storage_error(self.url, e, "recording the clips to recompute") from None
+                self.refresh()
+            out["recompute"] = sorted(missing)
+            report = self.verify(deep=deep)
+            out["ok"], out["problems"] = report.ok, report.problems
+            return out
+
+    def _recover_mark(self, seg: str, why: str, deep: bool, recompute: set[str]) -> tuple[dict, str]:
+        mark, _ = self._read_mark(seg, COPIES)
+        if mark is not None:
+            how = "restored from its copy"
+        else:
+            sets_entry: dict[str, dict] = {}
+            unrec: list[str] = []
+            for key in self._b.listdir(SETS):
+                rel = f"{SETS}/{key}/{seg}"
+                if key.startswith(".") or key.startswith("zarr.") or not self._b.listdir(rel):
+                    continue
+                try:
+                    attrs = json.loads(self._b.read_bytes(f"{rel}/zarr.json"))["attributes"]
+                    entry = {"clips": attrs["clips"]}
+                    if attrs.get("offsets") is not None:
+                        entry["offsets"] = attrs["offsets"]
+                    if attrs.get("segment", seg) != seg or _mark_problem({"sets": {key: entry}}, seg):
+                        raise ValueError("attributes of the wrong shape")
+                except (OSError, ValueError, KeyError, TypeError):
+                    unrec.append(rel)
+                    continue
+                sets_entry[key] = entry
+            mark = self._mark_header(seg, "repaired", f"repair-{os.getpid()}")
+            mark.update({"sets": sets_entry, "records": {}})
+            if unrec:
+                mark["unrecovered"] = unrec
+            n = len({c for e in sets_entry.values() for c in e["clips"]})
+            how = (f"rebuilt from its segment data ({n} clip(s) in {len(sets_entry)} set(s))" if sets_entry
+                   else "no copy and no readable segment data: nothing to recover (its clips are recomputed by a rerun)")
+        # keep only set data that verifies; the rest stays on disk, listed, and its clips are recomputed
+        for key, info in list((mark.get("sets") or {}).items()):
+            if self._verify_segment(key, seg, info, deep):
+                del mark["sets"][key]
+                mark.setdefault("unrecovered", []).append(f"{SETS}/{key}/{seg}")
+                recompute.update(info["clips"])
+        mark["repaired"] = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "was": why,
+                            "how": how}
+        return mark, how
+
     def _orphans(self, grace_s: float) -> list[str]:
         """Segment data with no commit mark (e.g. a writer killed mid-write), older than ``grace_s``."""
         marked = set(self._marks) | set(self._bad_marks)
@@ -684,7 +929,7 @@ class FeatureStore:
                          "shape": ["T" if d is None else d for d in spec.shape], "dtype": spec.dtype})
         return {"url": self.url, "sets": sets, "clips": len(self.clips()), "failures": len(failures),
                 "failed": failures, "segments": len(self._active), "bytes": sum(s for _, s in files),
-                "files": len(files)}
+                "files": len(files), "damaged_marks": dict(self._bad_marks)}
 
     # ------------------------------------------------------------------ compaction
     def compact(self, min_segments: int = 2, *, full: bool = False, grace_s: float = GRACE_S,
@@ -698,20 +943,41 @@ class FeatureStore:
         compacted segments. Orphan data older than ``grace_s`` seconds is deleted. Merged segments
         are deleted once their merge is ``keep_s`` seconds old (0: at once), so readers that opened
         the store before the merge (a training run in another process) keep finding their data.
+
+        Returns what it did: ``compacted`` (segments merged), ``segments_written``, ``merged_deleted``
+        (merged segments deleted, including those of an earlier compaction), ``orphans_deleted``,
+        ``files_before/after``, ``files_removed``, ``files_written``, ``bytes_before/after``, ``bytes_freed``
+        and ``segments_before/after``. On a full disk (or any other write error) the new segment's partial
+        output is removed, the store is left as it was, and :class:`StorageError` is raised.
         """
         with self._lock:
             self.refresh()
-            files_before = len(self._b.walk(""))
-            self._delete_superseded(keep_s)  # finish an interrupted (or deferred) compaction
-            cands = [s for s in self._active if full or self._marks[s].get("kind") != "compact"]
-            result = {"segments_before": len(self._active), "compacted": 0, "files_before": files_before}
+            before = dict(self._b.walk(""))
+            result: dict[str, Any] = {"segments_before": len(self._active), "compacted": 0, "segments_written": 0,
+                                      "files_before": len(before), "bytes_before": sum(before.values())}
+            # finish an interrupted (or deferred) compaction
+            result["merged_deleted"] = self._delete_superseded(keep_s)
+            cands = [s for s in self._active if (full or self._marks[s].get("kind") != "compact")
+                     and not self._marks[s].get("unrecovered")]  # repair() left data there nothing else has
             if len(cands) >= max(min_segments, 1):
-                self._compact(cands, grace_s, keep_s)
+                try:
+                    self._compact(cands, grace_s, keep_s)
+                except OSError as e:
+                    if isinstance(e, StorageError):
+                        raise
+                    cand = set(cands)
+                    need = sum(n for p, n in before.items() if p.startswith(f"{SETS}/") and len(p.split("/")) > 3
+                               and p.split("/")[2] in cand)
+                    raise _storage_error(self.url, e, "compacting", need_bytes=need) from None
                 result["compacted"] = len(cands)
+                result["segments_written"] = 1
+                result["merged_deleted"] += self._delete_superseded(keep_s)
             result["orphans_deleted"] = self._gc(grace_s)
             self.refresh()
-            result["segments_after"] = len(self._active)
-            result["files_after"] = len(self._b.walk(""))
+            after = dict(self._b.walk(""))
+            result.update(segments_after=len(self._active), files_after=len(after), bytes_after=sum(after.values()),
+                          files_removed=len(before.keys() - after.keys()), files_written=len(after.keys() - before.keys()))
+            result["bytes_freed"] = result["bytes_before"] - result["bytes_after"]
             return result
 
     def _hook(self, step: str) -> None:
@@ -719,8 +985,21 @@ class FeatureStore:
             self._compact_hook(step)
 
     def _compact(self, cands: list[str], grace_s: float, keep_s: float = 0.0) -> str:
-        cand = set(cands)
         seg = new_segment_id()
+        try:
+            return self._compact_into(seg, cands, grace_s)
+        except BaseException:
+            # the new mark is written last and atomically: without it nothing of seg is committed, so
+            # what was written goes now (a full disk must not keep orphans until the grace period ends)
+            if not self._b.exists(f"{COMMITS}/{seg}.json"):
+                try:
+                    self._discard_segment(seg)
+                except OSError as e2:  # noqa: PERF203 - best effort; the next compact's gc finishes it
+                    log.warning("could not remove the partial compaction output %s: %s", seg, e2)
+            raise
+
+    def _compact_into(self, seg: str, cands: list[str], grace_s: float) -> str:
+        cand = set(cands)
         # what the non-candidate (kept) marks hold, so tombstones hiding their rows are carried on
         kept_copies: set[tuple[str, str]] = set()
         kept_clips: set[str] = set()
@@ -764,7 +1043,6 @@ class FeatureStore:
         self._write_mark(seg, mark)
         self._hook("mark-written")
         self.refresh()
-        self._delete_superseded(keep_s)
         return seg
 
     def _iter_rows(self, key: str, items: list[tuple[str, tuple]]) -> Iterator[np.ndarray]:
@@ -791,18 +1069,20 @@ class FeatureStore:
                 yield data[a - lo] if b == -1 else data[a - lo : b - lo]
             i = j
 
-    def _delete_superseded(self, keep_s: float = 0.0) -> None:
+    def _delete_superseded(self, keep_s: float = 0.0) -> int:
         """Delete marks listed in some ``supersedes`` whose merge is at least ``keep_s`` seconds old
-        (marks first, then their data)."""
+        (marks first, then their data). Returns how many segments were deleted."""
         merged_by: dict[str, str] = {}
         for seg, m in self._marks.items():
             for s in m.get("supersedes") or ():
                 merged_by[s] = min(merged_by.get(s, seg), seg)
         doomed = [s for s in self._marks if s in merged_by and _segment_age_s(merged_by[s]) >= keep_s]
         if not doomed:
-            return
+            return 0
         for s in doomed:
             self._b.remove_file(f"{COMMITS}/{s}.json")
+        for s in doomed:
+            self._b.remove_file(f"{COPIES}/{s}.json")
         self._hook("marks-deleted")
         if doomed:
             for key in self._b.listdir(SETS):
@@ -813,12 +1093,19 @@ class FeatureStore:
                     if s in present:
                         self._b.remove_tree(f"{SETS}/{key}/{s}")
             self.refresh()
+        return len(doomed)
 
     def _gc(self, grace_s: float) -> int:
         self.refresh()
         orphans = self._orphans(grace_s)
         for p in orphans:
             self._b.remove_tree(p)
+        # mark copies whose mark never came (a writer died between the two) or went with a compaction
+        marked = set(self._marks) | set(self._bad_marks)
+        for name in self._b.listdir(COPIES):
+            s = name[: -len(".json")] if name.endswith(".json") else ""
+            if _SEGMENT_RE.match(s) and s not in marked and _segment_age_s(s) >= grace_s:
+                self._b.remove_file(f"{COPIES}/{name}")
         return len(orphans)
 
 
@@ -834,6 +1121,7 @@ class StoreWriter:
         self.writer_id = writer_id
         self._feats: dict[str, dict[str, np.ndarray]] = {}
         self._records: dict[str, dict] = {}
+        self._replace: dict[str, set[str]] = {}  # clip -> set keys whose earlier copies this commit supersedes
         self.segments: list[str] = []
 
     @property
@@ -841,8 +1129,13 @@ class StoreWriter:
         """Clips (features or failures) waiting for :meth:`commit`."""
         return len(self._records)
 
-    def add(self, clip_id: str, features: Mapping[str, np.ndarray], record: Mapping | None = None) -> None:
-        """Queue one clip's features (keyed by set key or unique name); shapes are checked against the spec."""
+    def add(self, clip_id: str, features: Mapping[str, np.ndarray], record: Mapping | None = None, *,
+            replace: bool = False) -> None:
+        """Queue one clip's features (keyed by set key or unique name); shapes are checked against the spec.
+
+        ``replace``: the clip's earlier copies in these sets are superseded by this commit's mark itself
+        (a tombstone ordered just before the new copy), so there is no moment at which the clip has no
+        features, and the earlier ones stay if the commit never happens."""
         if not isinstance(clip_id, str) or not clip_id or "/" in clip_id:
             raise ValueError(f"clip id must be a non-empty string without '/', got {clip_id!r}")
         if not features:
@@ -855,6 +1148,8 @@ class StoreWriter:
                 raise KeyError(f"{e.args[0]}; call store.ensure_set(spec) before writing") from None
             checked[key] = self.store._specs[key].check(clip_id, v)
         self._feats.setdefault(clip_id, {}).update(checked)
+        if replace:
+            self._replace.setdefault(clip_id, set()).update(checked)
         rec = {**self._records.get(clip_id, {}), **dict(record or {}), "status": "ok"}
         rec.pop("reason", None)
         self._records[clip_id] = rec
@@ -862,6 +1157,7 @@ class StoreWriter:
     def fail(self, clip_id: str, reason: str, record: Mapping | None = None) -> None:
         """Record that a clip failed (and drop any of its features queued in this writer)."""
         self._feats.pop(clip_id, None)
+        self._replace.pop(clip_id, None)
         self._records[clip_id] = {**dict(record or {}), "status": "failed", "reason": str(reason)}
 
     def commit(self) -> str | None:
@@ -875,20 +1171,36 @@ class StoreWriter:
             for key, x in feats.items():
                 by_key.setdefault(key, []).append((clip, x))
         sets_entry = {}
-        for key, items in by_key.items():
-            lengths = [len(x) for _, x in items] if store._specs[key].variable else None
-            sets_entry[key] = store._write_rows(key, seg, [c for c, _ in items], [x for _, x in items], lengths)
-        mark = store._mark_header(seg, "data", self.writer_id)
-        mark.update({"sets": sets_entry, "records": self._records})
-        store._write_mark(seg, mark)
-        self._feats, self._records = {}, {}
+        try:
+            for key, items in by_key.items():
+                lengths = [len(x) for _, x in items] if store._specs[key].variable else None
+                sets_entry[key] = store._write_rows(key, seg, [c for c, _ in items], [x for _, x in items], lengths)
+            mark = store._mark_header(seg, "data", self.writer_id)
+            mark.update({"sets": sets_entry, "records": self._records})
+            removed_at: dict[str, dict[str, str]] = {}
+            for clip, ks in self._replace.items():
+                for k in ks:
+                    removed_at.setdefault(k, {})[clip] = seg  # sorts before this mark's own copy of the clip
+            if removed_at:
+                mark["removed_at"] = removed_at
+            store._write_mark(seg, mark)
+        except BaseException as e:
+            # nothing of seg is committed (the mark is written last, atomically): remove what was written
+            try:
+                store._discard_segment(seg)
+            except OSError as e2:
+                log.warning("could not remove the uncommitted segment %s: %s", seg, e2)
+            if isinstance(e, OSError) and not isinstance(e, StorageError):
+                raise _storage_error(store.url, e, f"committing {len(self._records)} clip(s)") from e
+            raise
+        self._feats, self._records, self._replace = {}, {}, {}
         self.segments.append(seg)
         store.refresh()
         log.debug("committed segment %s (%d sets)", seg, len(sets_entry))
         return seg
 
     def discard(self) -> None:
-        self._feats, self._records = {}, {}
+        self._feats, self._records, self._replace = {}, {}, {}
 
     def __enter__(self) -> "StoreWriter":
         return self
