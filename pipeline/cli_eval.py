@@ -53,15 +53,26 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(e: Exception, code: int = 2) -> None:
+    from pipeline.evaluation import EvalStorageError
+
+    if isinstance(e, EvalStorageError):
+        code = 4          # a storage error: the eval store cannot be written
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(code)
+
+
+CACHE_HELP = ("Where clips missing from the training store are extracted (default: <run>/eval-store.zarr). "
+              "The training store (--store, default the run's) is only read, never written; reruns reuse "
+              "what this store holds.")
 
 
 def eval_cmd(
     run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train`)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="mer2023 | merr | dfew | emer"),
     data: str = typer.Option(..., "--data", help="The corpus folder (emer: the CSV name,chinese,english or its folder)."),
-    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store (default: the run's)."),
+    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); "
+                                        "never written."),
+    cache_store: Optional[str] = typer.Option(None, "--cache-store", help=CACHE_HELP),
     split: str = typer.Option("test", "--split", help="The split to evaluate."),
     fold: Optional[int] = typer.Option(None, "--fold", help="DFEW fold 1-5."),
     all_folds: bool = typer.Option(False, "--all-folds", help="DFEW: each of the five folds, then their mean."),
@@ -74,7 +85,8 @@ def eval_cmd(
     reason_tokens: int = typer.Option(96, "--reason-tokens", help="Generated tokens for EMER reasoning texts."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Clips per forward pass."),
     workers: int = typer.Option(0, "--workers", "-w", help="Extraction of missing clips: 0 = in this process."),
-    extract: bool = typer.Option(True, "--extract/--no-extract", help="Extract clips missing from the store."),
+    extract: bool = typer.Option(True, "--extract/--no-extract", help="Extract clips missing from the store "
+                                 "(into --cache-store)."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate answers and parse them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Reports here instead of <run>/eval/."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
@@ -91,7 +103,10 @@ def eval_cmd(
     """Evaluate a trained run: MER2023 / MERR (weighted F1, accuracy, per class, confusion matrix),
     DFEW (UAR and WAR per fold and averaged), EMER (Clue / Label Overlap by an LLM judge, else a
     lexical proxy). Labels come three ways: closed set (label likelihoods), the parsed generated
-    answer, and the public scorer on the generated answer (last word; outside the labels -> neutral). Reports go to <run>/eval/<dataset>[-fold<k>]/ (metrics.json, report.md, figures)."""
+    answer, and the public scorer on the generated answer (last word; outside the labels -> neutral). Reports go to <run>/eval/<dataset>[-fold<k>]/ (metrics.json, report.md, figures).
+    Clips missing from the run's store are extracted with the settings of its feature sets into
+    --cache-store (default <run>/eval-store.zarr); the run's store is only read. Exit status 4 when
+    that store cannot be written."""
     from pipeline.evaluation import EvalError, EvalOptions, evaluate
     from store.datasets import DatasetError
     from train.checkpoint import CheckpointError
@@ -110,7 +125,8 @@ def eval_cmd(
                        label_map=list(label_map or []), max_new_tokens=max_new_tokens, reason_tokens=reason_tokens,
                        batch_size=batch_size, workers=workers, extract=extract, generate=generate,
                        out=str(out) if out else None, device=device, progress=progress,
-                       judge_url=judge_url, judge_model=judge_model, layout=layout, features=list(feature or []))
+                       judge_url=judge_url, judge_model=judge_model, layout=layout, features=list(feature or []),
+                       cache_store=cache_store)
     say = (lambda s: None) if as_json else typer.echo
     try:
         res = evaluate(opts, say=say)
@@ -124,8 +140,9 @@ def eval_cmd(
 def infer_cmd(
     clips: List[Path] = typer.Argument(..., help="Video files."),
     run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train`)."),
-    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store for the new clips "
-                                        "(default: the run's; its cache is reused)."),
+    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); "
+                                        "never written."),
+    cache_store: Optional[str] = typer.Option(None, "--cache-store", help=CACHE_HELP),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label set (default: the run's)."),
     subtitle: Optional[str] = typer.Option(None, "--subtitle", help="What the person says (same for every clip)."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Tokens of the reasoning text."),
@@ -137,7 +154,9 @@ def infer_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Label, probability of every label and reasoning text for any video, through exactly the
-    features the run was trained on (extracted with its feature sets' settings into its store)."""
+    features the run was trained on (extracted with its feature sets' settings into --cache-store,
+    default <run>/eval-store.zarr; the run's store is only read). A path that is not a video file (a
+    FIFO, a device, a folder without frames) fails on its own line; exit status 1 when any clip failed."""
     from pipeline.evaluation import EvalError, infer
     from store.datasets import DatasetError
     from train.checkpoint import CheckpointError
@@ -147,7 +166,7 @@ def infer_cmd(
     try:
         results = infer(run, clips, store=store, labels=[x for x in labels.split(",") if x.strip()] if labels else None,
                         subtitle=subtitle, max_new_tokens=max_new_tokens, workers=workers, device=device,
-                        reason=reason, layout=layout, features=list(feature or []))
+                        reason=reason, layout=layout, features=list(feature or []), cache_store=cache_store)
     except (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, FileNotFoundError, KeyError) as e:
         _fail(e)
     if as_json:

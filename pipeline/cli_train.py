@@ -83,9 +83,11 @@ def train_cmd(
 ) -> None:
     """Stage two: train the projectors and the LoRA adapter over the feature store.
 
-    Under torchrun every process runs this same command (DDP; rank 0 writes the run folder)."""
+    Under torchrun every process runs this same command (DDP; rank 0 writes the run folder).
+    Exit status: 2 a configuration error, 3 the loss diverged, 4 the run folder cannot be written
+    (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it."""
     from store.datasets import DatasetError
-    from train.checkpoint import CheckpointError
+    from train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
     from train.config import TrainConfigError, load_train_config
     from train.loop import TrainingDiverged, train
     from train.model import MissingModelError
@@ -108,9 +110,19 @@ def train_cmd(
     except TrainingDiverged as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)
+    except CheckpointWriteError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(4)
     except (MissingModelError, DatasetError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except OSError as e:
+        if not storage_error(e, Path(cfg.run.out)):
+            raise
+        # any other write into the run folder (config, metrics, loss curve, TensorBoard) that failed
+        what = Path(e.filename).name if getattr(e, "filename", None) else "a file"
+        typer.echo(f"error: {write_failure(Path(cfg.run.out), what, e)}", err=True)
+        raise typer.Exit(4)
     if as_json:
         m = {k: v for k, v in result.metrics.items() if k != "predictions"}
         typer.echo(json.dumps({"run": str(result.run), "step": result.step, "metrics": m,

@@ -12,11 +12,15 @@
                                        scheduler, loss history)
 
 Every folder is built under a temporary name in the same parent and renamed into place, so a crash
-never leaves a half-written checkpoint; the newest ``step-*`` folder is always complete.
+never leaves a half-written checkpoint; the newest ``step-*`` folder is always complete. A save that
+cannot be written (disk full, quota, read-only) removes its temporary files and raises
+``CheckpointWriteError`` naming the folder, the free space and the last complete checkpoint, which
+stays untouched (``emollama train`` exits 4; ``--resume`` continues from it once there is room).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -36,6 +40,85 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or not in a safe format."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, quota, read-only); the last complete one is intact."""
+
+    def __init__(self, message: str, last: Path | None = None) -> None:
+        super().__init__(message)
+        self.last = last
+
+
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def storage_error(e: OSError, run: Path) -> bool:
+    """``e`` is a failed write of the run folder: a full disk, a quota, a read-only file system, or a
+    permission refused on a path inside ``run``."""
+    if e.errno in FULL_ERRNOS:
+        return True
+    if e.errno in (errno.EACCES, errno.EPERM) and getattr(e, "filename", None):
+        try:
+            Path(e.filename).resolve().relative_to(Path(run).resolve())
+            return True
+        except (ValueError, OSError):
+            return False
+    return False
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _free(path: Path) -> str:
+    try:
+        return _human(shutil.disk_usage(path).free)
+    except OSError:
+        return "unknown"
+
+
+def _tree_bytes(path: Path | None) -> int:
+    if path is None:
+        return 0
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def write_failure(run: Path, what: str, error: BaseException) -> CheckpointWriteError:
+    """One line: what could not be written where, why, the free space there, the last complete
+    checkpoint (untouched) and what to do."""
+    run = Path(run)
+    last = latest_checkpoint(run)
+    need = _tree_bytes(last)
+    text = str(error)
+    if isinstance(error, OSError) and error.errno:
+        why = os.strerror(error.errno)
+    elif "No space left" in text or "os error 28" in text:   # safetensors: "I/O error: No space left ..."
+        why = os.strerror(errno.ENOSPC)
+    else:   # torch.save wraps the OS error in its own ("PytorchStreamWriter failed writing file ...")
+        first = (text.strip().splitlines() or [type(error).__name__])[-1].strip()
+        why = f"write failed ({first[:160]})"
+        try:
+            if need and shutil.disk_usage(run).free < need:
+                why = f"the disk is full: {why}"
+        except OSError:
+            pass
+    room = f"{_free(run)} free there" + (f", a checkpoint takes about {_human(need)}" if need else "")
+    kept = (f"the last complete checkpoint {last} is intact and nothing committed was lost"
+            if last is not None else "no checkpoint had been written yet")
+    return CheckpointWriteError(f"cannot write {what} in {run}: {why} ({room}); {kept}. Free some space (or pick "
+                                f"a writable --out) and rerun with --resume.", last)
+
+
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -50,8 +133,12 @@ def versions() -> dict[str, str]:
 
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)     # never leave a partial temp file behind (a full disk stays as full)
+        raise
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -151,15 +238,31 @@ def write_weights(model, folder: Path, proj_meta: Mapping[str, Any]) -> None:
     save_projectors(model.projectors, folder, proj_meta)
 
 
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError, torch's RuntimeError ("PytorchStreamWriter failed writing
+    file ..."), safetensors' own error."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:     # pragma: no cover
+        return (OSError, RuntimeError)
+    return (OSError, RuntimeError, SafetensorError)
+
+
 def save_checkpoint(run: Path, step: int, model, optimizer, state: Mapping[str, Any],
                     proj_meta: Mapping[str, Any], keep_last: int = 1) -> Path:
     """A resumable checkpoint at ``<run>/checkpoints/step-N``, then the exported weights at the
-    top of the run folder; older checkpoints beyond ``keep_last`` are removed."""
+    top of the run folder; older checkpoints beyond ``keep_last`` are removed only after both.
+
+    A write that fails (disk full, ...) removes this save's temporary files and raises
+    ``CheckpointWriteError``; the previous complete checkpoint and exported weights are untouched."""
+    run = Path(run)
     ckdir = run / "checkpoints"
-    ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"{STEP_PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckdir))
+    what = f"the step-{step} checkpoint"
+    tmp: Path | None = None
     try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckdir))
         write_weights(model, tmp, proj_meta)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state()}
@@ -168,18 +271,34 @@ def save_checkpoint(run: Path, step: int, model, optimizer, state: Mapping[str, 
         torch.save(rng, tmp / "rng.pt")
         write_json(tmp / "state.json", dict(state))
         _replace_dir(tmp, final)
+    except _write_errors() as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure(run, what, e) from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     # exported weights beside the run's config: each piece replaced atomically
-    for name in ("adapter",):
-        t = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=run))
-        shutil.rmtree(t)
-        shutil.copytree(final / name, t)
-        _replace_dir(t, run / name)
-    for name in (PROJECTORS, PROJECTORS_JSON):
-        t = run / f".{name}.tmp-{os.getpid()}"
-        shutil.copyfile(final / name, t)
-        os.replace(t, run / name)
+    t: Path | None = None
+    try:
+        for name in ("adapter",):
+            t = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=run))
+            shutil.rmtree(t)
+            shutil.copytree(final / name, t)
+            _replace_dir(t, run / name)
+            t = None
+        for name in (PROJECTORS, PROJECTORS_JSON):
+            t = run / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(final / name, t)
+            os.replace(t, run / name)
+            t = None
+    except _write_errors() as e:
+        if t is not None:
+            if t.is_dir():
+                shutil.rmtree(t, ignore_errors=True)
+            else:
+                t.unlink(missing_ok=True)
+        raise write_failure(run, f"the exported weights of step {step}", e) from e
     for old in list_checkpoints(run)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import (latest_checkpoint, load_adapter, load_checkpoint, load_projectors, save_checkpoint,
-                         versions, write_json)
+from .checkpoint import (FULL_ERRNOS, CheckpointWriteError, latest_checkpoint, load_adapter, load_checkpoint,
+                         load_projectors, save_checkpoint, versions, write_json)
 from .config import PAPER_LLM, TrainConfig
 from .data import StepLoader, TrainData, epoch_plan, fit_statistics
 from .evaluate import evaluate_closed_set, format_metrics
@@ -244,8 +244,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     writer = None
+    tb_before: set[str] = set()
+    ck_before = latest_checkpoint(run)
     if main:
         from torch.utils.tensorboard import SummaryWriter
+        tb_before = set(os.listdir(run / "tb")) if (run / "tb").is_dir() else set()
         writer = SummaryWriter(str(run / "tb"), purge_step=step + 1 if step else None)
     bar = None
     if progress and main:
@@ -272,6 +275,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
     samples = 0
     plan_cache: dict[int, list] = {}
     t_loop = time.perf_counter()
+    disk_failed = False
     try:
         while step < stop:
             epoch, pos = divmod(step, steps_per_epoch)
@@ -372,11 +376,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = Non
                 say(note)
         if ddp:
             torch.distributed.barrier()
+    except (CheckpointWriteError, OSError) as e:
+        disk_failed = isinstance(e, CheckpointWriteError) or e.errno in FULL_ERRNOS
+        raise
     finally:
         if bar:
             bar.close()
         if writer:
-            writer.close()
+            try:
+                writer.close()
+            except Exception as e:   # noqa: BLE001 - a full disk must not hide the error that stopped training
+                log.warning("TensorBoard log of %s not flushed: %s", run, e)
+            if disk_failed and latest_checkpoint(run) == ck_before:
+                # no checkpoint was written in this attempt: --resume redoes all of its steps (and would purge
+                # their TensorBoard events), so its event file goes and retries on a full disk leave nothing
+                with contextlib.suppress(OSError):
+                    for name in set(os.listdir(run / "tb")) - tb_before:
+                        os.remove(run / "tb" / name)
     return TrainResult(run, step, history, metrics, params, evals, time.perf_counter() - start, samples)
 
 

@@ -1,5 +1,5 @@
 """`emollama infer` end to end: a real clip from ../shared/samples/mer2023-examples through the run's
-exact feature settings into its store, label + probabilities + reasoning; same-named files never collide."""
+exact feature settings into its eval store, label + probabilities + reasoning; same-named files never collide."""
 
 import json
 import shutil
@@ -49,10 +49,13 @@ def test_infer_a_real_clip_and_two_files_with_the_same_name(run_dir, tmp_path):
         assert set(r["probabilities"]) == set(labels) and sum(r["probabilities"].values()) == pytest.approx(1.0)
         assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
         assert isinstance(r["reasoning"], str)
-    # the clips are in the run's store under every feature set the run reads, with their sources
-    st = FeatureStore.open(store)
+    # the clips are in the run's eval store under every feature set the run reads, with their sources;
+    # the training store was only read
+    st = FeatureStore.open(run / "eval-store.zarr", create=False)
     keys = json.loads((run / "feature_sets.json").read_text())
+    assert set(keys) <= set(st.sets()) <= set(FeatureStore.open(store).sets())   # the same set keys
     assert all({out[0]["id"], out[1]["id"]} <= st.complete(k) for k in keys)
+    assert not {out[0]["id"], out[1]["id"]} & FeatureStore.open(store).clips()
     assert st.records()[out[0]["id"]]["source"] == str(real.resolve())
     # a second call reuses the store's features; the text output names the label and probabilities
     again = runner.invoke(app, ["infer", "--run", str(run), str(real), "--no-reason"])

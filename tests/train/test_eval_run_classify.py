@@ -60,7 +60,8 @@ def test_eval_cli_reproduces_training_closed_set_and_writes_the_report(tiny_run)
     assert m["tiny"] and "random tiny fixture" in m["note"] and "random tiny fixture" in (out / "report.md").read_text()
     assert m["n"] == result.metrics["n"] and m["labels"] == result.metrics["labels"]
     assert m["extraction"] == {"extracted": 0, "reused": m["n"], "failed": [],       # all from the store
-                               "not_in_imported_sets": {}}
+                               "not_in_imported_sets": {}, "eval_store": str(run / "eval-store.zarr")}
+    assert not (run / "eval-store.zarr").exists()       # nothing to extract: no eval store made
     # the reloaded run (adapter + projectors + standardization from disk) predicts what training predicted
     preds = {json.loads(l)["id"]: json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()}
     assert {k: v["closed_set"] for k, v in preds.items()} == result.metrics["predictions"]
@@ -189,10 +190,13 @@ def test_dfew_all_folds_zero_shot_with_label_map_extracts_missing_clips(visual_r
     assert mean["uar"] == pytest.approx(np.mean([p["closed_set"]["uar"] for p in per]))
     assert mean["war"] == pytest.approx(np.mean([p["closed_set"]["accuracy"] for p in per]))
     assert (tmp_path / "ev" / "dfew" / "report.md").is_file()
-    # the DFEW clips went into the run's store with exactly the run's feature-set keys
-    st = FeatureStore.open(store)
+    # the DFEW clips went into the run's eval store with exactly the run's feature-set keys; the
+    # training store was only read
+    st = FeatureStore.open(run / "eval-store.zarr", create=False)
     keys = json.loads((run / "feature_sets.json").read_text())
+    assert set(keys) <= set(st.sets()) <= set(FeatureStore.open(store).sets())   # the same set keys
     assert all({f"{i:05d}" for i in range(1, 9)} <= st.complete(k) for k in keys)
+    assert not any({f"{i:05d}" for i in range(1, 9)} & FeatureStore.open(store).complete(k) for k in keys)
 
 
 def test_eval_errors_are_clear(tiny_run, tmp_path):
