@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 LONG_CLIP_SECONDS = 120.0  # longer clips are read by seeking to each target
+DEFAULT_MAX_PIXELS = 8192 * 8192  # a decoded frame larger than this fails the clip (extract.max_pixels)
 SEEK_GAP_SECONDS = 5.0  # in seek mode, decode forward instead of seeking when the next target is this close
 
 
@@ -38,13 +39,14 @@ class MediaInfo:
     path: str
     duration: float  # seconds
     fps: float | None  # average frame rate (folder: folder_fps)
-    n_frames: int  # container count, else round(duration * fps)
+    n_frames: int  # container count, else round(duration * fps), else packets counted (no duration in the header)
     width: int  # as displayed (after rotation)
     height: int
     rotation: int  # degrees counter-clockwise applied for display: 0, 90, 180 or 270
     has_video: bool
     has_audio: bool
     audio_rate: int | None
+    frames_from: str = "header"  # where n_frames came from: header | duration | packets (counted) | folder
 
 
 # ---------------------------------------------------------------- index helpers
@@ -114,14 +116,33 @@ def _first_readable(files: list[Path], i: int) -> Image.Image:
         raise DecodeError(f"no readable frame in {files[i].parent} ({first})") from first
 
 
-def _probe_folder(folder: Path, folder_fps: float) -> MediaInfo:
+def check_pixels(width: int, height: int, max_pixels: int | None) -> None:
+    """Refuse a frame size whose decoding would need more than ``max_pixels`` pixels (None/0: no limit).
+
+    Checked from the header, before anything is decoded: a tiny file can declare a huge frame."""
+    if max_pixels and width * height > max_pixels:
+        raise DecodeError(f"frame size {width}x{height} ({width * height:,} pixels) exceeds the limit of "
+                          f"{max_pixels:,} pixels (extract.max_pixels)")
+
+
+def _probe_folder(folder: Path, folder_fps: float, max_pixels: int | None = None) -> MediaInfo:
     files = list_frame_files(folder)
     if not files:
         raise DecodeError(f"no video stream: folder has no {'/'.join(IMAGE_SUFFIXES)} frames")
+    if max_pixels:
+        try:
+            with Image.open(files[0]) as head:   # reads the header only
+                check_pixels(head.width, head.height, max_pixels)
+        except DecodeError:
+            raise
+        except Exception:  # noqa: BLE001 - an unreadable first frame is handled below
+            pass
     img = _first_readable(files, 0)
+    check_pixels(img.width, img.height, max_pixels)
     return MediaInfo(
         path=str(folder), duration=len(files) / folder_fps, fps=folder_fps, n_frames=len(files),
         width=img.width, height=img.height, rotation=0, has_video=True, has_audio=False, audio_rate=None,
+        frames_from="folder",
     )
 
 
@@ -185,16 +206,61 @@ def _frames(container, stream) -> Iterator[av.VideoFrame]:
         log.warning("video decoding stopped early after %d frames: %s", n, e)
 
 
-def probe(source: str | Path, *, folder_fps: float = 25.0) -> MediaInfo:
+def count_packets(path: Path) -> tuple[int, float]:
+    """Frames of the first video stream counted from its packets (a demuxing pass: nothing is decoded),
+    and the duration they span. For containers whose header holds no duration or frame count
+    (Matroska/WebM written through a pipe, browser and streaming recordings).
+
+    Raises DecodeError when the container ends in the middle of a record: the file is truncated, or
+    still being written, and must not be stored as a complete clip."""
+    import av.logging as avlog
+
+    container = _open(path)
+    previous = avlog.get_level()
+    try:
+        vs = container.streams.video[0]
+        tb = float(vs.time_base) if vs.time_base else None
+        n, lo, hi, last_dur = 0, None, None, 0
+        # libav reports a record cut short only in its log ("File ended prematurely"): listen to it
+        if previous is None or previous < avlog.ERROR:
+            avlog.set_level(avlog.ERROR)
+        with avlog.Capture(True) as logs:
+            try:
+                for pkt in container.demux(vs):
+                    if not pkt.size:
+                        continue
+                    n += 1
+                    if pkt.pts is not None:
+                        lo = pkt.pts if lo is None else min(lo, pkt.pts)
+                        if hi is None or pkt.pts >= hi:
+                            hi, last_dur = pkt.pts, pkt.duration or 0
+            except av.FFmpegError as e:
+                raise DecodeError(f"incomplete file: demuxing stopped after {n} frames ({e}); "
+                                  "truncated, or still being written: rerun once it is complete") from e
+        cut = [msg.strip() for level, _name, msg in logs
+               if level <= avlog.ERROR and ("prematurely" in msg or "truncat" in msg.lower())]
+        if cut:
+            raise DecodeError(f"incomplete file: the container ends in the middle of a record after {n} frames "
+                              f"({cut[0]}); truncated, or still being written: rerun once it is complete")
+        span = (hi - lo + last_dur) * tb if tb and lo is not None and hi is not None else 0.0
+        return n, float(span)
+    finally:
+        avlog.set_level(previous)
+        container.close()
+
+
+def probe(source: str | Path, *, folder_fps: float = 25.0, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> MediaInfo:
     """Duration, frame rate, size, rotation and streams of a video file or frame folder.
 
-    Decodes the first video frame (to read rotation and to prove the clip decodes).
+    Decodes the first video frame (to read rotation and to prove the clip decodes), after checking
+    the declared frame size against ``max_pixels``. When the header gives neither a frame count nor
+    a duration (a stream written through a pipe), the frames are counted from the packets.
     A file with audio but no video is returned with ``has_video=False``;
     ``read_frames`` on it raises ``DecodeError("no video stream")``.
     """
     path = Path(source)
     if path.is_dir():
-        return _probe_folder(path, folder_fps)
+        return _probe_folder(path, folder_fps, max_pixels)
     container = _open(path)
     try:
         vs = container.streams.video[0] if container.streams.video else None
@@ -208,20 +274,34 @@ def probe(source: str | Path, *, folder_fps: float = 25.0) -> MediaInfo:
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         fps = float(rate) if rate else None
         dur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else container_dur
+        cc = vs.codec_context
+        check_pixels(int(cc.width or 0), int(cc.height or 0), max_pixels)
         vs.thread_type = "AUTO"
         first = next(_frames(container, vs), None)
         if first is None:
             raise DecodeError("zero length: no decodable video frames")
+        check_pixels(first.width, first.height, max_pixels)
         rotation = _norm_rotation(first.rotation)
         n_frames = int(vs.frames or 0)
-        if n_frames <= 0:
-            n_frames = max(1, round(dur * fps)) if fps and dur > 0 else 1
+        frames_from = "header"
+        if n_frames <= 0 and fps and dur > 0:
+            n_frames, frames_from = max(1, round(dur * fps)), "duration"
+        elif n_frames <= 0:
+            # no frame count and no duration in the header: count the packets, never guess one frame
+            n_frames, span = count_packets(path)
+            frames_from = "packets"
+            if n_frames <= 0:
+                raise DecodeError("zero length: no video packets")
+            if not fps and span > 0:
+                fps = n_frames / span
+            dur = span if span > 0 else (n_frames / fps if fps else 0.0)
         if dur <= 0:
             dur = n_frames / fps if fps else 0.0
         w, h = first.width, first.height
         if rotation in (90, 270):
             w, h = h, w
-        return MediaInfo(str(path), dur, fps, n_frames, w, h, rotation, True, as_ is not None, audio_rate)
+        return MediaInfo(str(path), dur, fps, n_frames, w, h, rotation, True, as_ is not None, audio_rate,
+                         frames_from)
     finally:
         container.close()
 

@@ -55,12 +55,15 @@ class ExtractSettings:
     missing_audio: str = "auto"     # a clip with no sound: fail | silence | auto (silence for frame folders)
     batch_size: int = 32            # encoder batch size (images)
     micro_batch: int = 4            # clips encoded together
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS   # a larger decoded frame fails the clip (runtime only: no value changes)
 
 
 @dataclass(frozen=True)
 class ClipJob:
     id: str
     source: str
+    replace: bool = False   # the clip has features from an earlier version of its source: keep them until
+                            # the new ones are committed (a failure then leaves the old ones and their record)
 
 
 @dataclass
@@ -69,6 +72,8 @@ class BatchResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)   # stage -> seconds
     no_face: list[str] = field(default_factory=list)
+    preview_failed: list[tuple[str, str]] = field(default_factory=list)   # side output only: the clip is ok
+    kept: list[str] = field(default_factory=list)   # replacements that failed: the earlier features stay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,15 +163,19 @@ class Prepared:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def source_record(path: Path) -> dict:
     st = path.stat()
     rec = {"source": str(path), "size": st.st_size, "mtime": st.st_mtime}
     if path.is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        rec["sha256"] = h.hexdigest()
+        rec["sha256"] = file_sha256(path)
     else:
         rec["size"] = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     return rec
@@ -189,10 +198,14 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         path = Path(job.source)
         if not path.exists():
             raise decode.DecodeError(f"source not found: {path}")
+        if not path.is_file() and not path.is_dir():
+            raise decode.DecodeError("not a regular file or folder (a FIFO, socket or device cannot be a clip)")
         prep.record.update(source_record(path))
-        info = decode.probe(path, folder_fps=settings.frames.folder_fps)
+        info = decode.probe(path, folder_fps=settings.frames.folder_fps, max_pixels=settings.max_pixels)
         prep.record.update(duration=info.duration, frames=info.n_frames, fps=info.fps, width=info.width,
                            height=info.height, rotation=info.rotation, has_audio=info.has_audio)
+        if info.frames_from == "packets":
+            prep.record["frames_from"] = "packets (no duration in the container header)"
         if not info.has_video:
             raise decode.DecodeError("no video stream")
         if info.duration <= 0 or info.n_frames <= 0:
@@ -208,6 +221,11 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
                                          "one second of silence instead)")
             audio = np.zeros(settings.sample_rate, np.float32)
             prep.record["audio"] = "silence: the clip has no audio"
+        if path.is_file():
+            st = path.stat()
+            if st.st_size != prep.record["size"] or st.st_mtime != prep.record["mtime"]:
+                raise decode.DecodeError("the file changed while it was read (still being written?): "
+                                         "rerun once it is complete")
         t1 = time.perf_counter()
         prep.seconds["decode"] = t1 - t0
 
@@ -275,7 +293,12 @@ def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str
               writer_id: str | None = None) -> BatchResult:
     """Extract `jobs` and commit them (features or failures) to the store as one segment.
 
-    `keys` maps output names ("audio.hubert.frames") to the store's feature-set keys."""
+    `keys` maps output names ("audio.hubert.frames") to the store's feature-set keys.
+
+    A job with `replace` (its source changed since its features were made) keeps its earlier features
+    until the new ones are committed: they are superseded in the same commit, never removed first. If
+    it fails, nothing of it is written: the earlier features and record stay, and a rerun tries again.
+    A preview that cannot be written is reported in `preview_failed`; it never fails its clip."""
     m = models(settings)
     store = FeatureStore.open(store_url, storage_options=storage_options)
     result = BatchResult()
@@ -294,8 +317,7 @@ def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str
                 for stage, s in p.seconds.items():
                     sec[stage] = sec.get(stage, 0.0) + s
                 if p.error:
-                    writer.fail(p.job.id, p.error, {**p.record, "status": "failed", "reason": p.error})
-                    result.failed.append((p.job.id, p.error))
+                    _fail(writer, result, p, p.error)
                 else:
                     good.append(p)
             if not good:
@@ -305,14 +327,13 @@ def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str
             except Exception as e:  # noqa: BLE001 - record the whole micro-batch as failed, go on
                 log.debug("encoding failed", exc_info=True)
                 for p in good:
-                    reason = f"encoder error: {type(e).__name__}: {e}"
-                    writer.fail(p.job.id, reason, {**p.record, "status": "failed", "reason": reason})
-                    result.failed.append((p.job.id, reason))
+                    _fail(writer, result, p, f"encoder error: {type(e).__name__}: {e}")
                 continue
             t = time.perf_counter()
             for p, row in zip(good, rows):
-                writer.add(p.job.id, {keys[name]: arr for name, arr in row.items() if name in keys},
-                           {**p.record, "status": "ok"})
+                feats = {keys[name]: arr for name, arr in row.items() if name in keys}
+                # replace: this commit's own mark supersedes the earlier copies (nothing is removed first)
+                writer.add(p.job.id, feats, {**p.record, "status": "ok"}, replace=p.job.replace)
                 result.ok.append(p.job.id)
                 if not p.record.get("face_found"):
                     result.no_face.append(p.job.id)
@@ -320,12 +341,27 @@ def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str
             if preview_dir:
                 t = time.perf_counter()
                 for p in good:
-                    write_preview(Path(preview_dir), p)
+                    try:
+                        write_preview(Path(preview_dir), p)
+                    except Exception as e:  # noqa: BLE001 - a side output never fails the clip it describes
+                        log.warning("preview of %s not written: %s: %s", p.job.id, type(e).__name__, e)
+                        result.preview_failed.append((p.job.id, f"{type(e).__name__}: {e}"))
                 sec["preview"] = sec.get("preview", 0.0) + time.perf_counter() - t
         t = time.perf_counter()
         writer.commit()
         sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
     return result
+
+
+def _fail(writer, result: BatchResult, p: Prepared, reason: str) -> None:
+    """Record a clip's failure; a replacement's failure is reported only, so its earlier features and
+    record stay in the store (and a rerun, still seeing the changed source, tries again)."""
+    if p.job.replace:
+        result.failed.append((p.job.id, f"{reason} (its features from the earlier version of the file are kept)"))
+        result.kept.append(p.job.id)
+        return
+    writer.fail(p.job.id, reason, {**p.record, "status": "failed", "reason": reason})
+    result.failed.append((p.job.id, reason))
 
 
 def write_preview(folder: Path, prep: Prepared, *, thumb: int = 112) -> Path:
@@ -347,10 +383,17 @@ def write_preview(folder: Path, prep: Prepared, *, thumb: int = 112) -> Path:
     ImageDraw.Draw(sheet).text((4, y + 4), f"{prep.job.id}  {face}  global frame #{prep.record.get('global_index')}",
                                fill="black")
     sheet.paste(frame, (0, y + 20))
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in prep.job.id)
-    out = folder / f"{safe}.png"
-    sheet.save(out)
+    out = folder / preview_name(prep.job.id)
+    sheet.save(out, format="PNG")
     return out
+
+
+def preview_name(clip_id: str) -> str:
+    """A contact sheet's file name: the id made safe for any file system (at most 80 characters, no
+    leading dot) plus a hash of the exact id, so ids that read the same ("a b" and "a_b", "." and "..")
+    never share a file."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in clip_id)[:80].lstrip(".") or "clip"
+    return f"{safe}-{hashlib.sha256(clip_id.encode()).hexdigest()[:8]}.png"
 
 
 def default_writer_id() -> str:

@@ -77,6 +77,9 @@ def extract(
     fold: Optional[int] = typer.Option(None, help="DFEW fold (1-5)."),
     labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label,sentence."),
     preview: Optional[str] = typer.Option(None, "--preview", help="Write a contact-sheet PNG per clip here."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels",
+                                             help="Fail a clip whose frames are larger than this many pixels "
+                                                  "(default 8192x8192)."),
     offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub."),
     storage_option: Optional[List[str]] = typer.Option(
         None, "--storage-option", help="fsspec option for the store, KEY=VALUE (repeatable), e.g. endpoint_url=..."),
@@ -86,9 +89,10 @@ def extract(
 ) -> None:
     """Stage one: decode clips, find faces, run the four frozen encoders, write the feature store.
 
-    Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed."""
+    Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed, 2 for a
+    configuration or usage error, 4 when the store cannot be written, 130 when interrupted."""
     from pipeline.config import ConfigError, load_config
-    from pipeline.extraction import parse_storage_options, run_extract
+    from pipeline.extraction import is_storage_error, parse_storage_options, run_extract
 
     options = {}
     if fold is not None:
@@ -101,6 +105,8 @@ def extract(
                     "device": device, "local_frames": local_frames, "global_frame": global_frame,
                     "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline},
     }
+    if max_pixels is not None:
+        overrides["extract"]["max_pixels"] = max_pixels
     try:
         if storage_option:
             overrides["extract"]["storage_options"] = parse_storage_options(storage_option)
@@ -110,11 +116,25 @@ def extract(
         raise typer.Exit(2)
     try:
         summary = run_extract(cfg, progress=progress, limit=limit)
+    except KeyboardInterrupt:
+        # whatever was committed stays; the rerun skips it. One line, no traceback.
+        typer.echo("interrupted: rerun to resume", err=True)
+        raise typer.Exit(130)
     except Exception as e:  # clear, short message for known user errors; traceback with -vv
         from extract.encoders import MissingWeightsError
         from store.datasets import DatasetError
 
-        if isinstance(e, (MissingWeightsError, DatasetError, FileNotFoundError)):
+        if is_storage_error(e):   # one line (the store's StorageError says what happened and what to do)
+            from store import StorageError
+
+            if isinstance(e, StorageError):
+                typer.echo(f"error: {e}", err=True)
+            else:
+                where = f": {e.filename}" if getattr(e, "filename", None) else ""
+                typer.echo(f"error: storage error ({e.strerror or e}{where}): nothing committed was lost; free "
+                           "space or make the store writable (or use another --store), then rerun", err=True)
+            raise typer.Exit(4)
+        if isinstance(e, (MissingWeightsError, DatasetError, FileNotFoundError, FileExistsError)):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         raise
@@ -122,6 +142,8 @@ def extract(
         typer.echo(json.dumps({"store": summary.store, "keys": summary.keys, "total": summary.total,
                                "skipped": summary.skipped, "ok": summary.ok, "failed": summary.failed,
                                "rejected": summary.rejected, "no_face": summary.no_face,
+                               "recomputed": summary.recomputed, "kept": summary.kept,
+                               "unchanged": summary.unchanged, "preview_failed": summary.preview_failed,
                                "seconds": summary.seconds, "wall": summary.wall}, indent=2))
     else:
         for line in summary.lines():

@@ -63,6 +63,7 @@ class ExtractConfig:
     local_frames: int = 16
     global_frame: str = "peak"
     max_side: int = 1280
+    max_pixels: int = 8192 * 8192    # a clip whose frames are larger fails (checked from the header); 0: no limit
     face_margin: float = 0.2
     face_min_size: int = 20
     crop_size: int = 224
@@ -100,6 +101,8 @@ class ExtractConfig:
                 out.append(f"extract.{name} = {getattr(self, name)} must be at least 1")
         if self.workers < 0:
             out.append(f"extract.workers = {self.workers} must be 0 (in process) or more")
+        if self.max_pixels < 0:
+            out.append(f"extract.max_pixels = {self.max_pixels} must be 0 (no limit) or more")
         if not 0 <= self.face_margin <= 1:
             out.append(f"extract.face_margin = {self.face_margin} must be within [0, 1]")
         out += device_problems("extract.device", self.device)

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DATASETS = ("mer2023", "merr", "dfew", "emer")
 # extract settings that do not change feature values (where and how the work runs)
 _RUNTIME_KEYS = ("store", "workers", "scheduler", "preview", "compact", "storage_options", "device",
-                 "batch_clips", "micro_batch", "batch_size")
+                 "batch_clips", "micro_batch", "batch_size", "max_pixels")
 
 
 EVAL_STORE = "eval-store.zarr"      # <run>/eval-store.zarr: clips extracted for eval/infer (default)

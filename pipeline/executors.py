@@ -14,9 +14,12 @@ on a machine with GPUs (and ``device`` auto or cuda) starts one worker per visib
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
+import signal
+import threading
 from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,42 @@ def _in_worker(fn: Callable, threads: int | None, *args: Any, **kwargs: Any) -> 
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
     return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored in this process for a while. Local worker processes started meanwhile inherit it,
+    so a Ctrl-C, which the terminal sends to every process of the group, reaches this process alone: it
+    stops the run and closes the cluster, and no worker prints its own KeyboardInterrupt traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ignore_sigint() -> None:
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the worker's main thread: its inherited setting stands
+        pass
+
+
+def _sigint_plugin():
+    """A worker plugin that ignores SIGINT in each worker, restarted ones included (a local cluster's
+    nanny restarts a dead worker after the process-wide setting above was restored)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class IgnoreSigint(WorkerPlugin):
+        name = "emollama-ignore-sigint"
+
+        def setup(self, worker):
+            _ignore_sigint()
+
+    return IgnoreSigint()
 
 
 def torch_threads() -> int:
@@ -144,23 +183,28 @@ class DaskExecutor(InlineExecutor):
             for var in FORWARDED_ENV:
                 if var in os.environ:
                     env[var] = os.environ[var]
-            if gpus:
-                self._cluster, threads = self._gpu_cluster(gpus, env, threads_per_worker)
-                self.resources = {GPU: 1}
-                self.name = f"local dask cluster, {len(gpus)} GPU worker(s) (GPUs {','.join(gpus)})"
-            else:
-                from distributed import LocalCluster
+            with _sigint_ignored():
+                if gpus:
+                    self._cluster, threads = self._gpu_cluster(gpus, env, threads_per_worker)
+                    self.resources = {GPU: 1}
+                    self.name = f"local dask cluster, {len(gpus)} GPU worker(s) (GPUs {','.join(gpus)})"
+                else:
+                    from distributed import LocalCluster
 
-                threads = threads_per_worker or max(1, available_cores() // max(1, workers))
-                env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-                # one task at a time per worker (threads_per_worker=1): the step overlaps decoding with
-                # encoding inside the task, and torch uses `threads` cores (_in_worker).
-                self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                             host="127.0.0.1", dashboard_address=":0",
-                                             silence_logs=logging.ERROR, env=env)
-                self.name = f"local dask cluster, {workers} worker(s) x {threads} thread(s)"
+                    threads = threads_per_worker or max(1, available_cores() // max(1, workers))
+                    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                    # one task at a time per worker (threads_per_worker=1): the step overlaps decoding with
+                    # encoding inside the task, and torch uses `threads` cores (_in_worker).
+                    self._cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                                 host="127.0.0.1", dashboard_address=":0",
+                                                 silence_logs=logging.ERROR, env=env)
+                    self.name = f"local dask cluster, {workers} worker(s) x {threads} thread(s)"
             self.client = Client(self._cluster, set_as_default=False)
             self.threads = threads
+            try:
+                self.client.register_plugin(_sigint_plugin())
+            except Exception:  # noqa: BLE001 - only the quiet Ctrl-C depends on it
+                log.debug("could not register the SIGINT plugin", exc_info=True)
         self.dashboard = self.client.dashboard_link
         if self._cluster is not None and importlib.util.find_spec("bokeh") is None:
             self.dashboard += "  (not served: the dashboard needs `pip install 'bokeh>=3.1'`)"
@@ -218,6 +262,18 @@ class DaskExecutor(InlineExecutor):
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            # interrupted: shut the cluster down without its cancellation noise; a second Ctrl-C while
+            # closing is ignored, so the one line the CLI prints stays the only output
+            for name in ("distributed", "tornado", "asyncio"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+            with _sigint_ignored():
+                with contextlib.suppress(Exception):
+                    self.close()
+            return None
+        self.close()
 
 
 def make_executor(workers: int, scheduler: str | None = None, *, device: str = "auto",

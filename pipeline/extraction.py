@@ -1,11 +1,13 @@
 """Stage one, orchestrated: corpus -> tasks -> executor -> store, with a summary.
 
 Idempotent like datatrove: a clip complete in every feature set is skipped (its completion mark is
-in the store), a clip that failed is retried, a clip whose source changed is recomputed.
+in the store), a clip that failed is retried, a clip whose content changed is recomputed (its earlier
+features stay until the new ones are committed; a file only touched or copied keeps them as they are).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -20,10 +22,10 @@ from tqdm.auto import tqdm
 
 from extract import faces
 from extract.encoders import EncodersConfig, ModelSource, check_available, profile
-from extract.step import ClipJob, ExtractSettings, FrameSettings, describe, run_batch
+from extract.step import ClipJob, ExtractSettings, FrameSettings, describe, file_sha256, run_batch
 from pipeline.config import Config
 from pipeline.executors import make_executor
-from store import FeatureStore
+from store import FeatureStore, StorageError
 from store.datasets import Clip, load_corpus
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,10 @@ class ExtractSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)   # refused by the dataset adapter
     no_face: list[str] = field(default_factory=list)
+    recomputed: list[str] = field(default_factory=list)   # complete clips whose file content changed
+    kept: list[str] = field(default_factory=list)         # ... whose recompute failed: earlier features kept
+    unchanged: list[str] = field(default_factory=list)    # complete clips touched/copied, same sha256: kept
+    preview_failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     executor: str = ""
@@ -57,6 +63,13 @@ class ExtractSummary:
             out.append("time: " + ", ".join(f"{k} {v:.1f}s ({100 * v / spent:.0f}%)" for k, v in self.seconds.items()))
         if self.no_face:
             out.append(f"no face found (whole frames used) in {len(self.no_face)}: {', '.join(self.no_face[:10])}")
+        if self.recomputed:
+            out.append(f"content changed since extraction, recomputed: {len(self.recomputed)} "
+                       f"({len(self.kept)} failed and keep their earlier features)")
+        if self.unchanged:
+            out.append(f"size/mtime changed but content identical (sha256), kept as is: {len(self.unchanged)}")
+        for cid, why in self.preview_failed[:10]:
+            out.append(f"preview not written for {cid} (the clip itself is fine): {why}")
         for cid, why in self.failed[:20]:
             out.append(f"FAILED {cid}: {why}")
         if len(self.failed) > 20:
@@ -87,16 +100,36 @@ def settings_from(cfg: Config) -> ExtractSettings:
         frames=FrameSettings(local_frames=e.local_frames, global_frame=e.global_frame, max_side=e.max_side),
         faces=faces.FaceSettings(crop_size=e.crop_size, margin=e.face_margin, min_face_size=e.face_min_size),
         dtype=e.dtype, missing_audio=e.missing_audio, device=e.device, offline=offline, batch_size=e.batch_size, micro_batch=e.micro_batch,
+        max_pixels=e.max_pixels,   # runtime only: it changes no value
     )
 
 
-def _stale(clip: Clip, record: dict | None) -> bool:
-    """The source changed since it was extracted (files only; folders are not re-scanned)."""
+def source_change(clip: Clip, record: dict | None) -> str | None:
+    """How a complete clip's source differs from what was extracted (files only; folders are not
+    re-scanned): None (same size and mtime), "touched" (size or mtime differ but the content's sha256 is
+    the recorded one: a `touch`, a copy without -t, an unzip) or "changed" (new content)."""
     if not record or not clip.source.is_file():
-        return False
+        return None
     st = clip.source.stat()
-    return record.get("size") not in (None, st.st_size) or (
-        record.get("mtime") is not None and abs(record["mtime"] - st.st_mtime) > 1e-3)
+    size_differs = record.get("size") not in (None, st.st_size)
+    mtime_differs = record.get("mtime") is not None and abs(record["mtime"] - st.st_mtime) > 1e-3
+    if not size_differs and not mtime_differs:
+        return None
+    if size_differs or not record.get("sha256"):
+        return "changed"
+    try:
+        return "touched" if file_sha256(clip.source) == record["sha256"] else "changed"
+    except OSError:
+        return "changed"   # unreadable now: let the task record why
+
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)   # a store write failing for one of these: exit 4
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """A storage error (exit status 4): the store is not writable, or a write hit a full disk or a
+    read-only file system. The store raises StorageError (one line, nothing committed lost)."""
+    return isinstance(e, StorageError) or (isinstance(e, OSError) and e.errno in STORAGE_ERRNOS)
 
 
 def source_size(source: Path) -> int | None:
@@ -178,7 +211,14 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
     clips = clips[:limit] if limit else clips
     settings = settings_from(cfg)
     check_available(settings.encoders, offline=settings.offline)   # fail before starting any worker
-    store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
+    try:
+        store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
+    except OSError as err:
+        if not isinstance(err, StorageError) and (is_storage_error(err) or err.errno in (errno.EACCES, errno.EPERM)):
+            raise StorageError(f"the store {e.store} cannot be created ({err.strerror or err}): nothing committed "
+                               "was lost; make it writable or use another --store, then rerun", err.errno) from None
+        raise
+    store.check_writable()   # a read-only store or a full disk stops here, before any model is loaded
     t0 = time.perf_counter()
     with make_executor(e.workers, e.scheduler, device=e.device) as ex:
         if ex.dashboard and progress:
@@ -194,12 +234,21 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
         summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected, executor=ex.name)
         complete = set.intersection(*(store.complete(k) for k in keys.values())) if keys else set()
         records = store.records()
-        stale = [c.id for c in clips if c.id in complete and _stale(c, records.get(c.id))]
-        if stale:
-            log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(stale))
-            store.remove(stale, list(keys.values()))
-            complete -= set(stale)
-        todo = [ClipJob(c.id, str(c.source)) for c in clips if c.id not in complete]
+        changed: set[str] = set()
+        for c in clips:
+            if c.id in complete:
+                how = source_change(c, records.get(c.id))
+                if how == "changed":
+                    changed.add(c.id)
+                elif how == "touched":
+                    summary.unchanged.append(c.id)
+        if changed:
+            # recomputed without removing anything first: the new rows supersede the old ones only when
+            # they are committed, so an interrupted or failed recompute leaves the earlier features
+            log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(changed))
+            summary.recomputed = sorted(changed)
+        todo = [ClipJob(c.id, str(c.source), replace=c.id in changed) for c in clips
+                if c.id not in complete or c.id in changed]
         summary.skipped = len(clips) - len(todo)
         tasks = plan_tasks(todo, [source_size(Path(j.source)) for j in todo], e.batch_clips)
         log.info("%d clip(s) to extract in %d task(s) on %s", len(todo), len(tasks), ex.name)
@@ -208,12 +257,19 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
                 run_batch, tasks, settings=settings, store_url=e.store, keys=keys,
                 storage_options=e.storage_options or None, preview_dir=e.preview):
             if error is not None:
+                if is_storage_error(error):
+                    # the disk filled up (or the store became read-only) under the run: stop here, do not
+                    # compute every remaining clip only to fail its commit too
+                    log.warning("%d clip(s) of this run were committed before the store failed", len(summary.ok))
+                    raise error
                 # The task died as a whole (not one clip): nothing of it was committed; a rerun retries.
                 summary.failed += [(j.id, f"task error: {type(error).__name__}: {error}") for j in jobs]
             else:
                 summary.ok += result.ok
                 summary.failed += result.failed
                 summary.no_face += result.no_face
+                summary.kept += result.kept
+                summary.preview_failed += result.preview_failed
                 for k, v in result.seconds.items():
                     summary.seconds[k] = summary.seconds.get(k, 0.0) + v
             bar.update(len(jobs))

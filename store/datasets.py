@@ -14,6 +14,8 @@ import csv
 import io
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -147,6 +149,40 @@ def safe_id(name: str) -> str | None:
     if any(part == ".." for part in Path(name.replace("\\", "/")).parts):
         return f"clip id {name!r} leaves the data folder"
     return None
+
+
+def path_to_id(rel: str) -> str:
+    """The clip id of a file in a subfolder: its relative path without extension, with "/" written
+    "%2F" (and "%" itself "%25", so the mapping is reversible): `sub/clip.mp4` -> `sub%2Fclip`. A store
+    id holds no "/"; a file directly in the data folder keeps its name as its id (unless it holds "%")."""
+    return rel.replace("%", "%25").replace("/", "%2F")
+
+
+def id_to_path(clip_id: str) -> str:
+    """The relative path (without extension) a folder-dataset id came from: the inverse of path_to_id."""
+    return clip_id.replace("%2F", "/").replace("%25", "%")
+
+
+def unusable_entry(p: Path) -> str | None:
+    """Why an entry named like a video cannot be read as one (it is then listed, never silently
+    dropped), or None for a regular file."""
+    if p.is_symlink() and not p.exists():
+        try:
+            target = os.readlink(p)
+        except OSError:
+            target = "?"
+        return f"broken symbolic link (to {target})"
+    if p.is_dir():
+        return "a directory named like a video file (a folder dataset takes video files)"
+    if p.is_file():
+        return None
+    try:
+        mode = p.stat().st_mode
+    except OSError as e:
+        return f"cannot be read: {e.strerror or e}"
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    return f"{kind}, not a video file"
 
 
 def find_source(folder: Path, name: str) -> Path | None:
@@ -303,25 +339,40 @@ def load_folder(
     labels_csv: str | Path | None = None,
     labels: Iterable[str] | None = None,
 ) -> Corpus:
-    """Any folder of videos (searched recursively). An optional CSV `name,label,sentence` (and
-    optionally `split`) gives labels and subtitles; `name` is the file name without extension."""
+    """Any folder of videos, searched recursively. A clip's id is its path relative to the folder
+    without the extension, with "/" written "%2F" (see `path_to_id`): `a/x.mp4` and `b/x.mp4` are
+    `a%2Fx` and `b%2Fx`. An optional CSV `name,label,sentence` (and optionally `split`) gives labels and
+    subtitles; `name` is that relative path without extension (`sub/clip`, or the id itself). Entries
+    named like videos that are not readable files (FIFOs, directories, broken links) are rejected with
+    their reason, never silently dropped."""
     root = Path(root)
     _check_dir(root, "video folder", "Pass the folder that holds the clips.")
     found: dict[str, Path] = {}
     rejected: list[tuple[str, str]] = []
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS:
-            cid = p.relative_to(root).with_suffix("").as_posix()
-            if cid in found:
-                rejected.append((cid, f"duplicate id: {found[cid].name} and {p.name}"))
-                continue
-            found[cid] = p
+        if p.suffix.lower() not in VIDEO_EXTENSIONS:
+            continue
+        rel = p.relative_to(root).with_suffix("").as_posix()
+        cid = path_to_id(rel)
+        why = unusable_entry(p)
+        if why is not None:
+            rejected.append((cid, f"{p.relative_to(root).as_posix()}: {why}"))
+            continue
+        if cid in found:
+            rejected.append((cid, f"duplicate id: {found[cid].relative_to(root).as_posix()} and "
+                                  f"{p.relative_to(root).as_posix()}"))
+            continue
+        found[cid] = p
     table: dict[str, dict[str, str]] = {}
     if labels_csv is not None:
         csv_path = Path(labels_csv) if Path(labels_csv).is_absolute() else root / labels_csv
         if not csv_path.exists():
             raise DatasetError(f"labels CSV not found: {csv_path}")
-        table = {r["name"]: r for r in read_csv(csv_path) if r.get("name")}
+        rows = [r for r in read_csv(csv_path) if r.get("name")]
+        for r in rows:   # a name is the relative path ("sub/clip") ...
+            table[path_to_id(r["name"])] = r
+        for r in rows:   # ... or the id itself ("sub%2Fclip")
+            table.setdefault(r["name"], r)
     seen_labels = sorted({normalize_label(r.get("label")) for r in table.values() if r.get("label")} - {None})
     label_set = tuple(labels) if labels is not None else tuple(seen_labels)
     clips = []
@@ -331,7 +382,10 @@ def load_folder(
         if label is not None and label_set and label not in label_set:
             rejected.append((cid, f"label {label!r} is not in the label set {list(label_set)}"))
             continue
-        clips.append(Clip(cid, src, row.get("sentence") or None, label, None, row.get("split") or "train"))
+        clips.append(Clip(cid, src, row.get("sentence") or None, label, None, row.get("split") or "train",
+                          {}, {"path": id_to_path(cid)} if cid != id_to_path(cid) else {}))
+    for cid, why in rejected:
+        log.info("rejected %s: %s", cid, why)
     return Corpus("folder", root, label_set, clips, rejected)
 
 

@@ -1,11 +1,13 @@
 """Dataset adapters on small fixtures written in the real formats."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
-from store.datasets import DatasetError, load_corpus, load_dfew, load_folder, load_mer2023, load_merr
+from store.datasets import (DatasetError, id_to_path, load_corpus, load_dfew, load_folder, load_mer2023,
+                            load_merr, path_to_id)
 
 
 def touch(path: Path, data: bytes = b"\x00") -> Path:
@@ -88,11 +90,42 @@ def test_folder_with_optional_csv_non_utf8_and_odd_names(tmp_path):
     (tmp_path / "labels.csv").write_bytes("name,label,sentence\nclip one,Happiness,Caf\xe9 time\n".encode("cp1252"))
     corpus = load_folder(tmp_path, labels_csv="labels.csv")
     by_id = {c.id: c for c in corpus.clips}
-    assert sorted(by_id) == ["clip one", "dup", "sub/clïp2"]
+    assert sorted(by_id) == ["clip one", "dup", "sub%2Fclïp2"]   # a store id holds no "/": see path_to_id
     assert by_id["clip one"].label == "happy" and by_id["clip one"].subtitle == "Café time"
-    assert by_id["sub/clïp2"].label is None
+    assert by_id["sub%2Fclïp2"].label is None and by_id["sub%2Fclïp2"].meta == {"path": "sub/clïp2"}
     assert "duplicate id" in dict(corpus.rejected)["dup"]
     assert load_folder(tmp_path).labels == ()
+
+
+def test_folder_ids_from_subfolders_are_unique_reversible_and_labelled(tmp_path):
+    for rel in ("a/x.mp4", "b/x.mp4", "a/b/x.mp4", "x.mp4", "100%.mp4", "a%2Fx.mp4"):
+        touch(tmp_path / rel)
+    (tmp_path / "labels.csv").write_text("name,label,sentence\na/x,happy,one\nb%2Fx,sad,two\nx,angry,three\n"
+                                         "100%,neutral,four\n")
+    corpus = load_folder(tmp_path, labels_csv="labels.csv")
+    ids = sorted(c.id for c in corpus.clips)
+    assert ids == sorted(["a%2Fx", "b%2Fx", "a%2Fb%2Fx", "x", "100%25", "a%252Fx"]) and not corpus.rejected
+    assert all("/" not in i for i in ids)
+    assert sorted(id_to_path(i) for i in ids) == sorted(["a/x", "b/x", "a/b/x", "x", "100%", "a%2Fx"])
+    assert all(path_to_id(id_to_path(i)) == i for i in ids)
+    labels = {c.id: (c.label, c.subtitle) for c in corpus.clips}
+    # the CSV names a clip by its relative path or by its id
+    assert labels["a%2Fx"] == ("happy", "one") and labels["b%2Fx"] == ("sad", "two")
+    assert labels["x"] == ("angry", "three") and labels["a%2Fb%2Fx"] == (None, None)
+    assert labels["100%25"] == ("neutral", "four")
+
+
+def test_folder_lists_entries_named_like_videos_that_are_not_files(tmp_path):
+    touch(tmp_path / "ok.mp4")
+    (tmp_path / "dir.mkv").mkdir()
+    os.mkfifo(tmp_path / "fifo.mp4")
+    (tmp_path / "link.mp4").symlink_to(tmp_path / "missing.mp4")
+    (tmp_path / "good link.mp4").symlink_to(tmp_path / "ok.mp4")
+    corpus = load_folder(tmp_path)
+    assert sorted(c.id for c in corpus.clips) == ["good link", "ok"]
+    why = dict(corpus.rejected)
+    assert set(why) == {"dir", "fifo", "link"}
+    assert "directory" in why["dir"] and "FIFO" in why["fifo"] and "broken symbolic link" in why["link"]
 
 
 def test_missing_layout_errors_say_what_to_do(tmp_path):
