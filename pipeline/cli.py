@@ -144,10 +144,14 @@ def extract(
                                "rejected": summary.rejected, "no_face": summary.no_face,
                                "recomputed": summary.recomputed, "kept": summary.kept,
                                "unchanged": summary.unchanged, "preview_failed": summary.preview_failed,
-                               "seconds": summary.seconds, "wall": summary.wall}, indent=2))
+                               "seconds": summary.seconds, "wall": summary.wall,
+                               "compact_error": summary.compact_error}, indent=2))
     else:
         for line in summary.lines():
             typer.echo(line)
+    if summary.compact_error:
+        typer.echo(f"error: every clip is committed, but the end-of-run compaction failed: {summary.compact_error}",
+                   err=True)
     raise typer.Exit(summary.exit_code)
 
 

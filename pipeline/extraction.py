@@ -48,10 +48,11 @@ class ExtractSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     executor: str = ""
+    compact_error: str | None = None   # the end-of-run compaction failed (the clips are committed)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed else 0
+        return 4 if self.compact_error else 1 if self.failed else 0
 
     def lines(self) -> list[str]:
         out = [f"store {self.store}  ({self.executor})",
@@ -277,6 +278,9 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
         bar.close()
     if e.compact and (summary.ok or summary.failed):
         store.refresh()
-        store.compact(keep_s=3600)   # readers that opened the store earlier keep their data for an hour
+        try:
+            store.compact(keep_s=3600)   # readers that opened the store earlier keep their data for an hour
+        except StorageError as err:      # every clip is committed already: keep the summary, report it
+            summary.compact_error = str(err)
     summary.wall = time.perf_counter() - t0
     return summary

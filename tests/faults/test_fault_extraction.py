@@ -417,3 +417,29 @@ def test_fifos_directories_and_broken_links_are_listed_not_dropped(tmp_path):
     assert len(rejected) == 3
     corpus = load_folder(data)
     assert [c.id for c in corpus.clips] == ["good"] and len(corpus.rejected) == 3
+
+
+def test_a_full_disk_in_the_end_of_run_compaction_keeps_the_summary(tmp_path, monkeypatch):
+    """Every clip is committed before the compaction: its failure must not lose the summary."""
+    import errno as _errno
+
+    from store import StoreFullError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    write_clip(data / "a.mp4")
+    write_clip(data / "b.mp4", frames=30)
+
+    def full(self, *a, **k):
+        raise StoreFullError("disk full while compacting in S: nothing committed was lost", _errno.ENOSPC)
+
+    monkeypatch.setattr(FeatureStore, "compact", full)
+    r = runner.invoke(app, ["extract", "--dataset", "folder", "--data", str(data), "--store", str(tmp_path / "s.zarr"),
+                            "--profile", "tiny", "--workers", "0", "--no-progress"])
+    assert r.exit_code == 4
+    assert "clips: 2 in corpus, 0 already complete, 2 extracted, 0 failed" in r.stdout
+    assert r.stderr.strip().splitlines() == [
+        "error: every clip is committed, but the end-of-run compaction failed: disk full while compacting in S: "
+        "nothing committed was lost"]
+    st = FeatureStore.open(str(tmp_path / "s.zarr"), create=False)
+    assert all(st.complete(k) == {"a", "b"} for k in st.sets())
