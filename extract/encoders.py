@@ -295,7 +295,8 @@ def _missing(source: ModelSource, cache_dir: Path, why: str) -> MissingWeightsEr
     )
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB blocks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -321,7 +322,7 @@ class _HashCache:
         hit = self.cache.get(str(real))
         if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
             return hit["sha256"]
-        digest = _sha256_file(real)
+        digest = file_sha256(real)
         self.cache[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         self.changed = True
         return digest

@@ -355,6 +355,20 @@ def _need(sd: Mapping[str, Any], key: str, ndim: int, fmt: str, path: str):
     return t
 
 
+def _vit_geometry(sd, fmt: str, path) -> tuple[int, int, int, int, int, int]:
+    """(width, channels, patch, grid side, depth, MLP width) of a ViT state dict with CLS + square grid."""
+    w = _need(sd, "patch_embed.proj.weight", 4, fmt, path)
+    dim, chans, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    pos = _need(sd, "pos_embed", 3, fmt, path)
+    n = int(pos.shape[1]) - 1
+    g = int(round(n ** 0.5))
+    if n < 1 or g * g != n:
+        raise WeightsFileError(f"{path}: pos_embed {tuple(pos.shape)} is not 1 CLS + a square grid of patches")
+    depth = _depth(sd, fmt, path)
+    mlp = int(_need(sd, "blocks.0.mlp.fc1.weight", 2, fmt, path).shape[0])
+    return dim, chans, p, g, depth, mlp
+
+
 def _depth(sd: Mapping[str, Any], fmt: str, path: str) -> int:
     idx = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if not idx:
@@ -547,15 +561,7 @@ def eva_from_state_dict(sd: Mapping[str, Any], *, config: Mapping[str, Any] | No
     if "visual.pos_embed" in sd:  # a whole EVA-CLIP checkpoint: keep its vision tower
         sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
     fmt = EVA_FORMAT
-    w = _need(sd, "patch_embed.proj.weight", 4, fmt, path)
-    dim, chans, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-    pos = _need(sd, "pos_embed", 3, fmt, path)
-    n = int(pos.shape[1]) - 1
-    g = int(round(n ** 0.5))
-    if n < 1 or g * g != n:
-        raise WeightsFileError(f"{path}: pos_embed {tuple(pos.shape)} is not 1 CLS + a square grid of patches")
-    depth = _depth(sd, fmt, path)
-    mlp = int(_need(sd, "blocks.0.mlp.fc1.weight", 2, fmt, path).shape[0])
+    dim, chans, p, g, depth, mlp = _vit_geometry(sd, fmt, path)
     bias = "qv" if "blocks.0.attn.q_bias" in sd else "none"
     gamma = "blocks.0.gamma_1" in sd
     expected = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + g * g, dim),
@@ -574,7 +580,7 @@ def eva_from_state_dict(sd: Mapping[str, Any], *, config: Mapping[str, Any] | No
         qkv_bias=bias == "qv", init_values=1.0 if gamma else None,
     )
     tensors = {k: sd[k] for k in expected}
-    tensors["pos_embed"] = resample_pos_embed(pos, img_size // p)
+    tensors["pos_embed"] = resample_pos_embed(sd["pos_embed"], img_size // p)
     _copy_into(model, tensors, skip=("norm.", "fc_norm.", "head."))
     info = {"format": "eva", "num_heads": heads, "num_heads_from": heads_from, "depth_in_file": depth,
             "pos_embed_grid": [g, g], "dropped": dropped}
@@ -658,15 +664,7 @@ def vit_mae_from_state_dict(sd: Mapping[str, Any], *, config: Mapping[str, Any] 
     from transformers import ViTMAEConfig, ViTMAEModel
 
     fmt = MAE_FORMAT
-    w = _need(sd, "patch_embed.proj.weight", 4, fmt, path)
-    dim, chans, p = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
-    pos = _need(sd, "pos_embed", 3, fmt, path)
-    n = int(pos.shape[1]) - 1
-    g = int(round(n ** 0.5))
-    if n < 1 or g * g != n:
-        raise WeightsFileError(f"{path}: pos_embed {tuple(pos.shape)} is not 1 CLS + a square grid of patches")
-    depth = _depth(sd, fmt, path)
-    mlp = int(_need(sd, "blocks.0.mlp.fc1.weight", 2, fmt, path).shape[0])
+    dim, chans, p, g, depth, mlp = _vit_geometry(sd, fmt, path)
     bias = "fused" if "blocks.0.attn.qkv.bias" in sd else "none"
     expected = {"cls_token": (1, 1, dim), "pos_embed": (1, 1 + g * g, dim),
                 "patch_embed.proj.weight": (dim, chans, p, p), "patch_embed.proj.bias": (dim,),
@@ -687,8 +685,8 @@ def vit_mae_from_state_dict(sd: Mapping[str, Any], *, config: Mapping[str, Any] 
     keys = set(model.state_dict())
     tensors = _hf_blocks(sd, keys, depth, bias)
     tensors.update({
-        "embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": pos,
-        "embeddings.patch_embeddings.projection.weight": w,
+        "embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
+        "embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
         "embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
         "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"],
     })

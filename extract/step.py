@@ -21,7 +21,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from extract import decode, faces
-from extract.encoders import EncodersConfig, load_encoders
+from extract.encoders import EncodersConfig, file_sha256, load_encoders
 from store import FeatureSpec, FeatureStore
 
 log = logging.getLogger(__name__)
@@ -163,12 +163,6 @@ class Prepared:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def source_record(path: Path) -> dict:

@@ -21,8 +21,8 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from extract import faces
-from extract.encoders import EncodersConfig, ModelSource, check_available, profile
-from extract.step import ClipJob, ExtractSettings, FrameSettings, describe, file_sha256, run_batch
+from extract.encoders import EncodersConfig, ModelSource, check_available, file_sha256, profile
+from extract.step import ClipJob, ExtractSettings, FrameSettings, describe, run_batch
 from pipeline.config import Config
 from pipeline.executors import make_executor
 from store import FeatureStore, StorageError

@@ -165,14 +165,9 @@ def prompt_text(subtitle: str | None, task: str, instruction: str) -> str:
     return " ".join(parts)
 
 
-def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
-           answer: str | None = None, *, max_len: int | None = None, style: str = "emollama",
-           eval_layout: str = "trained") -> Encoded:
-    """Token ids of one example; with ``answer`` None, the prompt alone (what inference feeds)."""
-    check_style(style, eval_layout)
-    if style == "emotion-llama":
-        return _encode_released(tokenizer, layout, subtitle, task, instruction, answer, max_len=max_len,
-                                public_eval=eval_layout == "public-eval")
+def _builder(tokenizer):
+    """(ids, feature mask, text(s), slots(group)): ids start with <s>; ``text`` appends the tokens of a
+    piece tokenized on its own, ``slots`` appends placeholder ids (the pad id) marked as feature slots."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     ids: list[int] = [tokenizer.bos_token_id]
     feat: list[bool] = [False]
@@ -186,6 +181,19 @@ def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instructi
         for s in group:
             ids.extend([pad] * s.n)
             feat.extend([True] * s.n)
+
+    return ids, feat, text, slots
+
+
+def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
+           answer: str | None = None, *, max_len: int | None = None, style: str = "emollama",
+           eval_layout: str = "trained") -> Encoded:
+    """Token ids of one example; with ``answer`` None, the prompt alone (what inference feeds)."""
+    check_style(style, eval_layout)
+    if style == "emotion-llama":
+        return _encode_released(tokenizer, layout, subtitle, task, instruction, answer, max_len=max_len,
+                                public_eval=eval_layout == "public-eval")
+    ids, feat, text, slots = _builder(tokenizer)
 
     head = "[INST]"
     if layout.video:
@@ -222,19 +230,7 @@ def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instructi
 def _encode_released(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
                      answer: str | None, *, max_len: int | None, public_eval: bool) -> Encoded:
     """The ``emotion-llama`` style (see the module docstring), piece by piece."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    ids: list[int] = [tokenizer.bos_token_id]
-    feat: list[bool] = [False]
-
-    def text(s: str) -> None:
-        got = tokenizer(s, add_special_tokens=False)["input_ids"]
-        ids.extend(got)
-        feat.extend([False] * len(got))
-
-    def slots(group: Sequence[Slot]) -> None:
-        for s in group:
-            ids.extend([pad] * s.n)
-            feat.extend([True] * s.n)
+    ids, feat, text, slots = _builder(tokenizer)
 
     sentence = (subtitle or "").strip()
     tail = f"The person in video says: {sentence}.  [{TASK_TAGS[task]}] {instruction}  [/INST]"
