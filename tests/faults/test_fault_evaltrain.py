@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from store import FeatureStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from train_helpers import tiny_toml  # noqa: E402
 
 runner = CliRunner()
 VIEWS = ["local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
@@ -230,32 +234,6 @@ app(sys.argv[1:])
 """
 
 
-def _toml(path: Path, data: Path, store: Path, run: Path) -> Path:
-    path.write_text(f"""
-[data]
-root = "{data}"
-store = "{store}"
-features = ["audio.hubert.mean"]
-standardize = true
-[model]
-profile = "tiny"
-[lora]
-alpha = 64
-[optim]
-lr = 3e-3
-min_lr = 1e-5
-warmup_steps = 1
-steps = 6
-batch_size = 2
-[run]
-out = "{run}"
-seed = 7
-save_every = 2
-eval_every = 0
-""")
-    return path
-
-
 def _used(path: Path) -> int:
     st = os.statvfs(path)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
@@ -276,7 +254,8 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(trained, tmp_path):
     _mount(["-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], "a tmpfs")
     try:
         run = mnt / "run"
-        toml = _toml(tmp_path / "t.toml", trained["data"], trained["store"], run)
+        toml = tiny_toml(tmp_path / "t.toml", trained["data"], trained["store"], run, steps=6, warmup_steps=1,
+                         batch_size=2)
         env = dict(os.environ, FILLER=str(mnt / "filler"))
         proc = sp.run([sys.executable, "-c", FILL_AFTER_FIRST_SAVE, "train", "-c", str(toml), "--no-progress"],
                       capture_output=True, text=True, timeout=600, env=env)

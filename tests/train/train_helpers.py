@@ -6,7 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
-def tiny_toml(path: Path, data: Path, store: Path, run: Path, *, steps: int, save_every: int = 2) -> Path:
+def tiny_toml(path: Path, data: Path, store: Path, run: Path, *, steps: int, save_every: int = 2,
+              warmup_steps: int = 2, batch_size: int = 4) -> Path:
     """The same audio-only tiny run as `tiny_cfg(..., data={"features": ["audio.hubert.mean"]})`, as a
     TOML file for `emollama train -c` in a subprocess."""
     path.write_text(f"""
@@ -22,9 +23,9 @@ alpha = 64
 [optim]
 lr = 3e-3
 min_lr = 1e-5
-warmup_steps = 2
+warmup_steps = {warmup_steps}
 steps = {steps}
-batch_size = 4
+batch_size = {batch_size}
 [run]
 out = "{run}"
 seed = 7
