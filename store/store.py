@@ -23,6 +23,7 @@ line), ``verify()`` lists it and ``repair()`` rebuilds it from its copy or from 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import logging
@@ -257,6 +258,30 @@ def _mark_events(seg: str, mark: Mapping[str, Any]) -> list[tuple]:
     for c, rec in (mark.get("records") or {}).items():
         ev.append((rec_origin.get(c, seg), _REC, c, rec, seg))
     return ev
+
+
+def _settle_zarr_writes(timeout_s: float = 30.0) -> None:
+    """Wait until the tasks pending in zarr's event loop (chunk writes still running after a sibling failed)
+    are done. Best effort: zarr's loop is internal, and without it there is nothing to wait for."""
+    try:
+        from zarr.core.sync import _get_loop
+
+        loop = _get_loop()
+    except Exception:  # noqa: BLE001 - a zarr without this internal: nothing pending to find
+        return
+    if loop is None or not loop.is_running():
+        return
+
+    async def _wait() -> None:
+        me = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not me]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    try:
+        asyncio.run_coroutine_threadsafe(_wait(), loop).result(timeout_s + 5)
+    except Exception as e:  # noqa: BLE001 - the caller removes what it can either way
+        log.debug("could not wait for zarr's pending writes: %s", e)
 
 
 class FeatureStore:
@@ -684,7 +709,12 @@ class FeatureStore:
         self._b.write_atomic(f"{COMMITS}/{seg}.json", data)
 
     def _discard_segment(self, seg: str) -> None:
-        """Remove what an uncommitted write of ``seg`` left (its arrays in every set, its mark copy)."""
+        """Remove what an uncommitted write of ``seg`` left (its arrays in every set, its mark copy).
+
+        zarr writes a slice's chunks as concurrent tasks and does not cancel the others when one fails
+        (a full disk): they finish in zarr's event loop after the error reached us. They are waited for
+        first, or a late chunk would land after the removal as an orphan."""
+        _settle_zarr_writes()
         for key in self._b.listdir(SETS):
             if not key.startswith(".") and not key.startswith("zarr.") and self._b.exists(f"{SETS}/{key}/{seg}"):
                 self._b.remove_tree(f"{SETS}/{key}/{seg}")

@@ -263,12 +263,16 @@ def test_full_disk_during_compaction(small_disk):
     assert_same(reader, clips, before)
     assert reader.records() == recs and reader.verify().ok
 
+    # a retry leaves no orphan: the same files and folders; the bytes used may move by a page or two of
+    # tmpfs bookkeeping (seen once under load), never by the ~100 KB a kept partial merge would hold
+    entries0 = sorted(p.relative_to(root) for p in root.rglob("*"))
     with pytest.raises(StoreFullError, match="disk full"):   # the API raises the one-line error too
         reader.compact()
-    assert used(small_disk) <= after_first                    # a retry does not grow the disk
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == entries0
+    assert used(small_disk) <= after_first + 16 * 1024
     res = runner.invoke(store_app, ["compact", str(root)])
-    assert res.exit_code == 4 and used(small_disk) <= after_first
-    assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == files0
+    assert res.exit_code == 4 and used(small_disk) <= after_first + 16 * 1024
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == entries0
 
     (small_disk / "filler").unlink()                          # space freed: the same command finishes
     res = runner.invoke(store_app, ["compact", str(root)])
