@@ -76,7 +76,7 @@ gpu-wheels: ## Fetch cp312 wheels (.whl/) and sample clips (.bench/clips/) that 
 bench-gpu: ## On a lent GPU machine (carry .whl and .bench): both stages at paper size, random weights; ARGS=--cpu-smoke on a CPU
 	@ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'make gpu-wheels' where PyPI is reachable, then carry [\".whl\", \".bench\"]"; exit 2; }
 	$(PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-	set -o pipefail; PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(PY) scripts/bench_gpu.py --clips .bench/clips $(ARGS) 2>&1 | tee "$${OUT:-/tmp}/bench_gpu.log"
+	set -o pipefail; PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 $(PY) scripts/bench_gpu.py --clips .bench/clips $(ARGS) 2>&1 | tee "$${OUT:-/tmp}/bench_gpu.log"
 
 clean: ## Remove the demo outputs (keeps .venv)
 	rm -rf demo

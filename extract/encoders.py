@@ -85,7 +85,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from extract.models import (EVA_IMG_SIZE, VIEWS, WEIGHT_SUFFIXES, WeightsFileError, build_model, default_home,
+from emollama.extract.models import (EVA_IMG_SIZE, VIEWS, WEIGHT_SUFFIXES, WeightsFileError, build_model, default_home,
                             ensure_tiny)
 
 log = logging.getLogger(__name__)
@@ -770,7 +770,7 @@ def _prepare(source: ModelSource, offline: bool, home: Path | None):
 def _load_file(view: str, source: ModelSource, path: Path, *, device: str, batch_size: int,
                home: Path | None) -> Encoder:
     """One view's encoder from a checkpoint file in its authors' layout (see the module docstring)."""
-    from extract.models import load_weights_file
+    from emollama.extract.models import load_weights_file
 
     if source.revision is not None:
         raise ValueError(f"{source.model}: `revision` applies to hub ids, not to a weights file: remove it")
@@ -843,7 +843,7 @@ def load_encoder(view: str, source: ModelSource, *, device: str = "auto", offlin
             if view == "global":
                 import timm
 
-                from extract.models import eva_to_img_size
+                from emollama.extract.models import eva_to_img_size
                 if kwargs.get("local_files_only"):
                     uri = f"local-dir:{folder}"
                     extra = {}

@@ -20,9 +20,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from extract import decode, faces
-from extract.encoders import EncodersConfig, file_sha256, load_encoders
-from store import FeatureSpec, FeatureStore
+from emollama.extract import decode, faces
+from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
+from emollama.store import FeatureSpec, FeatureStore
 
 log = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ def sample(
 ) -> None:
     """Write a small synthetic labelled dataset in the MERR layout (real mp4 files with a face and a
     voice-like sound, the label visible in both). The demo and the tests use it."""
-    from extract.sample import write_sample
+    from emollama.extract.sample import write_sample
 
     root = write_sample(folder, clips=clips, seed=seed, test_fraction=test_fraction)
     typer.echo(f"wrote {clips} synthetic clips to {root} (MERR layout; see {root / 'README.md'})")
@@ -91,8 +91,8 @@ def extract(
 
     Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed, 2 for a
     configuration or usage error, 4 when the store cannot be written, 130 when interrupted."""
-    from pipeline.config import ConfigError, load_config
-    from pipeline.extraction import is_storage_error, parse_storage_options, run_extract
+    from emollama.pipeline.config import ConfigError, load_config
+    from emollama.pipeline.extraction import is_storage_error, parse_storage_options, run_extract
 
     options = {}
     if fold is not None:
@@ -121,11 +121,11 @@ def extract(
         typer.echo("interrupted: rerun to resume", err=True)
         raise typer.Exit(130)
     except Exception as e:  # clear, short message for known user errors; traceback with -vv
-        from extract.encoders import MissingWeightsError
-        from store.datasets import DatasetError
+        from emollama.extract.encoders import MissingWeightsError
+        from emollama.store.datasets import DatasetError
 
         if is_storage_error(e):   # one line (the store's StorageError says what happened and what to do)
-            from store import StorageError
+            from emollama.store import StorageError
 
             if isinstance(e, StorageError):
                 typer.echo(f"error: {e}", err=True)
@@ -156,7 +156,7 @@ def extract(
 
 
 # The other command groups live in their own modules.
-from pipeline import cli_eval, cli_store, cli_train  # noqa: E402
+from emollama.pipeline import cli_eval, cli_store, cli_train  # noqa: E402
 
 app.add_typer(cli_store.store_app, name="store", help="Inspect, verify, import, export and prune feature stores.")
 cli_train.register(app)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from store.datasets import DFEW_LABELS, MER2023_LABELS, MERR_LABELS
+from emollama.store.datasets import DFEW_LABELS, MER2023_LABELS, MERR_LABELS
 
 LABEL_SETS = {"mer2023": MER2023_LABELS, "merr": MERR_LABELS,
               "dfew": tuple(DFEW_LABELS[i] for i in sorted(DFEW_LABELS))}
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score a predictions file: accuracy (WAR), weighted F1, macro F1, UAR, per-class scores and
         the confusion matrix. Answers naming no label of the set are counted and listed, never mapped."""
-        from train.scoring import classification_metrics, read_predictions
+        from emollama.train.scoring import classification_metrics, read_predictions
 
         if labels:
             label_set = tuple(x.strip().lower() for x in labels.split(",") if x.strip())
@@ -53,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(e: Exception, code: int = 2) -> None:
-    from pipeline.evaluation import EvalStorageError
+    from emollama.pipeline.evaluation import EvalStorageError
 
     if isinstance(e, EvalStorageError):
         code = 4          # a storage error: the eval store cannot be written
@@ -107,12 +107,12 @@ def eval_cmd(
     Clips missing from the run's store are extracted with the settings of its feature sets into
     --cache-store (default <run>/eval-store.zarr); the run's store is only read. Exit status 4 when
     that store cannot be written."""
-    from pipeline.evaluation import EvalError, EvalOptions, evaluate
-    from store.datasets import DatasetError
-    from train.checkpoint import CheckpointError
-    from train.emer import JudgeError
-    from train.model import MissingModelError
-    from train.run import RunError
+    from emollama.pipeline.evaluation import EvalError, EvalOptions, evaluate
+    from emollama.store.datasets import DatasetError
+    from emollama.train.checkpoint import CheckpointError
+    from emollama.train.emer import JudgeError
+    from emollama.train.model import MissingModelError
+    from emollama.train.run import RunError
 
     if fold is not None and all_folds:
         _fail(ValueError("--fold and --all-folds exclude each other"))
@@ -157,11 +157,11 @@ def infer_cmd(
     features the run was trained on (extracted with its feature sets' settings into --cache-store,
     default <run>/eval-store.zarr; the run's store is only read). A path that is not a video file (a
     FIFO, a device, a folder without frames) fails on its own line; exit status 1 when any clip failed."""
-    from pipeline.evaluation import EvalError, infer
-    from store.datasets import DatasetError
-    from train.checkpoint import CheckpointError
-    from train.model import MissingModelError
-    from train.run import RunError
+    from emollama.pipeline.evaluation import EvalError, infer
+    from emollama.store.datasets import DatasetError
+    from emollama.train.checkpoint import CheckpointError
+    from emollama.train.model import MissingModelError
+    from emollama.train.run import RunError
 
     try:
         results = infer(run, clips, store=store, labels=[x for x in labels.split(",") if x.strip()] if labels else None,

@@ -26,7 +26,7 @@ STORAGE_EXIT = 4  # the store is not writable, the disk is full, or the store is
 
 
 def _open(url: str, create: bool = False):
-    from store import FeatureStore
+    from emollama.store import FeatureStore
 
     try:
         with _storage_errors(f"opening {url}"):
@@ -39,7 +39,7 @@ def _open(url: str, create: bool = False):
 @contextmanager
 def _storage_errors(doing: str):
     """A storage failure (disk full, read-only store) as one line on stderr and exit status 4."""
-    from store import StorageError
+    from emollama.store import StorageError
 
     try:
         yield
@@ -178,8 +178,8 @@ def import_(
     The authors' released folders need no flags: their presets give the name, modality, encoder, shape and params.
 
     Flags override a preset. --dtype keep (the default) stores float16/float32 files bit for bit."""
-    from store import FeatureSpec
-    from store.interop import (RELEASED, import_hdf5, import_npy_folder, released_preset, released_spec,
+    from emollama.store import FeatureSpec
+    from emollama.store.interop import (RELEASED, import_hdf5, import_npy_folder, released_preset, released_spec,
                                storage_dtype)
 
     if not src.exists():
@@ -273,7 +273,7 @@ def compare(
     Clips are compared as flattened float32 vectors (variable-length sets averaged over time first).
 
     Prints the clip counts (common, only in A, only in B), the min/median/mean cosine and the K worst clips."""
-    from store.compare import compare_sets, format_comparison
+    from emollama.store.compare import compare_sets, format_comparison
 
     sta = _open(url)
     stb = _open(store_b) if store_b else sta
@@ -296,7 +296,7 @@ def export(
     fmt: str = typer.Option("hdf5", "--format", help="hdf5 | npy"),
 ) -> None:
     """Export sets to one HDF5 file (/<key>/<clip>) or to npy folders (<clip>.npy)."""
-    from store.interop import export_hdf5, export_npy
+    from emollama.store.interop import export_hdf5, export_npy
 
     st = _open(url)
     try:

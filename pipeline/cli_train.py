@@ -30,9 +30,9 @@ def import_checkpoint_cmd(
     a config with the emotion-llama prompt style, and the feature-set binding (at evaluation each of
     the run's four sets reads the store's set of the same modality and shape). Every key of the file
     is used, ignored with a reason, or reported. No LM weights are loaded."""
-    from train.checkpoint import CheckpointError
-    from train.model import MissingModelError
-    from train.released import import_checkpoint
+    from emollama.train.checkpoint import CheckpointError
+    from emollama.train.model import MissingModelError
+    from emollama.train.released import import_checkpoint
 
     if profile not in ("paper", "tiny"):
         typer.echo(f"error: --profile {profile!r}: choose paper or tiny", err=True)
@@ -86,11 +86,11 @@ def train_cmd(
     Under torchrun every process runs this same command (DDP; rank 0 writes the run folder).
     Exit status: 2 a configuration error, 3 the loss diverged, 4 the run folder cannot be written
     (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it."""
-    from store.datasets import DatasetError
-    from train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
-    from train.config import TrainConfigError, load_train_config
-    from train.loop import TrainingDiverged, train
-    from train.model import MissingModelError
+    from emollama.store.datasets import DatasetError
+    from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
+    from emollama.train.config import TrainConfigError, load_train_config
+    from emollama.train.loop import TrainingDiverged, train
+    from emollama.train.model import MissingModelError
 
     overrides = {
         "data": {"root": data, "dataset": dataset, "store": store, "features": list(features) if features else None,
@@ -144,8 +144,8 @@ def params_cmd(
     """Trainable parameters of each part (LoRA, each projector), the total and PEFT's percentage.
 
     The paper profile is built on the meta device: no weights are downloaded or allocated."""
-    from train.params import count_for_profile, count_for_run
-    from train.run import RunError
+    from emollama.train.params import count_for_profile, count_for_run
+    from emollama.train.run import RunError
 
     try:
         if run is not None:
@@ -159,7 +159,7 @@ def params_cmd(
     if as_json:
         typer.echo(json.dumps(counts, indent=2))
         return
-    from train.model import format_parameters
+    from emollama.train.model import format_parameters
 
     for line in format_parameters(counts, counts.get("note", "")):
         typer.echo(line)

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from store.datasets import ADAPTERS
-from train.config import ConfigError, build_section, device_problems, read_toml
+from emollama.store.datasets import ADAPTERS
+from emollama.train.config import ConfigError, build_section, device_problems, read_toml
 
 GLOBAL_FRAMES = ("first", "middle", "peak")
 DTYPES = ("float16", "float32")

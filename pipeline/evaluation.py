@@ -35,9 +35,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.config import Config, load_config
-from store import FeatureStore
-from store.datasets import Clip, Corpus, find_source, load_corpus, read_csv, read_transcripts
+from emollama.pipeline.config import Config, load_config
+from emollama.store import FeatureStore
+from emollama.store.datasets import Clip, Corpus, find_source, load_corpus, read_csv, read_transcripts
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def extract_missing(stores: EvalStores | FeatureStore, keys: Sequence[str], clip
 
     Sets that record no extraction config (imported, e.g. the released MER2023 features) are never
     re-extracted with other encoders: the clips they lack are reported by name in ``not_extractable``."""
-    from pipeline.extraction import SettingsChanged, run_extract
+    from emollama.pipeline.extraction import SettingsChanged, run_extract
 
     if isinstance(stores, FeatureStore):
         raise TypeError("extract_missing takes EvalStores (the training store is never written): use eval_stores()")
@@ -213,7 +213,7 @@ class MergedFeatures:
 
     def __init__(self, train: FeatureStore, cache: FeatureStore | None, keys: Sequence[str],
                  clip_ids: Sequence[str]) -> None:
-        from store import FeatureDataset
+        from emollama.store import FeatureDataset
 
         self.keys = list(keys)
         self.clip_ids = list(clip_ids)
@@ -306,8 +306,8 @@ def make_data(run, store: FeatureStore | EvalStores, clips: Sequence[Clip], prom
 
     With ``EvalStores``, each clip is read from the training store where it is complete there, else from
     the eval store (``MergedFeatures``)."""
-    from store import FeatureDataset
-    from train.data import TrainData
+    from emollama.store import FeatureDataset
+    from emollama.train.data import TrainData
 
     keys = run.feature_keys
     if isinstance(store, EvalStores):
@@ -341,7 +341,7 @@ def open_store(run, store_url: str | None) -> FeatureStore:
 
 
 def check_layout(run, layout: str) -> None:
-    from train.prompt import check_style
+    from emollama.train.prompt import check_style
 
     try:
         check_style(run.config.data.prompt, layout)
@@ -463,11 +463,11 @@ def _out_dir(run, opts: EvalOptions, name: str) -> Path:
 def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts: EvalOptions, *,
                     say: Callable[[str], None] = log.info) -> dict:
     """One evaluation (one dataset, split and fold); writes the report and returns the result."""
-    from train.evaluate import score_labels
-    from train.generate import generate
-    from train.report import write_report
-    from train.run import TINY_WARNING
-    from train.scoring import classification_metrics, parse_label, public_label
+    from emollama.train.evaluate import score_labels
+    from emollama.train.generate import generate
+    from emollama.train.report import write_report
+    from emollama.train.run import TINY_WARNING
+    from emollama.train.scoring import classification_metrics, parse_label, public_label
 
     t0 = time.perf_counter()
     clips = [c for c in corpus.split(opts.split) if c.label]
@@ -553,8 +553,8 @@ def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts:
 
 def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=None) -> dict:
     """``emollama eval`` for mer2023 / merr / dfew (one fold, or all five with ``fold=0``)."""
-    from train.report import fold_lines, fold_markdown, fold_summary, summary_lines, write_json
-    from train.run import TINY_WARNING, load_run
+    from emollama.train.report import fold_lines, fold_markdown, fold_summary, summary_lines, write_json
+    from emollama.train.run import TINY_WARNING, load_run
 
     if opts.dataset == "emer":
         return evaluate_emer(opts, say=say, run=run)
@@ -626,10 +626,10 @@ def _header(path: Path) -> list[str]:
 
 def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=None) -> dict:
     """Reason texts for the EMER clips, scored by the judge (or the lexical proxy, named so)."""
-    from train.emer import Judge, JudgeConfig, score_emer
-    from train.generate import generate
-    from train.report import write_json
-    from train.run import TINY_WARNING, load_run
+    from emollama.train.emer import Judge, JudgeConfig, score_emer
+    from emollama.train.generate import generate
+    from emollama.train.report import write_json
+    from emollama.train.run import TINY_WARNING, load_run
 
     run = run or load_run(opts.run, device=opts.device)
     check_layout(run, opts.layout)
@@ -675,7 +675,7 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
         import json
         for row in scores["rows"]:
             f.write(json.dumps(row) + "\n")
-    from train.report import report_markdown
+    from emollama.train.report import report_markdown
 
     write_json(out / "metrics.json", result)
     (out / "report.md").write_text(report_markdown(result))
@@ -721,7 +721,7 @@ def not_a_clip(path: str | Path) -> str | None:
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
-        from extract.decode import list_frame_files
+        from emollama.extract.decode import list_frame_files
 
         try:
             if list_frame_files(p):
@@ -743,9 +743,9 @@ def infer(run_path: str | Path, paths: Sequence[str | Path], *, store: str | Non
     the run's store where they are, else extracted into the eval store (``cache_store``, default
     ``<run>/eval-store.zarr``); the run's store is never written. A path that is not a regular file or a
     frame folder (a FIFO, a device) gets its own error; the others go on."""
-    from train.evaluate import score_labels
-    from train.generate import generate
-    from train.run import TINY_WARNING, load_run
+    from emollama.train.evaluate import score_labels
+    from emollama.train.generate import generate
+    from emollama.train.run import TINY_WARNING, load_run
 
     missing_files = [f"{p} (a broken link)" if Path(p).expanduser().is_symlink() else str(p)
                      for p in paths if not Path(p).expanduser().exists()]

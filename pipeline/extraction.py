@@ -20,13 +20,13 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from extract import faces
-from extract.encoders import EncodersConfig, ModelSource, check_available, file_sha256, profile
-from extract.step import ClipJob, ExtractSettings, FrameSettings, describe, run_batch
-from pipeline.config import Config
-from pipeline.executors import make_executor
-from store import FeatureStore, StorageError
-from store.datasets import Clip, load_corpus
+from emollama.extract import faces
+from emollama.extract.encoders import EncodersConfig, ModelSource, check_available, file_sha256, profile
+from emollama.extract.step import ClipJob, ExtractSettings, FrameSettings, describe, run_batch
+from emollama.pipeline.config import Config
+from emollama.pipeline.executors import make_executor
+from emollama.store import FeatureStore, StorageError
+from emollama.store.datasets import Clip, load_corpus
 
 log = logging.getLogger(__name__)
 

@@ -12,19 +12,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def bench_sample(clips: int, workers: int) -> None:
-    from extract.sample import write_sample
-    from pipeline.config import load_config
-    from pipeline.extraction import run_extract
+    from emollama.extract.sample import write_sample
+    from emollama.pipeline.config import load_config
+    from emollama.pipeline.extraction import run_extract
 
     with tempfile.TemporaryDirectory(prefix="emollama-bench-") as tmp:
         t = time.perf_counter()
@@ -50,8 +48,8 @@ def bench_real_size(clip: Path | None) -> None:
     import numpy as np
     import torch
 
-    from extract import decode
-    from extract.encoders import random_encoder
+    from emollama.extract import decode
+    from emollama.extract.encoders import random_encoder
 
     if clip is None:
         samples = REPO.parent / "shared" / "samples" / "mer2023-examples"
@@ -65,7 +63,7 @@ def bench_real_size(clip: Path | None) -> None:
     frames = decode.read_frames(clip, decode.segment_pair_indices(info.n_frames), info=info)
     audio = decode.read_audio(clip)
     t_dec = time.perf_counter() - t
-    from extract.faces import FaceDetector
+    from emollama.extract.faces import FaceDetector
 
     t = time.perf_counter()
     track = FaceDetector().track(frames)

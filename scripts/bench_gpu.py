@@ -60,7 +60,26 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+
+
+def _namespace() -> None:
+    """The project installs as ``emollama.*`` (its folders mapped by pyproject). On a bare machine
+    without the install, link the four folders under a temporary ``emollama`` namespace instead."""
+    try:
+        import emollama.store  # noqa: F401
+        return
+    except ImportError:
+        pass
+    shim = Path(tempfile.mkdtemp(prefix="emollama-ns-"))
+    (shim / "emollama").mkdir()
+    for part in ("extract", "store", "train", "pipeline"):
+        (shim / "emollama" / part).symlink_to(REPO / part, target_is_directory=True)
+    sys.path.insert(0, str(shim))
+    for name in [m for m in sys.modules if m == "emollama" or m.startswith("emollama.")]:
+        del sys.modules[name]
+
+
+_namespace()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing may be downloaded at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -82,8 +101,8 @@ NEEDED = [
     ("facenet_pytorch", "facenet-pytorch", "wheel"),
 ]
 OPTIONAL = [("pynvml", "nvidia-ml-py", "image")]
-PROJECT = ["store", "extract.decode", "extract.faces", "extract.encoders", "extract.step",
-           "pipeline.extraction", "train.model", "train.params"]
+PROJECT = ["emollama.store", "emollama.extract.decode", "emollama.extract.faces", "emollama.extract.encoders", "emollama.extract.step",
+           "emollama.pipeline.extraction", "emollama.train.model", "emollama.train.params"]
 
 
 def _version(dist: str) -> str:
@@ -140,9 +159,9 @@ def check_imports(verbose: bool = True) -> list[str]:
             print("fix: on a machine with PyPI run `make gpu-wheels` (downloads cp312 wheels into .whl/ and the\n"
                   "     sample clips into .bench/clips/), carry [\".whl\", \".bench\"] and run `make bench-gpu`,\n"
                   "     which installs them: pip install --no-index --no-deps --target /tmp/site .whl/*.whl;\n"
-                  "     PYTHONPATH=/tmp/site:. python3 scripts/bench_gpu.py")
+                  "     PYTHONPATH=/tmp/site python3 scripts/bench_gpu.py")
         if not wheel and not image:
-            print(f"fix: a project module does not import: check PYTHONPATH=/tmp/site:. and the traceback above")
+            print(f"fix: a project module does not import: check PYTHONPATH=/tmp/site and the traceback above")
     return missing
 
 
@@ -216,7 +235,7 @@ def build_random_encoders(device: str, batch_size: int, timings: dict) -> dict:
     """The four paper-size encoders with random weights; on CUDA built directly on the GPU."""
     import torch
 
-    from extract.encoders import random_model, wrap_model
+    from emollama.extract.encoders import random_model, wrap_model
 
     encs = {}
     for view in VIEWS:
@@ -247,7 +266,7 @@ _RANDOM_ENCODERS: dict = {}   # what the hook hands out; emptied by free_extract
 
 def install_encoder_hook(encs: dict) -> None:
     """Replace the name extract.step calls to load encoders: it returns our random ones."""
-    import extract.step as step
+    import emollama.extract.step as step
 
     def load_random_encoders(cfg, *, device="auto", offline=None, batch_size=32, home=None):
         if not _RANDOM_ENCODERS:
@@ -261,7 +280,7 @@ def install_encoder_hook(encs: dict) -> None:
 
 
 def extract_config(root: Path, store: Path, args):
-    from pipeline.config import load_config
+    from emollama.pipeline.config import load_config
 
     return load_config(None, {
         "dataset": {"kind": "folder", "root": str(root)},
@@ -272,7 +291,7 @@ def extract_config(root: Path, store: Path, args):
 
 
 def make_clips(sources: list[Path], n: int, prefix: str):
-    from store.datasets import Clip
+    from emollama.store.datasets import Clip
 
     return [Clip(f"{prefix}{i:04d}_{sources[i % len(sources)].stem}", sources[i % len(sources)])
             for i in range(n)]
@@ -281,7 +300,7 @@ def make_clips(sources: list[Path], n: int, prefix: str):
 def bench_extract(args, sources: list[Path], device: str, work: Path, res: dict) -> None:
     import torch
 
-    from pipeline.extraction import run_extract
+    from emollama.pipeline.extraction import run_extract
 
     cuda = device.startswith("cuda")
     progress = sys.stderr.isatty()
@@ -299,7 +318,7 @@ def bench_extract(args, sources: list[Path], device: str, work: Path, res: dict)
         clips = make_clips(sources[:1], 1, "smoke")
         s = run_extract(cfg, progress=progress, clips=clips)
         res.update(_summary(s, 1))
-        from store import FeatureStore
+        from emollama.store import FeatureStore
         st = FeatureStore.open(str(work / "smoke.zarr"))
         shapes = {}
         if s.ok:
@@ -357,7 +376,7 @@ def _summary(s, n: int) -> dict:
 def free_extract_models() -> None:
     import torch
 
-    import extract.step as step
+    import emollama.extract.step as step
 
     step._MODELS.clear()
     _RANDOM_ENCODERS.clear()
@@ -415,10 +434,10 @@ def bench_train(args, device: str, res: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from train.config import PAPER_FEATURES, TrainConfig
-    from train.model import EmoModel, Projectors, add_lora, count_parameters, layout_for, projector_specs
-    from train.params import LLAMA2_7B, meta_model, paper_sets
-    from train.tiny import TINY_LLM, TINY_VOCAB
+    from emollama.train.config import PAPER_FEATURES, TrainConfig
+    from emollama.train.model import EmoModel, Projectors, add_lora, count_parameters, layout_for, projector_specs
+    from emollama.train.params import LLAMA2_7B, meta_model, paper_sets
+    from emollama.train.tiny import TINY_LLM, TINY_VOCAB
 
     cuda = device.startswith("cuda")
     tcfg = TrainConfig()

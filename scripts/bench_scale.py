@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def load() -> str:
@@ -32,12 +30,12 @@ def load() -> str:
 
 
 def bench(data: Path, out: Path, workers: int, batch_clips: int, threads: int | None) -> dict:
-    from extract.step import ClipJob, describe, run_batch
-    from pipeline.config import load_config
-    from pipeline.executors import DaskExecutor, InlineExecutor
-    from pipeline.extraction import plan_tasks, settings_from, source_size
-    from store import FeatureStore
-    from store.datasets import load_corpus
+    from emollama.extract.step import ClipJob, describe, run_batch
+    from emollama.pipeline.config import load_config
+    from emollama.pipeline.executors import DaskExecutor, InlineExecutor
+    from emollama.pipeline.extraction import plan_tasks, settings_from, source_size
+    from emollama.store import FeatureStore
+    from emollama.store.datasets import load_corpus
 
     store_url = str(out / f"w{workers}.zarr")
     cfg = load_config(None, {"dataset": {"kind": "merr", "root": str(data)},
@@ -88,8 +86,8 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from extract.sample import write_sample
-    from pipeline.executors import available_cores
+    from emollama.extract.sample import write_sample
+    from emollama.pipeline.executors import available_cores
 
     counts = [int(w) for w in args.workers.split(",")]
     with tempfile.TemporaryDirectory(prefix="emollama-bench-scale-") as tmp:

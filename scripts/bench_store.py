@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store import FeatureDataset, FeatureSpec, FeatureStore  # noqa: E402
+from emollama.store import FeatureDataset, FeatureSpec, FeatureStore  # noqa: E402
 
 SETS = {
     "audio.utt": FeatureSpec("audio.utt", "audio", "hubert", "bench", "last_hidden_state", "mean", (1024,)),

@@ -15,23 +15,21 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from train.config import load_train_config  # noqa: E402
-from train.loop import train  # noqa: E402
+from emollama.train.config import load_train_config  # noqa: E402
+from emollama.train.loop import train  # noqa: E402
 
 FEATURES = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
 
 
 def build_store(tmp: Path) -> tuple[Path, Path]:
-    from extract.sample import write_sample
-    from pipeline.config import load_config
-    from pipeline.extraction import run_extract
+    from emollama.extract.sample import write_sample
+    from emollama.pipeline.config import load_config
+    from emollama.pipeline.extraction import run_extract
 
     data = write_sample(tmp / "data", clips=24, seed=0)
     store = tmp / "store.zarr"

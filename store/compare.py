@@ -3,8 +3,8 @@
 Typical use: our extracted ``local.vit_mae.mean`` against the authors' released ``mae_340_UTT``
 imported into the same (or another) store::
 
-    from store import FeatureStore
-    from store.compare import compare_sets
+    from emollama.store import FeatureStore
+    from emollama.store.compare import compare_sets
     st = FeatureStore.open("stores/merr.zarr", create=False)
     r = compare_sets(st, "local.vit_mae.mean", st, "local.mae_340_utt.released", worst=10)
     r["n_common"], r["cosine"]["median"], r["worst"][:3]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from store.datasets import (DatasetError, id_to_path, load_corpus, load_dfew, load_folder, load_mer2023,
+from emollama.store.datasets import (DatasetError, id_to_path, load_corpus, load_dfew, load_folder, load_mer2023,
                             load_merr, path_to_id)
 
 

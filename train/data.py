@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from store.datasets import Clip, Corpus
+from emollama.store.datasets import Clip, Corpus
 
 from .prompt import IGNORE, Layout, encode, instruction_for
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from train.scoring import SYNONYMS
+from emollama.train.scoring import SYNONYMS
 
 log = logging.getLogger(__name__)
 

@@ -148,8 +148,8 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
 def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = False,
           echo: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or resume) one training stage as configured; returns the loss history and final metrics."""
-    from store import FeatureDataset, FeatureStore
-    from store.datasets import load_corpus
+    from emollama.store import FeatureDataset, FeatureStore
+    from emollama.store.datasets import load_corpus
 
     cfg.validate()
     say = echo or log.info

@@ -69,7 +69,7 @@ def count_for_run(path: str | Path) -> dict[str, Any]:
     """Counts of a run folder (trained or imported) from its config and feature sets, on the meta device."""
     from transformers import AutoConfig
 
-    from store.spec import FeatureSpec
+    from emollama.store.spec import FeatureSpec
 
     from .loop import llm_source
     from .run import read_run
@@ -97,7 +97,7 @@ def count_for_profile(profile: str, *, config: str | Path | None = None, store: 
     cfg = load_train_config(config, None) if config else TrainConfig()
     names = list(features or cfg.data.features or PAPER_FEATURES)
     if store:
-        from store import FeatureStore
+        from emollama.store import FeatureStore
 
         st = FeatureStore.open(store, create=False)
         specs = st.sets()

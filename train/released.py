@@ -248,7 +248,7 @@ EVA_TOKENS = 1025   # CLS + 32 x 32 patches at 448 (the patch projector groups t
 
 
 def _binding_specs(dims: Mapping[str, Any], kind: str, names: Mapping[str, str]):
-    from store.spec import FeatureSpec
+    from emollama.store.spec import FeatureSpec
 
     out = []
     for modality in ("global", "local", "temporal", "audio"):

@@ -93,7 +93,7 @@ def run_labels(path: Path, cfg: TrainConfig) -> list[str]:
         labels = json.loads(m.read_text()).get("labels")
         if labels:
             return list(labels)
-    from store.datasets import load_corpus
+    from emollama.store.datasets import load_corpus
 
     from .loop import resolve_labels
 
@@ -136,7 +136,7 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
     """Rebuild a run's model (base LM + LoRA + projectors) and tokenizer from its folder.
 
     ``store`` overrides the run's feature store (``config.data.store``) for reading features."""
-    from store.spec import FeatureSpec
+    from emollama.store.spec import FeatureSpec
 
     from .loop import build_model, pick_device
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from extract import decode
-from extract.decode import (
+from emollama.extract import decode
+from emollama.extract.decode import (
     DecodeError,
     probe,
     read_audio,

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract import encoders as E
-from extract.models import TINY_DIMS, VIEWS, build_model, ensure_tiny
+from emollama.extract import encoders as E
+from emollama.extract.models import TINY_DIMS, VIEWS, build_model, ensure_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,7 +105,7 @@ def test_ensure_tiny_is_reused_not_rebuilt(home):
 
 
 def test_concurrent_tiny_builds_are_safe(tmp_path):
-    code = ("import sys; from pathlib import Path; from extract.models import ensure_tiny; "
+    code = ("import sys; from pathlib import Path; from emollama.extract.models import ensure_tiny; "
             "print(ensure_tiny('temporal', Path(sys.argv[1])))")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -226,7 +226,7 @@ def test_eva_hub_checkpoint_at_224_loads_at_448(tmp_path):
     import timm
     from timm.models import save_for_hf
 
-    from extract.models import EVA_ARCH, eva_args
+    from emollama.extract.models import EVA_ARCH, eva_args
 
     args = dict(eva_args("tiny"), img_size=224)
     save_for_hf(timm.create_model(EVA_ARCH, **args), str(tmp_path / "eva224"), safe_serialization=True)
@@ -279,6 +279,6 @@ def test_missing_local_folder_is_a_clear_error(tmp_path):
 
 
 def test_import_is_cheap_and_side_effect_free():
-    code = "import sys, extract.encoders; print(sorted(m for m in ('torch','transformers','timm') if m in sys.modules))"
+    code = "import sys, emollama.extract.encoders; print(sorted(m for m in ('torch','transformers','timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

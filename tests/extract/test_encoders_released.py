@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract import encoders as E
-from extract.models import (EVA_ARCH, EVA_IMG_SIZE, WeightsFileError, default_heads, resample_pos_embed,
+from emollama.extract import encoders as E
+from emollama.extract.models import (EVA_ARCH, EVA_IMG_SIZE, WeightsFileError, default_heads, resample_pos_embed,
                             videomae_config, vit_mae_config)
 
 torch = pytest.importorskip("torch")

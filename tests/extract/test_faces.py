@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.decode import probe, read_frames, uniform_indices
-from extract.faces import (
+from emollama.extract.decode import probe, read_frames, uniform_indices
+from emollama.extract.faces import (
     FaceDetector,
     FaceSettings,
     FaceTrack,
@@ -19,7 +19,7 @@ from extract.faces import (
     square_box,
     track_boxes,
 )
-from extract.sample import render_frames
+from emollama.extract.sample import render_frames
 
 SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examples"
 

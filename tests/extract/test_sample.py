@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from extract.decode import probe, read_audio, read_frames, uniform_indices
-from extract.faces import FaceDetector
-from extract.sample import LABELS, write_sample
+from emollama.extract.decode import probe, read_audio, read_frames, uniform_indices
+from emollama.extract.faces import FaceDetector
+from emollama.extract.sample import LABELS, write_sample
 
 N_CLIPS = 12
 

@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from extract.sample import write_sample
-from store import FeatureStore
+from emollama.extract.sample import write_sample
+from emollama.store import FeatureStore
 
 pytestmark = pytest.mark.slow
 
 
 def extract_cmd(data, store):
-    return [sys.executable, "-m", "pipeline.cli", "extract", "--dataset", "merr", "--data", str(data),
+    return [sys.executable, "-m", "emollama.pipeline.cli", "extract", "--dataset", "merr", "--data", str(data),
             "--store", str(store), "--profile", "tiny", "--workers", "0", "--batch-clips", "1",
             "--no-progress"]
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from store import FeatureStore
+from emollama.pipeline.cli import app
+from emollama.store import FeatureStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_helpers import tiny_toml  # noqa: E402
@@ -61,8 +61,8 @@ def _umount(path: Path) -> None:
 def trained(tmp_path_factory):
     """8 synthetic clips extracted (tiny profile) and a tiny run trained on them; then the test clips are
     removed from the training store, so evaluating the test split has clips to extract."""
-    from extract.sample import write_sample
-    from store.datasets import load_corpus
+    from emollama.extract.sample import write_sample
+    from emollama.store.datasets import load_corpus
 
     tmp = tmp_path_factory.mktemp("evaltrain")
     data = write_sample(tmp / "data", clips=8, seed=2)
@@ -219,7 +219,7 @@ def test_infer_on_a_fifo_or_a_folder_fails_that_path_alone(trained, tmp_path):
 
 FILL_AFTER_FIRST_SAVE = """
 import os, sys
-import train.loop as loop
+import emollama.train.loop as loop
 real = loop.save_checkpoint
 def save_then_fill(run, step, *a, **k):
     out = real(run, step, *a, **k)
@@ -229,7 +229,7 @@ def save_then_fill(run, step, *a, **k):
             f.write(b"\\0" * max(0, st.f_bavail * st.f_frsize - 32 * 1024))
     return out
 loop.save_checkpoint = save_then_fill
-from pipeline.cli import app
+from emollama.pipeline.cli import app
 app(sys.argv[1:])
 """
 
@@ -247,7 +247,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(trained, tmp_path):
     import subprocess as sp
     import sys
 
-    from train.checkpoint import latest_checkpoint, load_safetensors
+    from emollama.train.checkpoint import latest_checkpoint, load_safetensors
 
     mnt = tmp_path / "disk"
     mnt.mkdir()
@@ -279,7 +279,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(trained, tmp_path):
         assert hidden == [], hidden
         # a retry on the still-full disk: the same error, and nothing grew
         used = _used(mnt)
-        proc = sp.run([sys.executable, "-m", "pipeline.cli", "train", "-c", str(toml), "--resume", "--no-progress"],
+        proc = sp.run([sys.executable, "-m", "emollama.pipeline.cli", "train", "-c", str(toml), "--resume", "--no-progress"],
                       capture_output=True, text=True, timeout=600)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 4 and "Traceback" not in out, out
@@ -289,7 +289,7 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint(trained, tmp_path):
         assert latest_checkpoint(run) == last
         # room again: the run resumes from step 2 and finishes
         (mnt / "filler").unlink()
-        proc = sp.run([sys.executable, "-m", "pipeline.cli", "train", "-c", str(toml), "--resume", "--no-progress"],
+        proc = sp.run([sys.executable, "-m", "emollama.pipeline.cli", "train", "-c", str(toml), "--resume", "--no-progress"],
                       capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert f"resumed from {last} at step 2" in proc.stdout + proc.stderr
@@ -303,7 +303,7 @@ def test_a_failed_torch_save_removes_its_temp_folder_and_names_the_kept_checkpoi
     becomes one CheckpointWriteError naming the folder, the free space and the kept checkpoint."""
     import torch
 
-    import train.checkpoint as ck
+    import emollama.train.checkpoint as ck
 
     run = tmp_path / "run"
     kept = run / "checkpoints" / "step-0000002"

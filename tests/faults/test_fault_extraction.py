@@ -21,11 +21,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from extract import decode
-from extract.step import ClipJob, ExtractSettings, prepare
-from pipeline.cli import app
-from store import FeatureStore
-from store.datasets import id_to_path, load_folder
+from emollama.extract import decode
+from emollama.extract.step import ClipJob, ExtractSettings, prepare
+from emollama.pipeline.cli import app
+from emollama.store import FeatureStore
+from emollama.store.datasets import id_to_path, load_folder
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -135,7 +135,7 @@ def test_a_touched_file_is_not_recomputed_and_a_failed_recompute_keeps_the_old_f
     later = time.time() + 100
     os.utime(data / "a.mp4", (later, later))
     marks = sorted(os.listdir(store / "_commits"))
-    import extract.step as step
+    import emollama.extract.step as step
 
     def no_encoding(*a, **k):
         raise AssertionError("an encoder ran for a clip whose content did not change")
@@ -180,9 +180,9 @@ def test_a_rerun_killed_mid_recompute_loses_nothing(tmp_path):
     old = features(store, "a")
     write_clip(data / "a.mp4", frames=40, size=(80, 64))             # new content: selected for recompute
     # the process dies (SIGKILL, no cleanup) the moment the clip's features are being computed
-    killer = ("import os, signal, sys, extract.step as s\n"
+    killer = ("import os, signal, sys, emollama.extract.step as s\n"
               "s.encode = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
-              "from pipeline.cli import app\n"
+              "from emollama.pipeline.cli import app\n"
               "sys.argv[0] = 'emollama'\n"
               "app()\n")
     r = subprocess.run([sys.executable, "-c", killer, "extract", "--dataset", "folder", "--data", str(data),
@@ -305,7 +305,7 @@ def test_a_read_only_store_stops_the_run_before_any_work(tmp_path, monkeypatch):
         FeatureStore.open(mnt / "s.zarr")                             # an existing, empty store
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         before = files_of(mnt)
-        import pipeline.extraction as extraction
+        import emollama.pipeline.extraction as extraction
 
         def no_models(*a, **k):
             raise AssertionError("models were loaded for a store that cannot be written")
@@ -366,7 +366,7 @@ def test_ctrl_c_under_dask_is_one_line_and_exit_130(tmp_path):
     data, store = tmp_path / "data", tmp_path / "s.zarr"
     for i in range(10):
         write_clip(data / f"c{i}.mp4", frames=50)
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", "--dataset", "folder", "--data",
+    p = subprocess.Popen([sys.executable, "-m", "emollama.pipeline.cli", "extract", "--dataset", "folder", "--data",
                           str(data), "--store", str(store), "--profile", "tiny", "--workers", "1",
                           "--batch-clips", "2", "--no-progress"],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -395,7 +395,7 @@ def test_ctrl_c_under_dask_is_one_line_and_exit_130(tmp_path):
         pytest.fail("a process of the interrupted run is still alive 30 s later")
     st = FeatureStore.open(store)
     assert st.verify().ok
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--dataset", "folder", "--data",
+    r = subprocess.run([sys.executable, "-m", "emollama.pipeline.cli", "extract", "--dataset", "folder", "--data",
                         str(data), "--store", str(store), "--profile", "tiny", "--workers", "0", "--no-progress",
                         "--json"], cwd=REPO, capture_output=True, text=True, timeout=300)
     done = json.loads(r.stdout[r.stdout.index("{"):])
@@ -423,7 +423,7 @@ def test_a_full_disk_in_the_end_of_run_compaction_keeps_the_summary(tmp_path, mo
     """Every clip is committed before the compaction: its failure must not lose the summary."""
     import errno as _errno
 
-    from store import StoreFullError
+    from emollama.store import StoreFullError
 
     data = tmp_path / "data"
     data.mkdir()

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from store import FeatureStore
+from emollama.pipeline.cli import app
+from emollama.store import FeatureStore
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -142,7 +142,7 @@ def test_duplicate_ids_are_rejected_not_mixed(faults):
 
 
 def test_ids_that_escape_the_data_folder_and_unknown_labels_are_rejected(tmp_path):
-    from store.datasets import load_merr
+    from emollama.store.datasets import load_merr
 
     (tmp_path / "video").mkdir()
     write_clip(tmp_path / "video" / "ok.mp4")
@@ -165,7 +165,7 @@ def test_an_empty_dataset_is_a_clear_error(tmp_path):
 
 
 def test_frame_folder_with_unreadable_jpegs(tmp_path):
-    from extract import decode
+    from emollama.extract import decode
 
     folder = tmp_path / "frames"
     folder.mkdir()
@@ -186,7 +186,7 @@ def test_a_ten_minute_clip_is_streamed_with_bounded_memory(tmp_path):
     write_clip(long_dir / "long.mp4", frames=600 * 5, fps=5, size=(64, 48), audio_s=600)
     write_clip(short_dir / "short.mp4", frames=10, fps=5, size=(64, 48), audio_s=2)
     code = ("import json, resource, sys\n"
-            "from pipeline.cli import app\n"
+            "from emollama.pipeline.cli import app\n"
             "try:\n"
             "    app(sys.argv[1:])\n"
             "except SystemExit as e:\n"

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli_store import store_app
-from store import FeatureSpec, FeatureStore, StorageError, StoreFullError
+from emollama.pipeline.cli_store import store_app
+from emollama.store import FeatureSpec, FeatureStore, StorageError, StoreFullError
 
 UTT = FeatureSpec("audio.fault.utt", "audio", "hubert", "sha256:00", "last_hidden_state", "mean", (256,))
 FRAMES = FeatureSpec("audio.fault.frames", "audio", "hubert", "sha256:00", "last_hidden_state", "none",
@@ -64,7 +64,7 @@ def marks(root: Path) -> list[Path]:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     """The real command line (logging set up as users get it: warnings on stderr)."""
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "store", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "emollama.pipeline.cli", "store", *args], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2], timeout=120)
 
 
@@ -113,7 +113,7 @@ def test_wrong_shape_mark_no_traceback_and_rebuilt_from_segment_data(tmp_path, b
     hit.write_text(json.dumps(bad))
     (root / "_commits" / ".copies" / hit.name).unlink()  # no copy (as in a store written before copies)
 
-    with caplog.at_level(logging.WARNING, logger="store.store"):
+    with caplog.at_level(logging.WARNING, logger="emollama.store.store"):
         reader = FeatureStore.open(root, create=False)
     assert [r.getMessage() for r in caplog.records if hit.name in r.getMessage()], caplog.text
     assert len(reader.complete(UTT.key)) == len(clips) - 3
@@ -145,7 +145,7 @@ def test_damaged_compacted_mark_recovers_the_whole_store(tmp_path, caplog):
     (hit,) = marks(root)
     hit.write_bytes(hit.read_bytes()[: len(hit.read_bytes()) // 2])
     (root / "_commits" / ".copies" / hit.name).write_bytes(b"")  # the copy is damaged too
-    with caplog.at_level(logging.WARNING, logger="store.store"):
+    with caplog.at_level(logging.WARNING, logger="emollama.store.store"):
         reader = FeatureStore.open(root, create=False)
     assert reader.clips() == set() and "emollama store repair" in caplog.text
     r = reader.repair()
@@ -200,7 +200,7 @@ def test_compact_reports_what_it_removed(tmp_path, monkeypatch):
     st.compact(keep_s=3600)  # as extraction does: merged segments kept for readers for an hour
     n_before = sum(1 for p in root.rglob("*") if p.is_file())
     bytes_before = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    import store.store as mod
+    import emollama.store.store as mod
 
     monkeypatch.setattr(mod, "_segment_age_s", lambda seg: 1e9)  # an hour later
     res = runner.invoke(store_app, ["compact", str(root), "--keep", "3600"])

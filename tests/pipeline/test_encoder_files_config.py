@@ -2,9 +2,9 @@
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.extraction import encoders_config
-from train.config import ConfigError
+from emollama.pipeline.config import load_config
+from emollama.pipeline.extraction import encoders_config
+from emollama.train.config import ConfigError
 
 
 def test_weights_file_and_config_pass_from_toml_to_the_encoder_source(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from emollama.pipeline.cli import app
 
 runner = CliRunner()
 SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examples"
@@ -16,7 +16,7 @@ SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examp
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from extract.sample import write_sample
+    from emollama.extract.sample import write_sample
 
     tmp = tmp_path_factory.mktemp("infer")
     data = write_sample(tmp / "data", clips=8, seed=2)
@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples/mer2023-examples is absent")
 def test_infer_a_real_clip_and_two_files_with_the_same_name(run_dir, tmp_path):
-    from store import FeatureStore
+    from emollama.store import FeatureStore
 
     run, store, data = run_dir
     real = sorted(SAMPLES.glob("*.mp4"))[0]

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from extract.sample import write_sample
-from pipeline.cli import app
-from store import FeatureStore
+from emollama.extract.sample import write_sample
+from emollama.pipeline.cli import app
+from emollama.store import FeatureStore
 
 runner = CliRunner()
 
@@ -130,7 +130,7 @@ def test_real_clips_get_all_four_views_with_faces(samples_dir, tmp_path):
 
 
 def test_frame_plan_decodes_each_frame_once_and_maps_views():
-    from extract.step import FrameSettings, frame_plan
+    from emollama.extract.step import FrameSettings, frame_plan
 
     for mode in ("peak", "first", "middle"):
         wanted, local, temporal = frame_plan(100, FrameSettings(global_frame=mode))
@@ -151,7 +151,7 @@ def test_frame_folders_and_silent_videos(sample_data, tmp_path):
     audio stream fails with its reason unless --missing-audio silence is asked for."""
     import av
 
-    from extract import decode
+    from emollama.extract import decode
 
     clip = sorted((sample_data / "video").glob("*.mp4"))[0]
     frames = decode.read_frames(clip, list(range(20)))
@@ -227,9 +227,9 @@ def test_dask_workers_write_the_same_values_as_in_process(sample_data, tmp_path)
 
 
 def test_config_file_names_a_local_folder_per_encoder(tmp_path):
-    from extract.encoders import profile
-    from pipeline.config import load_config
-    from pipeline.extraction import settings_from
+    from emollama.extract.encoders import profile
+    from emollama.pipeline.config import load_config
+    from emollama.pipeline.extraction import settings_from
 
     tiny = profile("tiny")
     copy = tmp_path / "my-hubert"

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from extract.sample import write_sample
-from extract.step import ClipJob
-from pipeline.cli import app
-from pipeline.extraction import parse_storage_options, plan_tasks
-from store import FeatureStore
+from emollama.extract.sample import write_sample
+from emollama.extract.step import ClipJob
+from emollama.pipeline.cli import app
+from emollama.pipeline.extraction import parse_storage_options, plan_tasks
+from emollama.store import FeatureStore
 
 runner = CliRunner()
 
@@ -96,7 +96,7 @@ def test_storage_options_from_key_value_pairs():
 def test_a_local_cluster_gets_one_worker_per_visible_gpu(monkeypatch):
     import torch
 
-    from pipeline.executors import InlineExecutor, make_executor, visible_gpus
+    from emollama.pipeline.executors import InlineExecutor, make_executor, visible_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
@@ -118,7 +118,7 @@ def test_two_local_workers_write_one_store_bit_identical_to_one_process(sample_d
     of float sums, which fp16 storage can turn into a one-step difference."""
     import torch
 
-    import pipeline.executors as executors
+    import emollama.pipeline.executors as executors
 
     cfg = no_compaction(tmp_path)
     before = torch.get_num_threads()
@@ -252,7 +252,7 @@ def test_gpu_workers_own_one_gpu_each_and_tasks_ask_for_one():
     """The mechanics, on any machine: a local GPU cluster has one worker per GPU id, each seeing only
     its own GPU and holding resource GPU=1; an executor attached to such a cluster by address sees the
     GPU workers and submits every task with resources={"GPU": 1}."""
-    from pipeline.executors import GPU, DaskExecutor
+    from emollama.pipeline.executors import GPU, DaskExecutor
 
     with DaskExecutor(gpus=["0", "1"], threads_per_worker=1) as local:
         assert local.resources == {GPU: 1}

@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 
-from store import FeatureSpec
+from emollama.store import FeatureSpec
 
 UTT = FeatureSpec("audio.test.utt", "audio", "hubert", "sha256:00", "last_hidden_state", "mean", (1024,))
 FRAMES = FeatureSpec("audio.test.frames", "audio", "hubert", "sha256:00", "last_hidden_state", "none",

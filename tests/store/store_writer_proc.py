@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
 
-from store import FeatureStore  # noqa: E402
+from emollama.store import FeatureStore  # noqa: E402
 from store_helpers import FRAMES, UTT, value  # noqa: E402
 
 

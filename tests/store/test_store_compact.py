@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from store import FeatureStore
+from emollama.store import FeatureStore
 from store_helpers import FRAMES, TOKENS, UTT, stored, value
 
 SPECS = (UTT, FRAMES)
@@ -116,7 +116,7 @@ def test_compaction_killed_midway_leaves_store_consistent(tmp_path, step):
 
 
 def test_compact_large_segments_span_several_shards(tmp_path, monkeypatch):
-    import store.store as mod
+    import emollama.store.store as mod
 
     monkeypatch.setattr(mod, "SHARD_BYTES", 4 * 1025 * 48 * 2)  # 4 clips of TOKENS per shard
     st = FeatureStore.open(tmp_path / "s")

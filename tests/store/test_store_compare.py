@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli_store import store_app
-from store import FeatureSpec, FeatureStore
-from store.compare import compare_sets, format_comparison
+from emollama.pipeline.cli_store import store_app
+from emollama.store import FeatureSpec, FeatureStore
+from emollama.store.compare import compare_sets, format_comparison
 
 A = FeatureSpec("local.test.mean", "local", "vitmae", "sha256:00", "last", "mean", (16,), dtype="float32")
 B = FeatureSpec("local.test.released", "local", "released:x", "authors:x", "unknown", "mean", (16,), dtype="float32")

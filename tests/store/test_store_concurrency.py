@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import FeatureStore
+from emollama.store import FeatureStore
 from store_helpers import FRAMES, UTT, stored
 
 SCRIPT = Path(__file__).resolve().parent / "store_writer_proc.py"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli_store import store_app
-from store import FeatureDataset, FeatureSpec, FeatureStore
-from store.interop import export_hdf5, export_npy, import_hdf5, import_npy_folder
+from emollama.pipeline.cli_store import store_app
+from emollama.store import FeatureDataset, FeatureSpec, FeatureStore
+from emollama.store.interop import export_hdf5, export_npy, import_hdf5, import_npy_folder
 from store_helpers import FRAMES, UTT, stored, value
 
 HL_UTT = FeatureSpec("audio.hubert.utt.released", "audio", "chinese-hubert-large", "released:HL-UTT",

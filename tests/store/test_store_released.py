@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli_store import store_app
-from store import FeatureStore
-from store.interop import RELEASED, import_released, released_preset, released_spec, storage_dtype
+from emollama.pipeline.cli_store import store_app
+from emollama.store import FeatureStore
+from emollama.store.interop import RELEASED, import_released, released_preset, released_spec, storage_dtype
 
 
 def _release(folder, n=4, dtype=np.float32, lead=True):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from store import FeatureSpec, FeatureStore
+from emollama.store import FeatureSpec, FeatureStore
 from store_helpers import FRAMES, TOKENS, UTT, stored, value
 
 
@@ -153,7 +153,7 @@ def test_xarray_opens_a_segment(st):
 @pytest.mark.parametrize("shard_clips", [None, 3])
 def test_direct_shard_reads_equal_zarr_reads(tmp_path, monkeypatch, shard_clips):
     """The local fast path (store/_fastread.py) returns exactly what zarr returns, across shards."""
-    import store.store as mod
+    import emollama.store.store as mod
 
     if shard_clips:  # force several shards per segment, the last one partial
         monkeypatch.setattr(mod, "SHARD_BYTES", shard_clips * 1025 * 48 * 2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from store import FeatureStore
+from emollama.store import FeatureStore
 from store_helpers import FRAMES, UTT, stored, value
 
 pytestmark = pytest.mark.s3

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli_store import store_app
-from store import FeatureStore
+from emollama.pipeline.cli_store import store_app
+from emollama.store import FeatureStore
 from store_helpers import FRAMES, UTT, stored, value
 
 runner = CliRunner()

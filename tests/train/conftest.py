@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from extract.sample import write_sample
-from pipeline.cli import app
+from emollama.extract.sample import write_sample
+from emollama.pipeline.cli import app
 
 
 def _extract(tmp: Path, clips: int, seed: int) -> tuple[Path, Path]:
@@ -34,7 +34,7 @@ def demo_store(tmp_path_factory) -> tuple[Path, Path]:
 
 def tiny_cfg(data_root: Path, store: Path, out: Path, **sections):
     """A tiny-profile config for tests; ``sections`` = {"optim": {...}, ...} overrides."""
-    from train.config import load_train_config
+    from emollama.train.config import load_train_config
 
     base = {
         "data": {"root": str(data_root), "store": str(store), "standardize": True},

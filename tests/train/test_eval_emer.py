@@ -3,7 +3,7 @@
 import pytest
 
 from train_helpers import FakeJudge
-from train.emer import Judge, JudgeConfig, JudgeError, lexical_proxy, parse_scores, score_emer
+from emollama.train.emer import Judge, JudgeConfig, JudgeError, lexical_proxy, parse_scores, score_emer
 
 
 @pytest.fixture

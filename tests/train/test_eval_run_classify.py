@@ -10,17 +10,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from emollama.pipeline.cli import app
 from train_helpers import FakeJudge
-from pipeline.evaluation import (EvalError, candidates, clip_id_for, parse_label_map, target_probabilities)
+from emollama.pipeline.evaluation import (EvalError, candidates, clip_id_for, parse_label_map, target_probabilities)
 
 runner = CliRunner()
 VIEWS3 = ["local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
 
 
 def _train(small_store, out, features):
-    from train.config import load_train_config
-    from train.loop import train
+    from emollama.train.config import load_train_config
+    from emollama.train.loop import train
 
     data, store = small_store
     cfg = load_train_config(None, {
@@ -81,12 +81,12 @@ def test_eval_cli_reproduces_training_closed_set_and_writes_the_report(tiny_run)
 
 
 def test_generation_is_the_plain_greedy_loop_and_batching_does_not_change_it(tiny_run):
-    from store import FeatureStore
-    from store.datasets import load_corpus
-    from train.data import Example
-    from train.generate import generate
-    from train.run import load_run
-    from pipeline.evaluation import make_data
+    from emollama.store import FeatureStore
+    from emollama.store.datasets import load_corpus
+    from emollama.train.data import Example
+    from emollama.train.generate import generate
+    from emollama.train.run import load_run
+    from emollama.pipeline.evaluation import make_data
 
     data, store, run_dir, _ = tiny_run
     run = load_run(run_dir, device="cpu")
@@ -142,7 +142,7 @@ def _dfew(tmp: Path, data: Path) -> Path:
     of every fold (numbers 1-7; worried clips become fear, 7)."""
     import av
 
-    from store.datasets import load_corpus
+    from emollama.store.datasets import load_corpus
 
     codes = {"happy": 1, "sad": 2, "neutral": 3, "angry": 4, "surprise": 5, "worried": 7}
     root = tmp / "dfew"
@@ -169,7 +169,7 @@ def _dfew(tmp: Path, data: Path) -> Path:
 
 
 def test_dfew_all_folds_zero_shot_with_label_map_extracts_missing_clips(visual_run, tmp_path):
-    from store import FeatureStore
+    from emollama.store import FeatureStore
 
     data, store, run, _ = visual_run
     root = _dfew(tmp_path, data)
@@ -211,7 +211,7 @@ def test_eval_errors_are_clear(tiny_run, tmp_path):
 
 
 def test_emer_through_the_cli_with_a_loopback_judge_then_cached_then_proxy(tiny_run, tmp_path, monkeypatch):
-    from store.datasets import load_corpus
+    from emollama.store.datasets import load_corpus
 
     data, store, run, _ = tiny_run
     clips = [c for c in load_corpus("merr", data).split("test") if c.texts.get("reason")][:3]

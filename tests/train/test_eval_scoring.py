@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, \
     precision_recall_fscore_support
 
-from train.scoring import classification_metrics, parse_label, read_predictions
+from emollama.train.scoring import classification_metrics, parse_label, read_predictions
 
 LABELS = ["neutral", "angry", "happy", "sad", "worried", "surprise"]
 
@@ -79,7 +79,7 @@ def test_score_command_reads_any_predictions_file(tmp_path):
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from emollama.pipeline.cli import app
 
     f = tmp_path / "pred.csv"
     f.write_text("name,label,prediction\na,happy,happy\nb,sad,Sadness.\nc,angry,I am not sure\nd,fear,afraid\n")

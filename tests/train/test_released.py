@@ -58,7 +58,7 @@ def write_released(path: Path, state) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    from train.tiny import default_home, ensure_tiny_llm
+    from emollama.train.tiny import default_home, ensure_tiny_llm
 
     return ensure_tiny_llm(default_home())
 
@@ -100,8 +100,8 @@ def _features(seed=1):
 
 
 def _batch(run_or_model, layout, tokenizer, keys_by_modality, feats, subtitle, answer, **kw):
-    from train.data import pad_encoded
-    from train.prompt import encode
+    from emollama.train.data import pad_encoded
+    from emollama.train.prompt import encode
 
     enc = encode(tokenizer, layout, subtitle, "emotion", EMOTION_INSTR, answer, style="emotion-llama", **kw)
     t = pad_encoded([enc], tokenizer.pad_token_id)
@@ -111,8 +111,8 @@ def _batch(run_or_model, layout, tokenizer, keys_by_modality, feats, subtitle, a
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 def test_imported_checkpoint_equals_the_reference_forward(tmp_path, tiny_llm):
-    from pipeline.cli import app
-    from train.run import load_run
+    from emollama.pipeline.cli import app
+    from emollama.train.run import load_run
     from typer.testing import CliRunner
 
     state = released_state()
@@ -151,9 +151,9 @@ def test_imported_checkpoint_equals_the_reference_forward(tmp_path, tiny_llm):
 def test_public_eval_layout_puts_all_260_embeddings_at_video(tiny_llm):
     from transformers import AutoTokenizer
 
-    from train.model import layout_for, projector_specs
-    from train.prompt import encode
-    from train.released import _binding_specs
+    from emollama.train.model import layout_for, projector_specs
+    from emollama.train.prompt import encode
+    from emollama.train.released import _binding_specs
 
     tok = AutoTokenizer.from_pretrained(tiny_llm, local_files_only=True)
     sets = _binding_specs({"eva_dim": D_EVA, "local": D_LOCAL, "temporal": D_TEMP, "audio": D_AUDIO}, "emotion-llama", {})
@@ -169,10 +169,10 @@ def test_public_eval_layout_puts_all_260_embeddings_at_video(tiny_llm):
 
 
 def test_minigpt_v2_start_equals_the_reference(tmp_path, tiny_llm):
-    from store.spec import FeatureSpec
-    from train.config import load_train_config
-    from train.loop import build_model
-    from train.released import ReleasedCheckpointError, init_from_minigpt_v2
+    from emollama.store.spec import FeatureSpec
+    from emollama.train.config import load_train_config
+    from emollama.train.loop import build_model
+    from emollama.train.released import ReleasedCheckpointError, init_from_minigpt_v2
 
     state = released_state(kind="minigpt-v2", seed=3)
     ck = write_released(tmp_path / "minigptv2_checkpoint.pth", state)
@@ -215,9 +215,9 @@ def test_minigpt_v2_start_equals_the_reference(tmp_path, tiny_llm):
 
 
 def test_paper_size_layout_maps_completely_on_the_meta_device():
-    from train.config import PAPER_FEATURES, TrainConfig
-    from train.params import LLAMA2_7B, count_for_profile, meta_model, paper_sets
-    from train.released import ReleasedCheckpointError, map_released
+    from emollama.train.config import PAPER_FEATURES, TrainConfig
+    from emollama.train.params import LLAMA2_7B, count_for_profile, meta_model, paper_sets
+    from emollama.train.released import ReleasedCheckpointError, map_released
 
     state = released_state(hidden=4096, eva=1408, dims=(1024, 1024, 1024), layers=32, device="meta")
     model = meta_model(LLAMA2_7B, paper_sets(PAPER_FEATURES), TrainConfig())
@@ -241,7 +241,7 @@ def test_paper_size_layout_maps_completely_on_the_meta_device():
 
 
 def test_import_refuses_code_pickles_and_mismatched_lms(tmp_path):
-    from pipeline.cli import app
+    from emollama.pipeline.cli import app
     from typer.testing import CliRunner
 
     class Evil:
@@ -281,9 +281,9 @@ def test_imported_run_on_a_mixed_store_binds_without_flags(tmp_path, small_store
     clip missing from an imported set is named and never re-extracted; params and init-from take the run."""
     import shutil
 
-    from pipeline.cli import app
-    from store import FeatureStore
-    from store.datasets import load_corpus
+    from emollama.pipeline.cli import app
+    from emollama.store import FeatureStore
+    from emollama.store.datasets import load_corpus
     from typer.testing import CliRunner
 
     data, store0 = small_store

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from train.config import load_train_config
-from train.loop import train
+from emollama.train.config import load_train_config
+from emollama.train.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
 

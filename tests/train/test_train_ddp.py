@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from train.checkpoint import latest_checkpoint
-from train.loop import train
+from emollama.train.checkpoint import latest_checkpoint
+from emollama.train.loop import train
 
 
 def _free_port() -> int:
@@ -52,7 +52,7 @@ eval_every = 0
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "pipeline.cli", "train", "-c", str(toml), "--no-progress"]
+           "-m", "emollama.pipeline.cli", "train", "-c", str(toml), "--no-progress"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     state = json.loads((latest_checkpoint(tmp_path / "two") / "state.json").read_text())

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from train.checkpoint import latest_checkpoint
+from emollama.train.checkpoint import latest_checkpoint
 from train_helpers import tiny_toml
-from train.loop import train
+from emollama.train.loop import train
 
 CRASH_IN_CHECKPOINT = """
 import os, sys
-import train.checkpoint as ck
+import emollama.train.checkpoint as ck
 real = ck.write_json
 def dying_write_json(path, obj):
     # the process dies (as under SIGKILL: no cleanup) while writing the step-4 checkpoint
@@ -19,7 +19,7 @@ def dying_write_json(path, obj):
         os._exit(137)
     return real(path, obj)
 ck.write_json = dying_write_json
-from pipeline.cli import app
+from emollama.pipeline.cli import app
 app(sys.argv[1:])
 """
 

@@ -7,12 +7,12 @@ import pickle
 import pytest
 import torch
 
-from train.checkpoint import CheckpointError, latest_checkpoint
+from emollama.train.checkpoint import CheckpointError, latest_checkpoint
 from train_helpers import tiny_toml
-from train.loop import TrainingDiverged, train
+from emollama.train.loop import TrainingDiverged, train
 
 def n_test(data):
-    from store.datasets import load_corpus
+    from emollama.store.datasets import load_corpus
 
     return len(load_corpus("merr", data).split("test"))
 
@@ -55,18 +55,18 @@ def test_adapter_loads_with_peft_alone_and_projectors_with_safetensors_alone(sma
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from train.loop import build_model, llm_source
+    from emollama.train.loop import build_model, llm_source
 
     data, store = small_store
     cfg = make_cfg(data, store, tmp_path / "run", optim={"steps": 3}, data={"features": ALL4})
     train(cfg)
     run = tmp_path / "run"
     # our model, reloaded from the checkpoint through our code
-    from store import FeatureStore
-    from train.checkpoint import load_adapter, load_projectors
-    from train.data import TrainData
-    from store import FeatureDataset
-    from store.datasets import load_corpus
+    from emollama.store import FeatureStore
+    from emollama.train.checkpoint import load_adapter, load_projectors
+    from emollama.train.data import TrainData
+    from emollama.store import FeatureDataset
+    from emollama.store.datasets import load_corpus
 
     st = FeatureStore.open(store)
     keys = [st.resolve(f) for f in ALL4]
@@ -117,7 +117,7 @@ def test_audio_only_from_the_same_store(small_store, make_cfg, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(small_store, make_cfg, tmp_path,
                                                                                  monkeypatch):
-    from train.model import EmoModel
+    from emollama.train.model import EmoModel
 
     data, store = small_store
     calls = {"n": 0}
@@ -163,7 +163,7 @@ def test_a_planted_pickle_is_refused(small_store, make_cfg, tmp_path, monkeypatc
 def test_cli_train_and_params(small_store, tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from emollama.pipeline.cli import app
 
     data, store = small_store
     cfg = tmp_path / "t.toml"
@@ -220,7 +220,7 @@ def test_killed_mid_run_then_resumed_gives_the_uninterrupted_curve(small_store, 
     full = train(make_cfg(data, store, tmp_path / "full", **opts))
     run = tmp_path / "killed"
     toml = tiny_toml(tmp_path / "k.toml", data, store, run, steps=30)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "-c", str(toml), "--no-progress"],
+    proc = subprocess.Popen([sys.executable, "-m", "emollama.pipeline.cli", "train", "-c", str(toml), "--no-progress"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -239,10 +239,10 @@ def test_killed_mid_run_then_resumed_gives_the_uninterrupted_curve(small_store, 
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(small_store, make_cfg, tmp_path):
-    from store import FeatureDataset, FeatureStore
-    from store.datasets import load_corpus
-    from train.data import TrainData
-    from train.loop import build_model
+    from emollama.store import FeatureDataset, FeatureStore
+    from emollama.store.datasets import load_corpus
+    from emollama.train.data import TrainData
+    from emollama.train.loop import build_model
 
     data, store = small_store
     st = FeatureStore.open(store)

@@ -3,8 +3,8 @@
 
 import pytest
 
-from train.prompt import IGNORE, INSTRUCTIONS, Layout, Slot, encode, instruction_for
-from train.tiny import build_tokenizer, ensure_tiny_llm
+from emollama.train.prompt import IGNORE, INSTRUCTIONS, Layout, Slot, encode, instruction_for
+from emollama.train.tiny import build_tokenizer, ensure_tiny_llm
 
 LABELS = ["neutral", "angry", "happy", "sad", "worried", "surprise"]
 PAPER = Layout(video=(Slot("g", 256),), feature=(Slot("l", 1), Slot("t", 1), Slot("a", 1), Slot("c", 1)))
@@ -70,7 +70,7 @@ def test_tiny_llm_folder_loads_with_transformers_alone(tmp_path):
 
 
 def test_a_missing_language_model_fails_at_once_with_what_and_how(tmp_path, monkeypatch):
-    from train.model import MissingModelError, load_llm
+    from emollama.train.model import MissingModelError, load_llm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingModelError, match=r"meta-llama/Llama-2-7b-chat-hf.*offline.*(\n.*)local folder"):
@@ -96,7 +96,7 @@ def llama2_style_tokenizer(words):
 
 
 def test_emotion_llama_prompt_token_for_token():
-    from train.prompt import RELEASED_REASON_INSTRUCTIONS, caption_filter
+    from emollama.train.prompt import RELEASED_REASON_INSTRUCTIONS, caption_filter
 
     instr = RELEASED_REASON_INSTRUCTIONS[1]   # "What is the emotional state of the person in the video? ..."
     caption = 'She SMILES (broadly): "we won!"  Her voice rises;\nso -- happy~'
@@ -126,7 +126,7 @@ def test_emotion_llama_prompt_token_for_token():
 
 
 def test_public_scorer_takes_the_last_word_and_defaults_to_neutral():
-    from train.scoring import public_label
+    from emollama.train.scoring import public_label
 
     labels = ["neutral", "angry", "happy", "sad", "worried", "surprise"]
     answers = {
