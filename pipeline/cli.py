@@ -11,6 +11,11 @@ from typing import List, Optional
 
 import typer
 
+
+def on_terminal() -> bool:
+    """Whether someone watches stderr: progress bars default to on there and to off in logs and pipes."""
+    return sys.stderr.isatty()
+
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
@@ -84,7 +89,8 @@ def extract(
     storage_option: Optional[List[str]] = typer.Option(
         None, "--storage-option", help="fsspec option for the store, KEY=VALUE (repeatable), e.g. endpoint_url=..."),
     limit: Optional[int] = typer.Option(None, help="Only the first N clips (a quick look)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Show a progress bar (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Stage one: decode clips, find faces, run the four frozen encoders, write the feature store.
@@ -115,7 +121,7 @@ def extract(
         typer.echo(str(e), err=True)
         raise typer.Exit(2)
     try:
-        summary = run_extract(cfg, progress=progress, limit=limit)
+        summary = run_extract(cfg, progress=on_terminal() if progress is None else progress, limit=limit)
     except KeyboardInterrupt:
         # whatever was committed stays; the rerun skips it. One line, no traceback.
         typer.echo("interrupted: rerun to resume", err=True)

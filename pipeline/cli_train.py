@@ -78,7 +78,8 @@ def train_cmd(
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this step (the schedule is unchanged)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's newest checkpoint."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Show a progress bar (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
 ) -> None:
     """Stage two: train the projectors and the LoRA adapter over the feature store.
@@ -105,7 +106,10 @@ def train_cmd(
         typer.echo(str(e), err=True)
         raise typer.Exit(2)
     try:
-        result = train(cfg, resume=resume, max_steps=max_steps, progress=progress,
+        from emollama.pipeline.cli import on_terminal
+
+        show = on_terminal() if progress is None else progress  # bars only where someone watches
+        result = train(cfg, resume=resume, max_steps=max_steps, progress=show,
                        echo=(lambda s: None) if as_json else typer.echo)
     except TrainingDiverged as e:
         typer.echo(f"error: {e}", err=True)
