@@ -68,7 +68,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         for k in self.keys:
             spec = specs[k]
             if in_memory is None:
-                hold = self._estimate_bytes(st, k) < IN_MEMORY_BYTES
+                hold = st.nbytes(k, self.clip_ids) < IN_MEMORY_BYTES
             else:
                 hold = bool(in_memory)
             if hold and self.clip_ids:
@@ -79,14 +79,6 @@ class FeatureDataset(torch.utils.data.Dataset):
                     self._mem[k] = (np.concatenate(arrays), offsets)
                 else:
                     self._mem[k] = (np.stack(arrays), None)
-
-    def _estimate_bytes(self, st: FeatureStore, key: str) -> int:
-        spec = st.sets()[key]
-        item = np.dtype(spec.dtype).itemsize * int(np.prod(spec.row_shape))
-        loc = st._loc.get(key, {})
-        if not spec.variable:
-            return item * len(self.clip_ids)
-        return item * sum(loc[c][2] - loc[c][1] for c in self.clip_ids)
 
     @property
     def in_memory_keys(self) -> list[str]:

@@ -200,9 +200,9 @@ def test_compact_reports_what_it_removed(tmp_path, monkeypatch):
     st.compact(keep_s=3600)  # as extraction does: merged segments kept for readers for an hour
     n_before = sum(1 for p in root.rglob("*") if p.is_file())
     bytes_before = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    import emollama.store.store as mod
+    import emollama.store.maintenance as mod
 
-    monkeypatch.setattr(mod, "_segment_age_s", lambda seg: 1e9)  # an hour later
+    monkeypatch.setattr(mod, "segment_age_s", lambda seg: 1e9)  # an hour later
     res = runner.invoke(store_app, ["compact", str(root), "--keep", "3600"])
     assert res.exit_code == 0, res.output
     n_after = sum(1 for p in root.rglob("*") if p.is_file())

@@ -55,7 +55,7 @@ def test_compact_drops_files_keeps_values(tmp_path):
     _check(st2, clips)
     assert st2.records() == recs and st2.failures() == {"broken": "decode error"}
     # one array per set now, holding each clip exactly once
-    (mark,) = st2._marks.values()
+    (mark,) = st2.commits.marks.values()
     assert sorted(mark["sets"][UTT.key]["clips"]) == sorted(clips)
     # nothing left to do; new small commits compact again without rewriting the big segment
     assert st2.compact()["compacted"] == 0
@@ -99,7 +99,7 @@ def test_compaction_killed_midway_leaves_store_consistent(tmp_path, step):
         if at == step:
             raise Crash(at)
 
-    st._compact_hook = crash
+    st._maintenance.hook = crash
     with pytest.raises(Crash):
         st.compact()
     reader = FeatureStore.open(tmp_path / "s", create=False)
@@ -116,7 +116,7 @@ def test_compaction_killed_midway_leaves_store_consistent(tmp_path, step):
 
 
 def test_compact_large_segments_span_several_shards(tmp_path, monkeypatch):
-    import emollama.store.store as mod
+    import emollama.store.segments as mod
 
     monkeypatch.setattr(mod, "SHARD_BYTES", 4 * 1025 * 48 * 2)  # 4 clips of TOKENS per shard
     st = FeatureStore.open(tmp_path / "s")
@@ -144,7 +144,7 @@ def test_crash_after_old_marks_deleted_really_happens_midway(tmp_path):
         if at == "marks-deleted":
             raise Crash(at)
 
-    st._compact_hook = crash
+    st._maintenance.hook = crash
     with pytest.raises(Crash):
         st.compact()
     assert steps == ["data-written", "mark-written", "marks-deleted"]

@@ -50,7 +50,7 @@ def test_two_processes_overlapping_clips(tmp_path):
     # overlapping clips may be stored twice, but each reads once: after compaction exactly once
     st.compact()
     st2 = FeatureStore.open(url, create=False)
-    assert sum(len(m["sets"][UTT.key]["clips"]) for m in st2._marks.values() if "sets" in m) == 180
+    assert sum(len(m["sets"][UTT.key]["clips"]) for m in st2.commits.marks.values() if "sets" in m) == 180
     _check_all_values(st2, sorted(want))
     assert st2.verify().ok
 
@@ -107,7 +107,7 @@ def test_data_without_commit_mark_is_invisible(tmp_path):
     w = st.writer()
     w.add("a", {ku: stored("a", UTT)})
     # a writer that dies between its data and its mark: do the data half only
-    st._write_rows(ku, "00000000000000000001-deadbeef", ["a"], [stored("a", UTT)], None)
+    st.segments.write_rows(UTT, ku, "00000000000000000001-deadbeef", ["a"], [stored("a", UTT)], None)
     st.refresh()
     assert st.complete(ku) == set() and st.records() == {}
     rep = st.verify()

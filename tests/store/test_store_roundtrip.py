@@ -153,7 +153,7 @@ def test_xarray_opens_a_segment(st):
 @pytest.mark.parametrize("shard_clips", [None, 3])
 def test_direct_shard_reads_equal_zarr_reads(tmp_path, monkeypatch, shard_clips):
     """The local fast path (store/_fastread.py) returns exactly what zarr returns, across shards."""
-    import emollama.store.store as mod
+    import emollama.store.segments as mod
 
     if shard_clips:  # force several shards per segment, the last one partial
         monkeypatch.setattr(mod, "SHARD_BYTES", shard_clips * 1025 * 48 * 2)
@@ -171,7 +171,7 @@ def test_direct_shard_reads_equal_zarr_reads(tmp_path, monkeypatch, shard_clips)
     pick = ["c9", "c0", "c5", "c5", "c3"]
     for s in specs:
         fast = st.read_many(pick, s.key)
-        assert st._readers[(s.key, st._loc[s.key]["c0"][0])] is not None  # the fast path was used
+        assert st.segments.reader(s.key, st.locations(s.key)["c0"].segment) is not None  # the fast path applies
         st.fast_reads = False
         slow = st.read_many(pick, s.key)
         st.fast_reads = True
