@@ -17,7 +17,7 @@ STAGE1 ?= configs/demo-stage1.toml
 STAGE2 ?= configs/demo-stage2.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-extract test test-fast extract train bench-store bench-extract bench-scale bench-train gpu-wheels bench-gpu clean
+.PHONY: help venv demo demo-extract test test-fast docs extract train bench-store bench-extract bench-scale bench-train gpu-wheels bench-gpu clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ test: venv ## Run the test suite (what CI runs)
 
 test-fast: venv ## The tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
+
+docs: venv ## Rewrite docs/config.md from the config dataclasses (a test checks it is up to date)
+	$(BIN)/python -m emollama.pipeline.configdoc docs/config.md
 
 extract: venv ## Extract features: DATASET=merr|mer2023|dfew|folder DATA=dir STORE=path|url [PROFILE=paper]
 	$(EMOLLAMA) extract --dataset $(DATASET) --data $(DATA) --store $(STORE) --profile $(PROFILE) --workers $(WORKERS) $(ARGS)

@@ -21,6 +21,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from emollama.extract.registry import FACE_INPUTS
+from emollama.extract.settings import value
+
 log = logging.getLogger(__name__)
 
 CONFIDENT = 0.99  # MTCNN probability for a face to seed the track (backs of heads score ~0.8-0.96)
@@ -29,12 +32,15 @@ MAX_CENTRE_JUMP = 1.0  # accept a match whose centre moved at most this many box
 
 @dataclass(frozen=True)
 class FaceSettings:
-    detector: str = "mtcnn"
-    crop_size: int = 224
-    margin: float = 0.2  # fraction of the box size added on each side, then squared
-    min_face_size: int = 20  # in pixels of the detection image (longest side detect_side)
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
-    detect_side: int = 640  # frames are downscaled to this longest side for detection
+    """[extract.faces]: every field changes the values of the sets read from face crops (and of the
+    whole frame when it is the peak-face frame)."""
+
+    detector: str = value("mtcnn", inputs=FACE_INPUTS, choices=("mtcnn",))   # the face detector (facenet-pytorch MTCNN)
+    crop_size: int = value(224, inputs=FACE_INPUTS, min=1)   # side of the square face crop, pixels
+    margin: float = value(0.2, inputs=FACE_INPUTS, min=0.0, max=1.0)  # of the box size, added on each side, then squared
+    min_face_size: int = value(20, inputs=FACE_INPUTS, min=1)  # pixels of the detection image (longest side detect_side)
+    thresholds: tuple[float, float, float] = value((0.6, 0.7, 0.7), inputs=FACE_INPUTS)   # MTCNN stage thresholds (P, R, O nets)
+    detect_side: int = value(640, inputs=FACE_INPUTS, min=1)  # frames are downscaled to this longest side for detection
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -203,25 +209,16 @@ def peak_index(crops: np.ndarray) -> int:
     return int(np.argmax(dist))
 
 
-GLOBAL_MODES = ("first", "middle", "peak")
+def peak_frame_index(track: FaceTrack) -> int:
+    """Index of the "peak" frame of a track (the global view's frame with `global_frame = "peak"`).
 
-
-def select_global_index(mode: str, track: FaceTrack) -> int:
-    """Index of the frame for the global view: "first", "middle" (N // 2) or "peak".
-
-    "peak" looks only at frames where the face was detected (borrowed boxes may show
-    no face), unless no face was found at all.
+    It looks only at frames where the face was detected (borrowed boxes may show no face), unless no
+    face was found at all. ("first" and "middle" are the clip's own frames: the step picks them.)
     """
     n = len(track.crops)
     if n == 0:
-        raise ValueError("select_global_index: empty track")
-    if mode == "first":
-        return 0
-    if mode == "middle":
-        return n // 2
-    if mode == "peak":
-        idx = np.flatnonzero(track.detected) if track.found else np.arange(n)
-        if len(idx) == 0:
-            idx = np.arange(n)
-        return int(idx[peak_index(track.crops[idx])])
-    raise ValueError(f"unknown global frame mode {mode!r}: choose one of {', '.join(GLOBAL_MODES)}")
+        raise ValueError("peak_frame_index: empty track")
+    idx = np.flatnonzero(track.detected) if track.found else np.arange(n)
+    if len(idx) == 0:
+        idx = np.arange(n)
+    return int(idx[peak_index(track.crops[idx])])

@@ -7,13 +7,16 @@ different width per view so that a feature handed to the wrong slot fails loudly
 
     audio 32, local 40, temporal 24, global 48
 
+Two more tiny recipes are fixtures for the generic `hf` encoder (`extract.hf_encoder`): `wav2vec2`
+(width 28, with its feature extractor) and `clip_vision` (width 36, 64x64, with its image processor).
+
 They are built from a fixed seed, so every build writes identical bytes (same torch/transformers/
-timm versions), and saved on first use under ``<home>/models/tiny/<view>``. A build goes into a
+timm versions), and saved on first use under ``<home>/models/tiny/<name>``. A build goes into a
 temporary folder beside the target and is renamed into place, so two processes building at once
 are safe (the loser throws its copy away). They exist for tests and the offline demo only.
 
 The second half converts the authors' own checkpoint FILES, in their original key layouts, into
-the same classes (`load_weights_file`; the formats are described in `extract.encoders`).
+the same classes (`*_from_state_dict`; the formats are described in `extract.paper_encoders`).
 
 Torch, transformers and timm are imported inside the functions: importing this module is cheap.
 """
@@ -28,17 +31,17 @@ import pickle
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("audio", "local", "temporal", "global")
 TINY_SEED = 1234
 # Bump when a tiny recipe changes: folders built by an older recipe are rebuilt.
 TINY_RECIPE = 1
 TINY_MARKER = "emollama-tiny.json"
-TINY_DIMS = {"audio": 32, "local": 40, "temporal": 24, "global": 48}
+TINY_DIMS = {"audio": 32, "local": 40, "temporal": 24, "global": 48, "wav2vec2": 28, "clip_vision": 36}
 
 # timm architecture of the global view (EVA-CLIP-g/14's visual tower, see encoders.PAPER)
 EVA_ARCH = "eva_giant_patch14_clip_224"
@@ -130,44 +133,117 @@ def eva_args(size: str) -> dict[str, Any]:
 
 # --- building --------------------------------------------------------------------------------
 
-def build_model(view: str, size: str = "tiny", *, seed: int = TINY_SEED):
-    """A randomly initialised model of one view (no download), in eval mode.
+def _hubert(size: str):
+    from transformers import HubertModel
+    return HubertModel(hubert_config(size))
 
-    size: "tiny" for every view; "large" for audio/local/temporal (real HuBERT-large, ViT-MAE-large,
+
+def _vit_mae(size: str):
+    from transformers import ViTMAEModel
+    return ViTMAEModel(vit_mae_config(size))
+
+
+def _videomae(size: str):
+    from transformers import VideoMAEModel
+    return VideoMAEModel(videomae_config(size))
+
+
+def _eva(size: str):
+    import timm
+    return timm.create_model(EVA_ARCH, pretrained=False, **eva_args(size))
+
+
+def _tiny_only(size: str, what: str) -> None:
+    if size != "tiny":
+        raise ValueError(f"unknown size {size!r} for {what}: only 'tiny' (a test fixture)")
+
+
+def _wav2vec2(size: str):
+    """A tiny wav2vec2 (HuBERT's conv stack: 50 frames/s), a fixture for the generic `hf` encoder."""
+    from transformers import Wav2Vec2Config, Wav2Vec2Model
+    _tiny_only(size, "wav2vec2")
+    return Wav2Vec2Model(Wav2Vec2Config(
+        hidden_size=TINY_DIMS["wav2vec2"], num_hidden_layers=2, num_attention_heads=2, intermediate_size=56,
+        conv_dim=(16,) * 7, feat_extract_norm="layer", do_stable_layer_norm=True, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, vocab_size=32,
+    ))
+
+
+def _clip_vision(size: str):
+    """A tiny CLIP vision tower (64x64, patch 16: CLS + 16 patches), a fixture for the `hf` encoder."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    _tiny_only(size, "clip_vision")
+    return CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=TINY_DIMS["clip_vision"], intermediate_size=72, num_hidden_layers=2, num_attention_heads=2,
+        image_size=64, patch_size=16, projection_dim=16,
+    ))
+
+
+def _save_pretrained(model, folder: Path) -> None:
+    model.save_pretrained(folder)
+
+
+def _save_timm(model, folder: Path) -> None:
+    from timm.models import save_for_hf
+    save_for_hf(model, str(folder), safe_serialization=True)
+
+
+def _save_with_feature_extractor(model, folder: Path) -> None:
+    from transformers import Wav2Vec2FeatureExtractor
+    model.save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+        return_attention_mask=True,
+    ).save_pretrained(folder)
+
+
+def _save_with_image_processor(model, folder: Path) -> None:
+    from transformers import CLIPImageProcessor
+    model.save_pretrained(folder)
+    size = int(model.config.image_size)
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(folder)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A random model: how to build it at a size (under the fixed seed) and save it as its loader reads it."""
+    build: Callable[[str], Any]
+    save: Callable[[Any, Path], None]
+
+
+# name (the tiny folder's name; the paper's views for the tiny profile) -> recipe
+RECIPES: dict[str, Recipe] = {
+    "audio": Recipe(_hubert, _save_with_feature_extractor),
+    "local": Recipe(_vit_mae, _save_pretrained),
+    "temporal": Recipe(_videomae, _save_pretrained),
+    "global": Recipe(_eva, _save_timm),
+    "wav2vec2": Recipe(_wav2vec2, _save_with_feature_extractor),
+    "clip_vision": Recipe(_clip_vision, _save_with_image_processor),
+}
+
+
+def _recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+def build_model(name: str, size: str = "tiny", *, seed: int = TINY_SEED):
+    """A randomly initialised model of one recipe (no download), in eval mode.
+
+    size: "tiny" for every recipe; "large" for audio/local/temporal (real HuBERT-large, ViT-MAE-large,
     VideoMAE-large sizes); "giant" for global (real EVA-g; 1B parameters, slow on a CPU).
     """
+    recipe = _recipe(name)
     with _seeded(seed):
-        if view == "audio":
-            from transformers import HubertModel
-            model = HubertModel(hubert_config(size))
-        elif view == "local":
-            from transformers import ViTMAEModel
-            model = ViTMAEModel(vit_mae_config(size))
-        elif view == "temporal":
-            from transformers import VideoMAEModel
-            model = VideoMAEModel(videomae_config(size))
-        elif view == "global":
-            import timm
-            model = timm.create_model(EVA_ARCH, pretrained=False, **eva_args(size))
-        else:
-            raise ValueError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
+        model = recipe.build(size)
     return model.eval()
 
 
-def save_model(view: str, model, folder: Path) -> None:
+def save_model(name: str, model, folder: Path) -> None:
     """Save a model the way its loader reads it back (transformers or timm folder format)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if view == "global":
-        from timm.models import save_for_hf
-        save_for_hf(model, str(folder), safe_serialization=True)
-    else:
-        model.save_pretrained(folder)
-        if view == "audio":
-            from transformers import Wav2Vec2FeatureExtractor
-            Wav2Vec2FeatureExtractor(
-                feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
-                return_attention_mask=True,
-            ).save_pretrained(folder)
+    _recipe(name).save(model, folder)
 
 
 def _marker_ok(folder: Path) -> bool:
@@ -178,9 +254,9 @@ def _marker_ok(folder: Path) -> bool:
 
 
 def ensure_tiny(view: str, home: Path | None = None) -> Path:
-    """The folder of the tiny model of `view`, building it first if missing (race-safe)."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
+    """The folder of the tiny model `view` (a recipe name: a paper view, wav2vec2, clip_vision), building
+    it first if missing (race-safe)."""
+    _recipe(view)
     home = Path(home) if home is not None else default_home()
     final = home / "models" / "tiny" / view
     if _marker_ok(final):
@@ -770,16 +846,3 @@ def videomae_from_state_dict(sd: Mapping[str, Any], *, config: Mapping[str, Any]
             "num_frames": conf.num_frames, "image_size": conf.image_size, "final_norm": final_norm,
             "dropped": dropped}
     return model.float().eval(), info
-
-
-def load_weights_file(view: str, path: Path, config: str | Path | None = None):
-    """(model, info) of the local, temporal or global view from one checkpoint file in its authors'
-    layout (MAE, VideoMAE, EVA/LAVIS), `config` an optional folder/json for what shapes cannot tell."""
-    converters = {"local": vit_mae_from_state_dict, "temporal": videomae_from_state_dict,
-                  "global": eva_from_state_dict}
-    if view not in converters:
-        raise ValueError(f"a single weights file is accepted for the local, temporal and global views, not "
-                         f"{view!r}: give the {view} encoder a transformers model folder or hub id")
-    cfg = read_config(config)
-    sd = read_state_dict(path)
-    return converters[view](sd, config=cfg, path=str(path))

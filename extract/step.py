@@ -20,42 +20,83 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from emollama.corpora import source_has_sound
 from emollama.extract import decode, faces
 from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
+from emollama.extract.registry import FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, resolve_device
+from emollama.extract.settings import policy, runtime, section, spec_attrs, spec_params, value
 from emollama.store import FeatureSpec, FeatureStore
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("audio", "local", "temporal", "global")
+GLOBAL_FRAMES = ("first", "middle", "peak")
+# The temporal input: the middle frame of each of 8 segments and the next one = VideoMAE's 16 frames.
+# Fixed, not a setting: its anchor frames also seed the face track that every face input is cropped with.
+TEMPORAL_SEGMENTS = 8
+TEMPORAL_PER_SEGMENT = 2
 
 
 @dataclass(frozen=True)
 class FrameSettings:
-    local_frames: int = 16          # face frames sampled uniformly for the local (MAE) view
-    temporal_segments: int = 8      # VideoMAE: middle of each of 8 segments ...
-    temporal_per_segment: int = 2   # ... and the next consecutive frame = 16 frames
-    global_frame: str = "peak"      # first | middle | peak
-    max_side: int = 1280            # larger frames are downscaled on decode
-    folder_fps: float = 25.0        # frame rate assumed for folders of frames (DFEW)
+    """[extract.frames]: which frames each input is made of.
+
+    local_frames also gives the candidates of the peak frame. Known gap, kept so that existing keys
+    stay as they are: the face track runs over the anchor frames of both face inputs, so local_frames
+    can also move a face-clip crop (where a frame borrows a neighbour's box), and the face-clip key
+    does not hold it."""
+
+    local_frames: int = value(16, inputs={FACE_FRAMES: "count", FRAME: "candidates"}, min=1)   # face frames, uniform
+    global_frame: str = value("peak", inputs={FRAME: "select"}, choices=GLOBAL_FRAMES)           # first | middle | peak
+    max_side: int = value(1280, inputs=(FACE_FRAMES, FACE_CLIP, FRAME), min=1)   # larger frames: downscaled
+    folder_fps: float = policy(25.0, min=1e-3)   # frame rate assumed for folders of frames (DFEW): only recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class ExtractSettings:
+# What each input's preparation fixes (no setting changes it), beside what the value fields give.
+INPUT_FIXED: dict[str, dict[str, Any]] = {
+    WAVEFORM: {},
+    FACE_FRAMES: {"frames": {"sampling": "uniform"}},
+    FACE_CLIP: {"frames": {"sampling": "segment_pairs", "segments": TEMPORAL_SEGMENTS,
+                           "per_segment": TEMPORAL_PER_SEGMENT}},
+    FRAME: {},
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepSettings:
+    """The `[extract]` settings of the step itself (the pipeline's ExtractConfig adds where the job runs)."""
+
+    frames: FrameSettings = section(FrameSettings, param="frames")
+    faces: faces.FaceSettings = section(faces.FaceSettings, param="faces")
+    sample_rate: int = value(16000, inputs=(WAVEFORM,), choices=(16000,))   # what the encoders were trained on
+    dtype: str = value("float16", spec="dtype", choices=("float16", "float32"))   # storage dtype
+    # a clip with no sound: fail | silence | auto (silence for frame folders)
+    missing_audio: str = policy("auto", choices=("auto", "fail", "silence"))
+    offline: bool | None = policy(None)         # None: HF_HUB_OFFLINE decides
+    device: str = runtime("auto")               # auto | cpu | cuda | cuda:N (the encoders' device)
+    batch_size: int = runtime(32, min=1)        # encoder batch size (images)
+    micro_batch: int = runtime(4, min=1)        # clips encoded together
+    max_pixels: int = runtime(decode.DEFAULT_MAX_PIXELS, min=0)   # a larger decoded frame fails the clip (0: no limit)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractSettings(StepSettings):
     """Everything a worker needs to turn clips into features; hashable, so workers cache models by it."""
-    encoders: EncodersConfig
-    frames: FrameSettings = FrameSettings()
-    faces: faces.FaceSettings = faces.FaceSettings()
-    sample_rate: int = 16000
-    dtype: str = "float16"          # storage dtype
-    device: str = "auto"
-    offline: bool | None = None
-    missing_audio: str = "auto"     # a clip with no sound: fail | silence | auto (silence for frame folders)
-    batch_size: int = 32            # encoder batch size (images)
-    micro_batch: int = 4            # clips encoded together
-    max_pixels: int = decode.DEFAULT_MAX_PIXELS   # a larger decoded frame fails the clip (runtime only: no value changes)
+
+    encoders: EncodersConfig = value(None, spec="encoder")
+
+
+def input_params(settings: StepSettings, kind: str) -> dict[str, Any]:
+    """The spec params of sets read from input `kind`: what its preparation fixes plus the value fields
+    that name it (`extract.settings.spec_params`)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in INPUT_FIXED[kind].items()}
+    for k, v in spec_params(settings, kind).items():
+        out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    if kind == FRAME and settings.frames.global_frame != "peak":
+        out["faces"] = None   # the first / middle frame does not depend on the faces
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,6 +105,10 @@ class ClipJob:
     source: str
     replace: bool = False   # the clip has features from an earlier version of its source: keep them until
                             # the new ones are committed (a failure then leaves the old ones and their record)
+    has_sound: bool | None = None   # the dataset's declaration (corpora); None: the source decides
+
+    def sound_expected(self) -> bool:
+        return self.has_sound if self.has_sound is not None else source_has_sound(self.source)
 
 
 @dataclass
@@ -91,14 +136,6 @@ _MODELS: dict[ExtractSettings, Models] = {}
 _MODELS_LOCK = threading.Lock()   # a dask worker with several threads loads each model once
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def models(settings: ExtractSettings) -> Models:
     """The encoders and face detector for `settings`, loaded on first use in this process."""
     with _MODELS_LOCK:
@@ -115,28 +152,19 @@ def _load_models(settings: ExtractSettings) -> Models:
     return _MODELS[settings]
 
 
-def build_specs(encoders: dict[str, Any], settings: ExtractSettings) -> dict[str, FeatureSpec]:
-    """One FeatureSpec per encoder output, holding everything that determines its values."""
-    fr, specs = settings.frames, {}
-    view_params = {
-        "audio": {"sample_rate": settings.sample_rate},
-        "local": {"frames": {"sampling": "uniform", "count": fr.local_frames, "max_side": fr.max_side},
-                  "faces": settings.faces.to_dict()},
-        "temporal": {"frames": {"sampling": "segment_pairs", "segments": fr.temporal_segments,
-                                "per_segment": fr.temporal_per_segment, "max_side": fr.max_side},
-                     "faces": settings.faces.to_dict()},
-        "global": {"frames": {"select": fr.global_frame, "candidates": fr.local_frames, "max_side": fr.max_side},
-                   "faces": settings.faces.to_dict() if fr.global_frame == "peak" else None},
-    }
-    for view in VIEWS:
-        enc = encoders[view]
+def build_specs(encoders: dict[str, Any], settings: StepSettings) -> dict[str, FeatureSpec]:
+    """One FeatureSpec per encoder output, holding everything that determines its values: the encoder's
+    own (weights, layer, params, pooling, shape), its input's (`input_params`) and the value fields
+    that become spec attributes (dtype). `encoders`: entry name (the view) -> Encoder."""
+    attrs, specs = spec_attrs(settings), {}
+    for view, enc in encoders.items():
+        params = {**enc.params, **input_params(settings, enc.input_kind), "compute_dtype": enc.compute_dtype}
         for out, info in enc.outputs.items():
             name = f"{view}.{enc.name}.{out}"
             specs[name] = FeatureSpec(
                 name=name, modality=view, encoder=enc.name, weights=enc.weights, layer=enc.layer,
-                pooling=info.pooling, shape=tuple(info.shape), dtype=settings.dtype,
-                frame_rate=enc.frame_rate if info.shape and info.shape[0] is None else None,
-                params={**enc.params, **view_params[view], "compute_dtype": enc.compute_dtype},
+                pooling=info.pooling, shape=tuple(info.shape), **attrs,
+                frame_rate=enc.frame_rate if info.shape and info.shape[0] is None else None, params=params,
             )
     return specs
 
@@ -154,15 +182,12 @@ def describe(settings: ExtractSettings) -> dict[str, FeatureSpec]:
 class Prepared:
     job: ClipJob
     record: dict
-    audio: np.ndarray | None = None
-    local: np.ndarray | None = None       # [N, 224, 224, 3]
-    temporal: np.ndarray | None = None    # [16, 224, 224, 3]
-    frame: np.ndarray | None = None       # the global frame [H, W, 3]
+    # input kind -> this clip's input (extract.registry.INPUTS): the waveform, the face crops of the
+    # local frames [N, crop, crop, 3], of the temporal frames [16, crop, crop, 3], the whole frame [H, W, 3]
+    inputs: dict[str, Any] = field(default_factory=dict)
     crops: np.ndarray | None = None       # every decoded frame's face crop (for previews)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-
-
 
 
 def source_record(path: Path) -> dict:
@@ -176,9 +201,9 @@ def source_record(path: Path) -> dict:
 
 
 def frame_plan(n_total: int, fr: FrameSettings) -> tuple[list[int], list[int], list[int]]:
-    """Decoded frame indices (sorted, unique) and, for each view, positions into them."""
+    """Decoded frame indices (sorted, unique) and positions into them of the face frames and face clip."""
     local = decode.uniform_indices(n_total, fr.local_frames)
-    temporal = decode.segment_pair_indices(n_total, fr.temporal_segments, fr.temporal_per_segment)
+    temporal = decode.segment_pair_indices(n_total, TEMPORAL_SEGMENTS, TEMPORAL_PER_SEGMENT)
     extra = [0] if fr.global_frame == "first" else [max(0, (n_total - 1) // 2)] if fr.global_frame == "middle" else []
     wanted = sorted(set(local) | set(temporal) | set(extra))
     pos = {idx: i for i, idx in enumerate(wanted)}
@@ -209,7 +234,7 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         audio = decode.read_audio(path, sample_rate=settings.sample_rate) if info.has_audio else np.zeros(0, np.float32)
         if audio.size == 0:
             policy = settings.missing_audio
-            if policy == "fail" or (policy == "auto" and not path.is_dir()):
+            if policy == "fail" or (policy == "auto" and job.sound_expected()):
                 why = "audio stream decodes to zero samples" if info.has_audio else "no audio stream"
                 raise decode.DecodeError(f"{why} (the audio view needs one; --missing-audio silence encodes "
                                          "one second of silence instead)")
@@ -225,7 +250,7 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
 
         # Faces are detected on the anchor frames (the local view's frames and the first frame of each
         # temporal segment); a segment's next consecutive frame is cropped with its anchor's box.
-        per = settings.frames.temporal_per_segment
+        per = TEMPORAL_PER_SEGMENT
         anchors = sorted(set(local_pos) | set(temporal_pos[::per]))
         track = detector.track(frames[anchors])
         crop_at = dict(zip(anchors, track.crops))
@@ -235,13 +260,11 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
                 crop_at[p] = faces.crop(frames[p], track.boxes[a], settings.faces.crop_size)
         mode = settings.frames.global_frame
         if mode == "peak":
-            g = anchors[faces.select_global_index("peak", track)]
+            g = anchors[faces.peak_frame_index(track)]
         else:   # the clip's own first / middle frame, which frame_plan put among the decoded ones
             g = wanted.index(0 if mode == "first" else max(0, (info.n_frames - 1) // 2))
-        prep.local = np.stack([crop_at[p] for p in local_pos])
-        prep.temporal = np.stack([crop_at[p] for p in temporal_pos])
-        prep.frame = frames[g]
-        prep.audio = audio
+        prep.inputs = {WAVEFORM: audio, FACE_FRAMES: np.stack([crop_at[p] for p in local_pos]),
+                       FACE_CLIP: np.stack([crop_at[p] for p in temporal_pos]), FRAME: frames[g]}
         prep.record.update(face_found=bool(track.found), face_frames=int(track.detected.sum()),
                            sampled_frames=len(anchors), global_index=int(wanted[g]))
         prep.crops = track.crops
@@ -259,17 +282,11 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
 
 
 def encode(prepared: Sequence[Prepared], m: Models, seconds: dict[str, float]) -> list[dict[str, np.ndarray]]:
-    inputs = {
-        "audio": [p.audio for p in prepared],
-        "local": [p.local for p in prepared],
-        "temporal": [p.temporal for p in prepared],
-        "global": [p.frame for p in prepared],
-    }
+    """Every encoder on the input kind it declares, for a micro-batch of prepared clips."""
     rows: list[dict[str, np.ndarray]] = [{} for _ in prepared]
-    for view in VIEWS:
-        enc = m.encoders[view]
+    for view, enc in m.encoders.items():
         t = time.perf_counter()
-        outs = enc.encode(inputs[view])
+        outs = enc.encode([p.inputs[enc.input_kind] for p in prepared])
         seconds[view] = seconds.get(view, 0.0) + time.perf_counter() - t
         for row, out in zip(rows, outs):
             for name, arr in out.items():
@@ -363,10 +380,10 @@ def write_preview(folder: Path, prep: Prepared, *, thumb: int = 112) -> Path:
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
-    crops = prep.crops if prep.crops is not None else prep.local
+    crops = prep.crops if prep.crops is not None else prep.inputs[FACE_FRAMES]
     cols = 8
     rows = (len(crops) + cols - 1) // cols
-    frame = Image.fromarray(prep.frame)
+    frame = Image.fromarray(prep.inputs[FRAME])
     scale = cols * thumb / frame.width
     frame = frame.resize((cols * thumb, max(1, int(frame.height * scale))))
     sheet = Image.new("RGB", (cols * thumb, rows * thumb + frame.height + 20), "white")

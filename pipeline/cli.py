@@ -63,7 +63,8 @@ def sample(
 
 @app.command()
 def extract(
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="merr | mer2023 | dfew | folder"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="merr | mer2023 | dfew | folder | emer "
+                                          "(`emollama datasets` lists them with their options)."),
     data: Optional[str] = typer.Option(None, "--data", help="The corpus folder."),
     store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store: a folder or an fsspec URL."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p",
@@ -81,6 +82,9 @@ def extract(
     batch_clips: Optional[int] = typer.Option(None, "--batch-clips", help="Clips per task and store commit."),
     fold: Optional[int] = typer.Option(None, help="DFEW fold (1-5)."),
     labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label,sentence."),
+    option: Optional[List[str]] = typer.Option(
+        None, "--option", help="A dataset option, KEY=VALUE (repeatable), e.g. frames_dir=Clip/clip_224x224_16f; "
+                               "`emollama datasets` lists each dataset's options."),
     preview: Optional[str] = typer.Option(None, "--preview", help="Write a contact-sheet PNG per clip here."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels",
                                              help="Fail a clip whose frames are larger than this many pixels "
@@ -93,27 +97,25 @@ def extract(
                                             help="Show a progress bar (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Stage one: decode clips, find faces, run the four frozen encoders, write the feature store.
+    """Stage one: decode clips, find faces, run the frozen encoders (the four views, plus any named in
+    [extract.encoders.*]), write the feature store.
 
     Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed, 2 for a
     configuration or usage error, 4 when the store cannot be written, 130 when interrupted."""
+    from emollama.corpora import parse_options
     from emollama.pipeline.config import ConfigError, load_config
     from emollama.pipeline.extraction import is_storage_error, parse_storage_options, run_extract
 
-    options = {}
-    if fold is not None:
-        options["fold"] = fold
-    if labels_csv is not None:
-        options["labels_csv"] = labels_csv
     overrides = {
-        "dataset": {"kind": dataset, "root": data, "options": options or None},
+        "dataset": {"kind": dataset, "root": data, "options": None},
         "extract": {"store": store, "profile": profile, "workers": workers, "scheduler": scheduler,
                     "device": device, "local_frames": local_frames, "global_frame": global_frame,
                     "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline},
     }
     if max_pixels is not None:
         overrides["extract"]["max_pixels"] = max_pixels
-    try:
+    try:   # the dataset's options, checked against its options dataclass when the corpus is read
+        overrides["dataset"]["options"] = parse_options(option or [], fold=fold, labels_csv=labels_csv) or None
         if storage_option:
             overrides["extract"]["storage_options"] = parse_storage_options(storage_option)
         cfg = load_config(config, overrides)
@@ -128,7 +130,7 @@ def extract(
         raise typer.Exit(130)
     except Exception as e:  # clear, short message for known user errors; traceback with -vv
         from emollama.extract.encoders import MissingWeightsError
-        from emollama.store.datasets import DatasetError
+        from emollama.corpora import DatasetError
 
         if is_storage_error(e):   # one line (the store's StorageError says what happened and what to do)
             from emollama.store import StorageError
@@ -159,6 +161,17 @@ def extract(
         typer.echo(f"error: every clip is committed, but the end-of-run compaction failed: {summary.compact_error}",
                    err=True)
     raise typer.Exit(summary.exit_code)
+
+
+@app.command()
+def datasets() -> None:
+    """List the registered datasets: labels, splits and folds, whether their clips have sound, and
+    their options (pass them to `extract` as --option KEY=VALUE, or in a config's [dataset] options)."""
+    from emollama.corpora import ADAPTERS, describe
+
+    for adapter in ADAPTERS.values():
+        for line in describe(adapter):
+            typer.echo(line)
 
 
 # The other command groups live in their own modules.

@@ -8,10 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from emollama.store.datasets import DFEW_LABELS, MER2023_LABELS, MERR_LABELS
+from emollama.corpora import ADAPTERS, DFEW_FOLDS
 
-LABEL_SETS = {"mer2023": MER2023_LABELS, "merr": MERR_LABELS,
-              "dfew": tuple(DFEW_LABELS[i] for i in sorted(DFEW_LABELS))}
+LABEL_SETS = {name: a.labels for name, a in ADAPTERS.items() if a.labels}   # the datasets' declared label sets
 
 
 def register(app: typer.Typer) -> None:
@@ -108,7 +107,7 @@ def eval_cmd(
     --cache-store (default <run>/eval-store.zarr); the run's store is only read. Exit status 4 when
     that store cannot be written."""
     from emollama.pipeline.evaluation import EvalError, EvalOptions, evaluate
-    from emollama.store.datasets import DatasetError
+    from emollama.corpora import DatasetError
     from emollama.train.checkpoint import CheckpointError
     from emollama.train.emer import JudgeError
     from emollama.train.model import MissingModelError
@@ -116,10 +115,10 @@ def eval_cmd(
 
     if fold is not None and all_folds:
         _fail(ValueError("--fold and --all-folds exclude each other"))
-    if fold is not None and fold not in range(1, 6):
+    if fold is not None and fold not in DFEW_FOLDS:
         _fail(ValueError(f"--fold {fold}: DFEW folds are 1..5"))
-    if dataset == "dfew" and fold is None and not all_folds:
-        fold = 1
+    if dataset in ADAPTERS and ADAPTERS[dataset].folds and fold is None and not all_folds:
+        fold = ADAPTERS[dataset].folds[0]
     opts = EvalOptions(run=str(run), dataset=dataset, data=data, store=store, split=split, fold=fold, limit=limit,
                        labels=[x for x in labels.split(",") if x.strip()] if labels else None,
                        label_map=list(label_map or []), max_new_tokens=max_new_tokens, reason_tokens=reason_tokens,
@@ -158,7 +157,7 @@ def infer_cmd(
     default <run>/eval-store.zarr; the run's store is only read). A path that is not a video file (a
     FIFO, a device, a folder without frames) fails on its own line; exit status 1 when any clip failed."""
     from emollama.pipeline.evaluation import EvalError, infer
-    from emollama.store.datasets import DatasetError
+    from emollama.corpora import DatasetError
     from emollama.train.checkpoint import CheckpointError
     from emollama.train.model import MissingModelError
     from emollama.train.run import RunError

@@ -87,11 +87,14 @@ def train_cmd(
     Under torchrun every process runs this same command (DDP; rank 0 writes the run folder).
     Exit status: 2 a configuration error, 3 the loss diverged, 4 the run folder cannot be written
     (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it."""
-    from emollama.store.datasets import DatasetError
+    from emollama.corpora import DatasetError
+    from emollama.store import UnknownSetError
     from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
-    from emollama.train.config import TrainConfigError, load_train_config
+    from emollama.train.config import TrainConfigError, TrainSetupError, load_train_config
     from emollama.train.loop import TrainingDiverged, train
     from emollama.train.model import MissingModelError
+    from emollama.train.prompt import ChatTemplateError
+    from emollama.train.run import RunError
 
     overrides = {
         "data": {"root": data, "dataset": dataset, "store": store, "features": list(features) if features else None,
@@ -117,7 +120,8 @@ def train_cmd(
     except CheckpointWriteError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(4)
-    except (MissingModelError, DatasetError, CheckpointError, FileNotFoundError, KeyError, ValueError) as e:
+    except (MissingModelError, DatasetError, CheckpointError, TrainSetupError, UnknownSetError, ChatTemplateError,
+            RunError, FileNotFoundError) as e:   # what the user can fix; anything else is a bug: its traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     except OSError as e:
@@ -148,6 +152,9 @@ def params_cmd(
     """Trainable parameters of each part (LoRA, each projector), the total and PEFT's percentage.
 
     The paper profile is built on the meta device: no weights are downloaded or allocated."""
+    from emollama.store import UnknownSetError
+    from emollama.train.checkpoint import CheckpointError
+    from emollama.train.config import TrainConfigError, TrainSetupError
     from emollama.train.params import count_for_profile, count_for_run
     from emollama.train.run import RunError
 
@@ -157,7 +164,8 @@ def params_cmd(
         else:
             counts = count_for_profile(profile, config=config, store=store,
                                        features=list(features) if features else None)
-    except (ValueError, FileNotFoundError, KeyError, RunError, OSError) as e:
+    except (TrainConfigError, TrainSetupError, UnknownSetError, CheckpointError, FileNotFoundError, RunError,
+            OSError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     if as_json:

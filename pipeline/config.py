@@ -1,7 +1,12 @@
 """Typed configuration: one TOML file (optional) plus command-line overrides, validated at once.
 
 No layers, no includes: a config file is a flat description of one job, and the resolved config
-(every default filled in) is saved beside the store and every checkpoint.
+(every default filled in) is saved beside the store and every checkpoint. Each component's settings
+dataclass is its own table, defaults and checks included: `[extract]` is `ExtractConfig` (the step's
+`extract.step.StepSettings` plus where the job runs), `[extract.frames]` is `FrameSettings`,
+`[extract.faces]` is `FaceSettings`, `[extract.encoders.<name>]` an `extract.encoders.EncoderTable`.
+Their fields say whether they change feature values, which clips get them, or only where the work
+runs (`extract.settings`): the feature-set keys follow from that, never from a hand list.
 
     [dataset]
     kind = "merr"                 # merr | mer2023 | dfew | folder
@@ -12,10 +17,21 @@ No layers, no includes: a config file is a flat description of one job, and the 
     store = "stores/merr.zarr"    # a folder or any fsspec URL (s3://bucket/prefix)
     profile = "paper"             # paper | tiny
     workers = 1
-    [extract.encoders.audio]      # per-view override of the profile: a hub id or a local folder
+    [extract.frames]
+    global_frame = "peak"         # first | middle | peak
+    [extract.faces]
+    margin = 0.2
+    [extract.encoders.audio]      # a view's weights: a hub id or a local folder
     model = "/models/chinese-hubert-large"
     [extract.encoders.global]     # or a weights file in its original layout (LAVIS eva_vit_g.pth, MAE, VideoMAE)
     model = "/models/eva_vit_g.pth"
+    [extract.encoders.wav2vec2]   # a further encoder: a fifth feature set (wav2vec2.hf.mean)
+    encoder = "hf"
+    model = "facebook/wav2vec2-base"
+    input = "waveform"
+
+The flat names of earlier versions (`local_frames`, `global_frame`, `max_side`, `crop_size`,
+`face_margin`, `face_min_size` in `[extract]`, as the command-line flags set them) still work.
 """
 
 from __future__ import annotations
@@ -24,19 +40,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from emollama.store.datasets import ADAPTERS
+from emollama.corpora import ADAPTERS
+from emollama.extract.encoders import PROFILES, EncoderTable, parse_encoders
+from emollama.extract.settings import RUNTIME, build, names_of_kind, runtime, to_dict, value
+from emollama.extract.settings import problems as settings_problems
+from emollama.extract.step import StepSettings
 from emollama.train.config import ConfigError, build_section, device_problems, read_toml
-
-GLOBAL_FRAMES = ("first", "middle", "peak")
-DTYPES = ("float16", "float32")
 
 
 @dataclass
 class DatasetConfig:
-    kind: str = "merr"
-    root: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-
+    kind: str = "merr"                          # the adapter: merr | mer2023 | dfew | emer | folder (`emollama datasets`)
+    root: str = ""                              # the corpus folder
+    options: dict[str, Any] = field(default_factory=dict)  # adapter options, e.g. {fold = 1} (`--option KEY=VALUE`)
     def problems(self) -> list[str]:
         out = []
         if self.kind not in ADAPTERS:
@@ -48,65 +64,68 @@ class DatasetConfig:
         return out
 
 
-@dataclass
-class ModelOverride:
-    model: str                       # hub id, local folder, or a local weights file (.pth, .safetensors)
-    revision: str | None = None
-    config: str | None = None        # a weights file's architecture: a folder with config.json (optional)
+# flat [extract] names of earlier versions (and of the command-line flags) -> (table, field)
+LEGACY_KEYS = {"local_frames": ("frames", "local_frames"), "global_frame": ("frames", "global_frame"),
+               "max_side": ("frames", "max_side"), "crop_size": ("faces", "crop_size"),
+               "face_margin": ("faces", "margin"), "face_min_size": ("faces", "min_face_size")}
 
 
-@dataclass
-class ExtractConfig:
-    store: str = ""
-    profile: str = "tiny"
-    encoders: dict[str, ModelOverride] = field(default_factory=dict)   # view -> override
-    local_frames: int = 16
-    global_frame: str = "peak"
-    max_side: int = 1280
-    max_pixels: int = 8192 * 8192    # a clip whose frames are larger fails (checked from the header); 0: no limit
-    face_margin: float = 0.2
-    face_min_size: int = 20
-    crop_size: int = 224
-    dtype: str = "float16"
-    missing_audio: str = "auto"      # fail | silence | auto (silence for frame folders, fail for videos)
-    device: str = "auto"
-    offline: bool | None = None      # None: HF_HUB_OFFLINE decides (tiny is always offline)
-    workers: int = 1                 # 0 = in this process, no dask
-    scheduler: str | None = None     # address of an existing dask scheduler
-    batch_clips: int = 8             # clips per task (one store commit)
-    micro_batch: int = 4             # clips encoded together
-    batch_size: int = 32             # images per encoder forward
-    preview: str | None = None       # folder for contact sheets
-    compact: bool = True             # merge small segments at the end of a run
-    storage_options: dict[str, Any] = field(default_factory=dict)
+@dataclass(frozen=True, kw_only=True)
+class ExtractConfig(StepSettings):
+    """[extract]: the step's settings (`StepSettings`: frames, faces, sample_rate, dtype, missing_audio,
+    offline, device, batch sizes, max_pixels), the encoders, and where the job runs."""
 
-    def problems(self) -> list[str]:
+    store: str = runtime("")         # a folder or an fsspec URL
+    profile: str = value("tiny", spec="encoder", choices=PROFILES)   # the paper's views: paper | tiny
+    encoders: dict[str, EncoderTable] = value(spec="encoder", default_factory=dict)   # name -> table
+    workers: int = runtime(1, min=0)             # 0 = in this process, no dask
+    scheduler: str | None = runtime(None)        # address of an existing dask scheduler
+    batch_clips: int = runtime(8, min=1)         # clips per task (one store commit)
+    preview: str | None = runtime(None)          # folder for contact sheets
+    compact: bool = runtime(True)                # merge small segments at the end of a run
+    storage_options: dict[str, Any] = runtime(default_factory=dict)  # fsspec options for a remote store (`--storage-option KEY=VALUE`)
+    def extra_problems(self, where: str) -> list[str]:
         out = []
         if not self.store:
-            out.append("extract.store is empty: pass --store PATH_OR_URL")
-        if self.profile not in ("tiny", "paper"):
-            out.append(f"extract.profile = {self.profile!r}: choose tiny or paper "
-                       "(or override single encoders in [extract.encoders.<view>])")
-        for view in self.encoders:
-            if view not in ("audio", "local", "temporal", "global"):
-                out.append(f"extract.encoders.{view}: unknown view; use audio, local, temporal or global")
-        if self.global_frame not in GLOBAL_FRAMES:
-            out.append(f"extract.global_frame = {self.global_frame!r}: choose one of {', '.join(GLOBAL_FRAMES)}")
-        if self.missing_audio not in ("auto", "fail", "silence"):
-            out.append(f"extract.missing_audio = {self.missing_audio!r}: choose auto, fail or silence")
-        if self.dtype not in DTYPES:
-            out.append(f"extract.dtype = {self.dtype!r}: choose float16 or float32")
-        for name in ("local_frames", "max_side", "crop_size", "batch_clips", "micro_batch", "batch_size"):
-            if getattr(self, name) < 1:
-                out.append(f"extract.{name} = {getattr(self, name)} must be at least 1")
-        if self.workers < 0:
-            out.append(f"extract.workers = {self.workers} must be 0 (in process) or more")
-        if self.max_pixels < 0:
-            out.append(f"extract.max_pixels = {self.max_pixels} must be 0 (no limit) or more")
-        if not 0 <= self.face_margin <= 1:
-            out.append(f"extract.face_margin = {self.face_margin} must be within [0, 1]")
-        out += device_problems("extract.device", self.device)
-        return out
+            out.append(f"{where}.store is empty: pass --store PATH_OR_URL")
+        return out + device_problems(f"{where}.device", self.device)
+
+    def problems(self) -> list[str]:
+        return settings_problems(self, "extract")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# the [extract] fields a job that redoes another's work sets for itself (eval: the store, workers, ...)
+RUNTIME_FIELDS = tuple(names_of_kind(ExtractConfig, RUNTIME))
+
+
+def _unflatten(extract: Mapping[str, Any]) -> dict[str, Any]:
+    """Move the flat names of earlier versions into their tables (the flat name wins: the flags use it)."""
+    out = dict(extract)
+    for old, (table, name) in LEGACY_KEYS.items():
+        if old in out:
+            v = out.pop(old)
+            given = out.get(table)
+            out[table] = {**(dict(given) if isinstance(given, Mapping) else {}), name: v}
+    return out
+
+
+def build_extract(extract: Mapping[str, Any], problems: list[str]) -> ExtractConfig:
+    """[extract] from a mapping (a TOML table, or a config recorded by any version); problems listed."""
+    built = build(ExtractConfig, _unflatten(extract), "extract", problems, parsers={"encoders": parse_encoders})
+    return built if built is not None else ExtractConfig()
+
+
+def job_settings(extract: Mapping[str, Any]) -> dict[str, Any]:
+    """An [extract] table (e.g. one recorded with a feature set), normalised and without its runtime
+    fields: the settings a job that extracts more clips into the same sets must keep."""
+    problems: list[str] = []
+    cfg = build_extract(extract, problems)
+    if problems:
+        raise ConfigError(problems)
+    return {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
 
 
 @dataclass
@@ -118,24 +137,7 @@ class Config:
         return self.dataset.problems() + self.extract.problems()
 
     def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _encoders(value: Any, problems: list[str]) -> dict[str, ModelOverride]:
-    enc = {}
-    for view, spec in (value or {}).items():
-        if isinstance(spec, str):
-            spec = {"model": spec}
-        if not isinstance(spec, Mapping) or "model" not in spec:
-            problems.append(f"extract.encoders.{view}: expected a table with `model` (hub id, folder or weights file)")
-            continue
-        unknown = sorted(set(spec) - {"model", "revision", "config"})
-        if unknown:
-            problems.append(f"extract.encoders.{view}: unknown keys {unknown} (known: model, revision, config)")
-            continue
-        enc[view] = ModelOverride(str(spec["model"]), spec.get("revision"),
-                                  None if spec.get("config") is None else str(spec["config"]))
-    return enc
+        return {"dataset": asdict(self.dataset), "extract": self.extract.to_dict()}
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
@@ -145,12 +147,9 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Mapping[
     for section in data:
         if section not in ("dataset", "extract"):
             problems.append(f"[{section}]: unknown section (known: dataset, extract)")
-    extract = dict(data.get("extract", {}))
-    if "encoders" in extract:
-        extract["encoders"] = _encoders(extract["encoders"], problems)
     cfg = Config(
         dataset=build_section(DatasetConfig, data.get("dataset", {}), "dataset", problems),
-        extract=build_section(ExtractConfig, extract, "extract", problems),
+        extract=build_extract(data.get("extract", {}) or {}, problems),
     )
     problems += cfg.problems()
     if problems:

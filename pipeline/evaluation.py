@@ -10,6 +10,11 @@ with exactly the settings that made the run's feature sets), labels two ways, re
 - ``infer(...)``: any video files; ids ``<stem>-<hash of the path>``; label, probability of every
   label (softmax of the closed-set log-likelihoods) and the reasoning text.
 
+Each reads the same way: load the run (``train.run.load_run``), bind its feature sets to the store,
+extract what is missing, then a feature batcher over the usable clips (``feature_batcher``) and the
+run's prompt encoder (``run.prompt_encoder``), the two that training batches with, feed
+``train.evaluate.score_labels`` and ``train.generate.generate``.
+
 The extraction config is rebuilt from the store: every feature set records the resolved config that
 made it (``FeatureStore.set_attrs(key)["config"]``). Before extracting, the rebuilt settings must
 produce exactly the run's feature-set keys, or nothing is written.
@@ -22,9 +27,6 @@ per clip from the training store where the clip is complete there, else from the
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import logging
 import os
 import stat
@@ -37,14 +39,11 @@ import numpy as np
 
 from emollama.pipeline.config import Config, load_config
 from emollama.store import FeatureStore
-from emollama.store.datasets import Clip, Corpus, find_source, load_corpus, read_csv, read_transcripts
+from emollama.corpora import (ADAPTERS, Clip, Corpus, EmerOptions, clip_id_for, get_adapter, load_corpus,
+                              read_emer)
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("mer2023", "merr", "dfew", "emer")
-# extract settings that do not change feature values (where and how the work runs)
-_RUNTIME_KEYS = ("store", "workers", "scheduler", "preview", "compact", "storage_options", "device",
-                 "batch_clips", "micro_batch", "batch_size", "max_pixels")
 
 
 EVAL_STORE = "eval-store.zarr"      # <run>/eval-store.zarr: clips extracted for eval/infer (default)
@@ -98,16 +97,20 @@ def extraction_config(store: FeatureStore, keys: Sequence[str], *, dataset: str 
                       workers: int = 0, target: str | None = None, target_options: dict | None = None) -> Config:
     """The stage-one config that made ``keys`` (read from ``store``), writing into ``target`` (default:
     ``store``), in-process unless ``workers``."""
-    recorded: list[tuple[str, dict]] = []
+    from emollama.pipeline.config import ConfigError, job_settings   # the runtime fields: by their kind
+
+    recorded: list[tuple[str, dict, dict]] = []
     for k in keys:
         cfg = (store.set_attrs(k).get("config") or {}).get("extract")
         if not cfg:
             raise EvalError(f"feature set {k} in {store.url} records no extraction config (imported with "
                             "`store import`?): extract the missing clips yourself with the settings that made it")
-        recorded.append((k, cfg))
-    base = {n: v for n, v in recorded[0][1].items() if n not in _RUNTIME_KEYS}
-    for k, cfg in recorded[1:]:
-        other = {n: v for n, v in cfg.items() if n not in _RUNTIME_KEYS}
+        try:
+            recorded.append((k, cfg, job_settings(cfg)))
+        except ConfigError as e:
+            raise EvalError(f"cannot rebuild the extraction config of {k} from the store: {e}") from None
+    base = recorded[0][2]
+    for k, _, other in recorded[1:]:
         if other != base:
             diff = sorted(n for n in set(base) | set(other) if base.get(n) != other.get(n))
             raise EvalError(f"the run's feature sets were made by different extraction settings ({recorded[0][0]} "
@@ -298,16 +301,11 @@ def target_probabilities(logp: np.ndarray, cands: Sequence[str], targets: Sequen
 # Data for a set of clips
 
 
-def make_data(run, store: FeatureStore | EvalStores, clips: Sequence[Clip], prompt_labels: Sequence[str], split: str,
-              layout: str = "trained"):
-    """A ``train.data.TrainData`` over ``clips`` (those complete in the run's sets), for scoring and
-    generation with the run's tokenizer, prompt style and layout (``layout``: "trained", or
-    "public-eval" for the public evaluation script's); returns (data, usable clips, missing ids).
-
-    With ``EvalStores``, each clip is read from the training store where it is complete there, else from
-    the eval store (``MergedFeatures``)."""
-    from emollama.store import FeatureDataset
-    from emollama.train.data import TrainData
+def feature_batcher(run, store: FeatureStore | EvalStores, clips: Sequence[Clip]):
+    """(a ``train.data.FeatureBatcher`` over the clips complete in every set of the run, those clips, the
+    ids of the others). With ``EvalStores``, each clip is read from the training store where it is
+    complete there, else from the eval store (``MergedFeatures``)."""
+    from emollama.train.data import FeatureBatcher
 
     keys = run.feature_keys
     if isinstance(store, EvalStores):
@@ -318,19 +316,13 @@ def make_data(run, store: FeatureStore | EvalStores, clips: Sequence[Clip], prom
     else:
         train, cache = store, None
         complete = set.intersection(*(store.complete(k) for k in keys))
-    usable = [replace(c, split=split) for c in clips if c.id in complete]
+    usable = [c for c in clips if c.id in complete]
     missing = [c.id for c in clips if c.id not in complete]
     if not usable:
         return None, [], missing
     if cache is None:
-        features = FeatureDataset(train, keys, [c.id for c in usable])
-    else:
-        features = MergedFeatures(train, cache, keys, [c.id for c in usable])
-    corpus = Corpus("eval", Path("."), tuple(prompt_labels), usable)
-    data = TrainData(corpus, features, split, ["emotion"], list(prompt_labels), run.tokenizer, run.model.layout,
-                     seed=run.config.run.seed, max_len=run.config.data.max_len, style=run.config.data.prompt,
-                     eval_layout=layout)
-    return data, usable, missing
+        return FeatureBatcher.from_store(train, keys, [c.id for c in usable]), usable, missing
+    return FeatureBatcher(MergedFeatures(train, cache, keys, [c.id for c in usable])), usable, missing
 
 
 def open_store(run, store_url: str | None) -> FeatureStore:
@@ -450,7 +442,7 @@ def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[st
     """The benchmarks' fixed label sets (MER2023: 6; DFEW: 7, disgust and fear included, whatever the run
     was trained on: zero-shot through the closed set); for MERR and folders, the corpus labels the run
     knows or the evaluated clips carry, in the corpus's order."""
-    if corpus.name in ("mer2023", "dfew"):
+    if corpus.name in ADAPTERS and ADAPTERS[corpus.name].fixed_labels:
         return list(corpus.labels)
     seen = {c.label for c in clips if c.label}
     return [l for l in corpus.labels if l in set(run_labels) | seen]
@@ -466,7 +458,7 @@ def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts:
     from emollama.train.evaluate import score_labels
     from emollama.train.generate import generate
     from emollama.train.report import write_report
-    from emollama.train.run import TINY_WARNING
+    from emollama.train.tiny import TINY_WARNING
     from emollama.train.scoring import classification_metrics, parse_label, public_label
 
     t0 = time.perf_counter()
@@ -488,12 +480,12 @@ def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts:
     rep = ExtractReport(reused=len(clips))
     if opts.extract:
         rep = extract_missing(store, run.feature_keys, clips, workers=opts.workers, progress=opts.progress,
-                              dataset=corpus.name if corpus.name in ("merr", "mer2023", "dfew") else "folder",
+                              dataset=corpus.name if corpus.name in ADAPTERS else "folder",
                               root=corpus.root)
         if rep.extracted:
             say(f"extracted {len(rep.extracted)} clip(s) missing from the training store into the eval store "
                 f"{rep.cache} ({rep.seconds:.1f} s)")
-    data, usable, missing = make_data(run, store, clips, targets, opts.split, opts.layout)
+    batcher, usable, missing = feature_batcher(run, store, clips)
     if not usable:
         why = ('extraction failed: ' + str(rep.failed[:3]) if rep.failed else
                'missing from imported sets: ' + str({k: v[:3] for k, v in rep.not_extractable.items()})
@@ -502,7 +494,8 @@ def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts:
     ids = [c.id for c in usable]
     truth = [c.label for c in usable]
     t1 = time.perf_counter()
-    logp = score_labels(run.model, data, usable, cands, batch_size=opts.batch_size, device=run.device)
+    prompts = run.prompt_encoder(targets, opts.layout)
+    logp = score_labels(run.model, prompts, batcher, usable, cands, batch_size=opts.batch_size, device=run.device)
     probs = target_probabilities(logp, cands, targets, label_map)
     closed = [targets[i] for i in probs.argmax(1)]
     t2 = time.perf_counter()
@@ -510,7 +503,7 @@ def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts:
     parsed: list[str | None] = []
     public: list[str | None] = []
     if opts.generate:
-        answers = generate(run.model, data, usable, "emotion", max_new_tokens=opts.max_new_tokens,
+        answers = generate(run.model, prompts, batcher, usable, "emotion", max_new_tokens=opts.max_new_tokens,
                            batch_size=opts.batch_size, device=run.device)
         for a in answers:
             p = parse_label(a, cands)
@@ -553,40 +546,43 @@ def evaluate_corpus(run, store: EvalStores | FeatureStore, corpus: Corpus, opts:
 
 def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=None) -> dict:
     """``emollama eval`` for mer2023 / merr / dfew (one fold, or all five with ``fold=0``)."""
-    from emollama.train.report import fold_lines, fold_markdown, fold_summary, summary_lines, write_json
-    from emollama.train.run import TINY_WARNING, load_run
+    from emollama.train.checkpoint import write_json
+    from emollama.train.report import fold_lines, fold_markdown, fold_summary, summary_lines
+    from emollama.train.run import load_run
+    from emollama.train.tiny import TINY_WARNING
 
     if opts.dataset == "emer":
         return evaluate_emer(opts, say=say, run=run)
-    if opts.dataset not in DATASETS:
-        raise EvalError(f"unknown --dataset {opts.dataset!r}: choose one of {', '.join(DATASETS)}")
+    if opts.dataset not in ADAPTERS.benchmarks():
+        raise EvalError(f"unknown --dataset {opts.dataset!r}: choose one of {', '.join(ADAPTERS.benchmarks())}")
     run = run or load_run(opts.run, device=opts.device)
     check_layout(run, opts.layout)
     store = open_store(run, opts.store)
     bind_store(run, store, parse_feature_choices(opts.features), say)
     stores = eval_stores(run, store, opts.cache_store)
-    if opts.dataset != "dfew":
+    adapter = get_adapter(opts.dataset)
+    if not adapter.folds:
         if opts.fold:
-            raise EvalError("--fold and --all-folds are for --dataset dfew")
+            raise EvalError(f"--fold and --all-folds are for --dataset {' | '.join(ADAPTERS.with_folds())}")
         res = evaluate_corpus(run, stores, load_corpus(opts.dataset, opts.data), opts, say=say)
         for line in summary_lines(res):
             say(line)
         return res
-    folds = [opts.fold] if opts.fold else list(range(1, 6))
+    folds = [opts.fold] if opts.fold else list(adapter.folds)
     results = {}
     for k in folds:
         o = replace(opts, fold=k)
-        results[k] = evaluate_corpus(run, stores, load_corpus("dfew", opts.data, fold=k), o, say=say)
+        results[k] = evaluate_corpus(run, stores, load_corpus(adapter.name, opts.data, fold=k), o, say=say)
         for line in summary_lines(results[k]):
             say(line)
     if len(folds) == 1:
         return results[folds[0]]
     summary = fold_summary(results)
     note = TINY_WARNING if run.tiny else None
-    out = _out_dir(run, opts, "dfew")
+    out = _out_dir(run, opts, adapter.name)
     out.mkdir(parents=True, exist_ok=True)
-    summary.update(dataset="dfew", run=str(run.path), note=note, tiny=run.tiny, out_dir=str(out))
-    write_json(out / "metrics.json", summary)
+    summary.update(dataset=adapter.name, run=str(run.path), note=note, tiny=run.tiny, out_dir=str(out))
+    write_json(out / "metrics.json", summary, sort_keys=False)
     (out / "report.md").write_text(fold_markdown(summary, str(run.path), note))
     for line in fold_lines(summary, note):
         say(line)
@@ -597,65 +593,30 @@ def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=No
 # EMER
 
 
-def read_emer(path: str | Path) -> tuple[Path, list[dict[str, str]], dict[str, str]]:
-    """(folder of the clips, rows name/english, subtitles) from an EMER CSV or a folder holding one."""
-    p = Path(path)
-    if p.is_dir():
-        found = [c for c in sorted(p.glob("*.csv")) if {"name", "english"} <= set(_header(c))]
-        if not found:
-            raise EvalError(f"no EMER CSV (columns name,chinese,english) in {p}")
-        csv_path, folder = found[0], p
-    elif p.is_file():
-        csv_path, folder = p, p.parent
-    else:
-        raise EvalError(f"--data {p}: no such file or folder (an EMER CSV name,chinese,english, or its folder)")
-    rows = read_csv(csv_path)
-    if not rows or not {"name", "english"} <= set(rows[0]):
-        raise EvalError(f"{csv_path}: expected columns name,chinese,english (the reference is `english`)")
-    subs = read_transcripts(folder / "transcription_en_all.csv")
-    return folder, [r for r in rows if r.get("name") and r.get("english")], subs
-
-
-def _header(path: Path) -> list[str]:
-    try:
-        first = path.read_text(encoding="utf-8-sig", errors="replace").splitlines()[0]
-    except (OSError, IndexError):
-        return []
-    return [h.strip().lower() for h in next(csv.reader(io.StringIO(first)))]
-
-
 def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=None) -> dict:
     """Reason texts for the EMER clips, scored by the judge (or the lexical proxy, named so)."""
     from emollama.train.emer import Judge, JudgeConfig, score_emer
     from emollama.train.generate import generate
-    from emollama.train.report import write_json
-    from emollama.train.run import TINY_WARNING, load_run
+    from emollama.train.checkpoint import write_json
+    from emollama.train.run import load_run
+    from emollama.train.tiny import TINY_WARNING
 
     run = run or load_run(opts.run, device=opts.device)
     check_layout(run, opts.layout)
     store = open_store(run, opts.store)
     bind_store(run, store, parse_feature_choices(opts.features), say)
     stores = eval_stores(run, store, opts.cache_store)
-    folder, rows, subs = read_emer(opts.data)
-    if opts.limit:
-        rows = rows[:opts.limit]
-    video_dir = folder / "video" if (folder / "video").is_dir() else folder
-    clips, refs, absent = [], {}, []
-    for r in rows:
-        src = find_source(video_dir, r["name"])
-        clips.append(Clip(r["name"], src if src is not None else video_dir / r["name"], subs.get(r["name"]),
-                          split="emer"))
-        refs[r["name"]] = r["english"]
-        if src is None:
-            absent.append(r["name"])
+    emer = read_emer(opts.data, options=EmerOptions(limit=opts.limit))
+    clips, refs, absent, video_dir = emer.clips, emer.references(), emer.absent, emer.video_dir
     t0 = time.perf_counter()
     if opts.extract:
         todo = [c for c in clips if c.id not in absent]
         extract_missing(stores, run.feature_keys, todo, workers=opts.workers, progress=opts.progress, root=video_dir)
-    data, usable, missing = make_data(run, stores, clips, run.labels, "emer", opts.layout)
+    batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")
-    texts = generate(run.model, data, usable, "reason", max_new_tokens=opts.reason_tokens,
+    texts = generate(run.model, run.prompt_encoder(run.labels, opts.layout), batcher, usable, "reason",
+                     max_new_tokens=opts.reason_tokens,
                      batch_size=opts.batch_size, device=run.device)
     out = _out_dir(run, opts, "emer")
     out.mkdir(parents=True, exist_ok=True)
@@ -677,7 +638,7 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
             f.write(json.dumps(row) + "\n")
     from emollama.train.report import report_markdown
 
-    write_json(out / "metrics.json", result)
+    write_json(out / "metrics.json", result, sort_keys=False)
     (out / "report.md").write_text(report_markdown(result))
     for line in emer_lines(result):
         say(line)
@@ -700,13 +661,6 @@ def emer_lines(result: Mapping[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Inference on any video
-
-
-def clip_id_for(path: str | Path) -> str:
-    """``<file stem>-<8 hex of the resolved path>``: two files with the same name never collide."""
-    p = Path(path).expanduser().resolve()
-    stem = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in p.stem) or "clip"
-    return f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
 
 
 def not_a_clip(path: str | Path) -> str | None:
@@ -745,7 +699,8 @@ def infer(run_path: str | Path, paths: Sequence[str | Path], *, store: str | Non
     frame folder (a FIFO, a device) gets its own error; the others go on."""
     from emollama.train.evaluate import score_labels
     from emollama.train.generate import generate
-    from emollama.train.run import TINY_WARNING, load_run
+    from emollama.train.run import load_run
+    from emollama.train.tiny import TINY_WARNING
 
     missing_files = [f"{p} (a broken link)" if Path(p).expanduser().is_symlink() else str(p)
                      for p in paths if not Path(p).expanduser().exists()]
@@ -771,12 +726,14 @@ def infer(run_path: str | Path, paths: Sequence[str | Path], *, store: str | Non
     for name, ids in rep.not_extractable.items():
         for cid in ids:
             failed.setdefault(cid, f"missing from the imported set {name} (imported sets are never re-extracted)")
-    data, usable, _ = make_data(run, stores, good, targets, "infer", layout)
+    batcher, usable, _ = feature_batcher(run, stores, good)
     out: dict[str, dict] = {}
     if usable:
-        logp = score_labels(run.model, data, usable, targets, device=run.device)
+        prompts = run.prompt_encoder(targets, layout)
+        logp = score_labels(run.model, prompts, batcher, usable, targets, device=run.device)
         probs = target_probabilities(logp, targets, targets, {})
-        texts = (generate(run.model, data, usable, "reason", max_new_tokens=max_new_tokens, device=run.device)
+        texts = (generate(run.model, prompts, batcher, usable, "reason", max_new_tokens=max_new_tokens,
+                          device=run.device)
                  if reason else [None] * len(usable))
         for c, pr, text in zip(usable, probs, texts):
             out[c.id] = {"label": targets[int(pr.argmax())],

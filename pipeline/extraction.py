@@ -14,19 +14,18 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from emollama.extract import faces
-from emollama.extract.encoders import EncodersConfig, ModelSource, check_available, file_sha256, profile
-from emollama.extract.step import ClipJob, ExtractSettings, FrameSettings, describe, run_batch
+from emollama.extract.encoders import EncodersConfig, check_available, file_sha256, resolve_encoders
+from emollama.extract.step import ClipJob, ExtractSettings, StepSettings, describe, run_batch
 from emollama.pipeline.config import Config
 from emollama.pipeline.executors import make_executor
 from emollama.store import FeatureStore, StorageError
-from emollama.store.datasets import Clip, load_corpus
+from emollama.corpora import Clip, clip_has_sound, load_corpus
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +80,18 @@ class ExtractSummary:
 
 
 def encoders_config(cfg: Config, home: Path | None = None) -> EncodersConfig:
-    base = profile(cfg.extract.profile, home=home)
-    if not cfg.extract.encoders:
-        return base
-    from dataclasses import fields, replace
-
-    names = {f.name.rstrip("_"): f.name for f in fields(base)}
-    changes = {names[v]: ModelSource(o.model, o.revision, o.config) for v, o in cfg.extract.encoders.items()}
-    return replace(base, **changes)
+    """The run's encoders: the profile's four views (each replaced by its [extract.encoders.<view>]
+    table when given), then the further named tables."""
+    return resolve_encoders(cfg.extract.profile, cfg.extract.encoders, home=home)
 
 
 def settings_from(cfg: Config) -> ExtractSettings:
+    """The step's settings: the StepSettings fields of [extract], as they are, plus the encoders."""
     e = cfg.extract
-    offline = e.offline
-    if offline is None and e.profile == "tiny" and not e.encoders:
-        offline = True   # the tiny profile is built locally: never ask a hub
-    return ExtractSettings(
-        encoders=encoders_config(cfg),
-        frames=FrameSettings(local_frames=e.local_frames, global_frame=e.global_frame, max_side=e.max_side),
-        faces=faces.FaceSettings(crop_size=e.crop_size, margin=e.face_margin, min_face_size=e.face_min_size),
-        dtype=e.dtype, missing_audio=e.missing_audio, device=e.device, offline=offline, batch_size=e.batch_size, micro_batch=e.micro_batch,
-        max_pixels=e.max_pixels,   # runtime only: it changes no value
-    )
+    step = {f.name: getattr(e, f.name) for f in fields(StepSettings)}
+    if e.offline is None and e.profile == "tiny" and not e.encoders:
+        step["offline"] = True   # the tiny profile is built locally: never ask a hub
+    return ExtractSettings(**step, encoders=encoders_config(cfg))
 
 
 def source_change(clip: Clip, record: dict | None) -> str | None:
@@ -248,7 +237,7 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
             # they are committed, so an interrupted or failed recompute leaves the earlier features
             log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(changed))
             summary.recomputed = sorted(changed)
-        todo = [ClipJob(c.id, str(c.source), replace=c.id in changed) for c in clips
+        todo = [ClipJob(c.id, str(c.source), replace=c.id in changed, has_sound=clip_has_sound(c)) for c in clips
                 if c.id not in complete or c.id in changed]
         summary.skipped = len(clips) - len(todo)
         tasks = plan_tasks(todo, [source_size(Path(j.source)) for j in todo], e.batch_clips)

@@ -26,7 +26,7 @@ Part 2, training: a LLaMA-2-7B-shaped LM (train.params.LLAMA2_7B) with random we
 GPU in bf16 (parameters are counted first on the meta device, as `emollama params` does), LoRA r64 /
 alpha 16 / dropout 0.05 on q_proj, v_proj (train.model.add_lora) and the four paper projectors
 (train.model.Projectors, shapes from train.params.paper_sets), gradient checkpointing as
-train.loop.build_model sets it, bf16 autocast, AdamW, gradient clipping, through the project's
+train.model.build_model sets it, bf16 autocast, AdamW, gradient clipping, through the project's
 EmoModel.forward on random features and token ids of a realistic prompt (260 feature slots + ~80 text
 + ~40 answer tokens), batch 4. Reported: samples/s, tokens/s, peak GPU memory, MFU.
 
@@ -291,7 +291,7 @@ def extract_config(root: Path, store: Path, args):
 
 
 def make_clips(sources: list[Path], n: int, prefix: str):
-    from emollama.store.datasets import Clip
+    from emollama.corpora import Clip
 
     return [Clip(f"{prefix}{i:04d}_{sources[i % len(sources)].stem}", sources[i % len(sources)])
             for i in range(n)]
@@ -466,7 +466,7 @@ def bench_train(args, device: str, res: dict) -> None:
     specs = projector_specs(sets, llm.config.hidden_size, tcfg.data.patch_group)
     lc = tcfg.lora
     peft_model = add_lora(llm, lc.r, lc.alpha, lc.dropout, lc.target_modules, lc.bias)
-    inner = peft_model.base_model.model       # as train.loop.build_model does
+    inner = peft_model.base_model.model       # as train.model.build_model does
     if hasattr(inner, "activation_checkpointing_enable"):
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         res["checkpointing"] = "activation_checkpointing_enable"

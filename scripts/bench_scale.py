@@ -35,7 +35,7 @@ def bench(data: Path, out: Path, workers: int, batch_clips: int, threads: int | 
     from emollama.pipeline.executors import DaskExecutor, InlineExecutor
     from emollama.pipeline.extraction import plan_tasks, settings_from, source_size
     from emollama.store import FeatureStore
-    from emollama.store.datasets import load_corpus
+    from emollama.corpora import load_corpus
 
     store_url = str(out / f"w{workers}.zarr")
     cfg = load_config(None, {"dataset": {"kind": "merr", "root": str(data)},

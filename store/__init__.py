@@ -1,14 +1,18 @@
 """The feature store: one self-describing Zarr v3 store that many experiments share.
 
-``FeatureSpec`` says what a feature set is; ``FeatureStore`` writes (through ``StoreWriter``), reads,
-verifies, removes and compacts; ``FeatureDataset`` serves it to torch. ``store.interop`` imports
-and exports npy folders and HDF5 files. (``store.datasets`` holds the dataset adapters.)
+``FeatureSpec`` says what a feature set is; ``FeatureStore`` is the facade that writes (through
+``StoreWriter``), reads, verifies, removes and compacts, and opens a whole set as one lazy xarray array
+(``to_xarray``); ``FeatureDataset`` serves it to torch. Inside, one module per concern: ``marks`` (the
+commit log and its replay), ``segments`` (array layout and row I/O), ``maintenance`` (verify, repair,
+compact, gc), ``writer`` and ``xview``. ``store.interop`` imports and exports npy folders and HDF5
+files. (The dataset adapters live in ``corpora``.)
 """
 
 from .spec import FeatureSpec
+from .errors import UnknownSetError
 from .store import FeatureStore, StorageError, StoreFullError, StoreWriter, VerifyReport
 
-__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError",
+__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "UnknownSetError",
            "FeatureDataset"]
 
 

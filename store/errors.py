@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["StorageError", "StoreFullError", "storage_error"]
+__all__ = ["StorageError", "StoreFullError", "UnknownSetError", "storage_error"]
 
 
 class StorageError(OSError):
@@ -25,6 +25,14 @@ class StorageError(OSError):
 
 class StoreFullError(StorageError):
     """No space left on the store's device (ENOSPC, EDQUOT)."""
+
+
+class UnknownSetError(KeyError):
+    """A feature set name or key the store does not hold (or a name several sets share); the message lists
+    the sets there are. A KeyError, printed as its message (no quotes)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def storage_error(url: str, e: OSError, doing: str, need_bytes: int | None = None) -> StorageError:

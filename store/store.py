@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ._backend import Backend, open_backend
-from .errors import StorageError, StoreFullError, storage_error
+from .errors import StorageError, StoreFullError, UnknownSetError, storage_error
 from .maintenance import GRACE_S, Maintenance, VerifyReport, warn_damaged
 from .marks import COMMITS, FORMAT, ClipCopy, CommitLog, dumps, mark_header, new_segment_id
 from .segments import SETS, Segments
@@ -187,13 +187,13 @@ class FeatureStore:
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
-                raise KeyError(
+                raise UnknownSetError(
                     f"set name {name_or_key!r} is ambiguous in {self.url}: it matches {hits}; pass one of these keys"
                 )
             if attempt == 0:
                 self._refresh_sets()
         have = ", ".join(sorted(self._specs)) or "none"
-        raise KeyError(f"no feature set {name_or_key!r} in {self.url} (sets: {have})")
+        raise UnknownSetError(f"no feature set {name_or_key!r} in {self.url} (sets: {have})")
 
     # ------------------------------------------------------------------ replay
     def refresh(self) -> None:

@@ -2,7 +2,8 @@
 
     <run>/adapter/                     PEFT's own format (adapter_config.json + adapter_model.safetensors):
                                        ``peft.PeftModel.from_pretrained(base, <run>/adapter)`` loads it
-    <run>/projectors.safetensors       one Linear per feature set (``<name>.weight``, ``<name>.bias``)
+    <run>/projectors.safetensors       one projector per feature set (``<name>.weight``, ``<name>.bias``,
+                                       ``<name>.feature_mean``, ``<name>.feature_std``)
     <run>/projectors.json              their config (set key, part, shapes, grouping) and the prompt layout
     <run>/config.json                  the resolved training config
     <run>/feature_sets.json            the store's feature-set keys and specs the run read
@@ -131,10 +132,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON atomically (a temporary file, then rename); a failed write leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=str) + "\n")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)     # never leave a partial temp file behind (a full disk stays as full)
@@ -157,7 +159,7 @@ def save_projectors(projectors, folder: Path, meta: Mapping[str, Any]) -> None:
     from safetensors.torch import save_file
 
     tensors = {f"{name}.{p}": t.detach().to("cpu").contiguous().clone()
-               for name, layer in projectors.layers.items() for p, t in layer.state_dict().items()}
+               for name, layer in projectors.layers.items() for p, t in layer.saved_state().items()}
     save_file(tensors, str(folder / PROJECTORS), metadata={"format": "pt"})
     write_json(folder / PROJECTORS_JSON, dict(meta))
 
@@ -217,9 +219,9 @@ def load_projectors(projectors, folder: Path, *, by_role: bool = False) -> None:
                                   f"(it holds {sorted({k.split('.')[0] for k in state})}); "
                                   "was it trained on other feature sets?")
         try:
-            layer.load_state_dict(sub)
-        except RuntimeError as e:
-            raise CheckpointError(f"projector {name!r} in {folder}: {str(e).splitlines()[0]}") from None
+            layer.load_saved(sub)
+        except ValueError as e:
+            raise CheckpointError(f"projector {name!r} in {folder / PROJECTORS}: {e}") from None
 
 
 def load_adapter(peft_model, folder: Path) -> None:

@@ -1,7 +1,7 @@
 """Typed configuration of a training run: one TOML file plus overrides, every problem listed at once.
 
     [data]
-    dataset = "merr"                      # a dataset adapter (store.datasets)
+    dataset = "merr"                      # a dataset adapter (corpora)
     root = "demo/data"
     store = "demo/store.zarr"
     features = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from .modalities import PAPER_FEATURES
 from .prompt import PROMPT_STYLES, TASKS
 
 PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
-PAPER_FEATURES = ["global.eva.tokens", "local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
 
 
 def device_problems(where: str, device: str) -> list[str]:
@@ -56,22 +56,29 @@ class TrainConfigError(ConfigError):
     what = "training configuration"
 
 
+class TrainSetupError(ValueError):
+    """A valid configuration that does not fit what it meets: the store's sets and shapes, the splits, a
+    checkpoint. One line saying what and how to fix it; the CLI prints it with exit status 2 (other
+    exceptions are bugs and keep their traceback)."""
+
+
 @dataclass
 class DataConfig:
-    dataset: str = "merr"
-    root: str = ""
+    dataset: str = "merr"                       # the corpus adapter: merr | mer2023 | dfew | emer | folder (`emollama datasets`)
+    root: str = ""                              # the corpus folder
     options: dict[str, Any] = field(default_factory=dict)   # adapter options (e.g. fold)
-    store: str = ""
-    features: list[str] = field(default_factory=lambda: list(PAPER_FEATURES))
-    tasks: list[str] = field(default_factory=lambda: ["emotion", "reason"])
+    store: str = ""                             # the feature store of stage one (a folder or an fsspec URL)
+    features: list[str] = field(default_factory=lambda: list(PAPER_FEATURES))  # feature sets (keys or names) fed to the LM, one projector each
+    tasks: list[str] = field(default_factory=lambda: ["emotion", "reason"])  # emotion | reason: the instruction tasks trained
     labels: list[str] = field(default_factory=list)          # empty: the corpus's labels
-    train_split: str = "train"
-    eval_split: str = "test"
-    prompt: str = "emollama"        # prompt style: emollama (ours) | emotion-llama (the released model's protocol)
+    train_split: str = "train"                  # the split trained on
+    eval_split: str = "test"                    # the split evaluated during and after training
+    prompt: str = "emollama"        # emollama (ours) | emotion-llama (the released protocol) | chat (LM's template)
+    system: str = ""                # system prompt of the chat style (empty: none, or the template's default)
     standardize: bool = False       # projector inputs standardized with train-split statistics (not the paper's)
     patch_group: int = 4            # global patch tokens concatenated per LM token
     max_len: int = 1024             # tokens per example (answers are cut, never the prompt)
-    length_grouping: bool = True
+    length_grouping: bool = True                # batches of similar length (less padding); the order stays seeded
     workers: int = 0                # DataLoader worker processes
 
     def problems(self) -> list[str]:
@@ -90,7 +97,10 @@ class DataConfig:
             if t not in TASKS:
                 out.append(f"data.tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
         if self.prompt not in PROMPT_STYLES:
-            out.append(f"data.prompt = {self.prompt!r}: choose {' or '.join(PROMPT_STYLES)}")
+            out.append(f"data.prompt = {self.prompt!r}: choose {', '.join(PROMPT_STYLES)}")
+        if self.system and self.prompt != "chat":
+            out.append(f"data.system is written only by the chat prompt style (data.prompt = {self.prompt!r}): "
+                       "set data.prompt = \"chat\" or leave data.system empty")
         if self.patch_group < 1:
             out.append("data.patch_group must be at least 1")
         if self.max_len < 64:
@@ -104,11 +114,11 @@ class DataConfig:
 class ModelConfig:
     profile: str = "tiny"            # tiny | paper
     llm: str = ""                    # hub id or local folder; empty: the profile's
-    revision: str | None = None
+    revision: str | None = None                 # a hub revision of the LM
     offline: bool | None = None      # None: HF_HUB_OFFLINE decides (tiny is always local)
     home: str = ""                   # where the tiny LM is built; empty: $EMOLLAMA_HOME or ~/.cache/emollama
     dtype: str = "auto"              # weights of the frozen LM: auto (fp32 on CPU, bf16/fp16 on GPU) | float32 | bfloat16 | float16
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False        # trade compute for memory in the frozen LM
     ln_vision: bool = True           # per-token LayerNorm (no affine, fp32) on [T, D] token sets before their projectors
 
     def problems(self) -> list[str]:
@@ -122,12 +132,11 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 64
-    alpha: int = 16
-    dropout: float = 0.05
-    bias: str = "none"
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-
+    r: int = 64                                 # LoRA rank
+    alpha: int = 16                             # LoRA scale numerator (scale = alpha / r)
+    dropout: float = 0.05                       # LoRA dropout
+    bias: str = "none"                          # none | all | lora_only
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # the LM's modules that get adapters (q_proj/v_proj exist in Llama, Qwen2, Mistral)
     def problems(self) -> list[str]:
         out = []
         if self.r < 1:
@@ -143,15 +152,15 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    min_lr: float = 1e-6
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 1000
+    lr: float = 1e-5                            # peak learning rate (AdamW)
+    min_lr: float = 1e-6                        # end of the cosine decay
+    weight_decay: float = 0.05                  # on matrices only; biases and norms get none
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    warmup_steps: int = 1000                    # linear warmup, in optimizer steps
     steps: int = 0                   # scheduled optimizer steps; 0: epochs x steps per epoch
-    epochs: int = 30
+    epochs: int = 30                            # used when steps is 0
     batch_size: int = 4              # per process and micro-batch
-    grad_accum: int = 1
+    grad_accum: int = 1                         # micro-batches per optimizer step
     clip_norm: float = 1.0           # 0: no clipping
     precision: str = "auto"          # auto (bf16/fp16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
 
@@ -176,15 +185,14 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     out: str = ""                    # the run folder
-    seed: int = 42
+    seed: int = 42                              # model init, batch order, dropout
     init_from: str = ""              # a previous run folder (curriculum: stage 2 starts from stage 1)
     save_every: int = 500            # steps between checkpoints (and one at the end)
     eval_every: int = 500            # steps between evaluations (and one at the end); 0: end only
-    log_every: int = 10
+    log_every: int = 10                         # steps between loss lines (and TensorBoard points)
     keep_last: int = 1               # resumable checkpoints kept
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    eval_batch_size: int = 8
-
+    eval_batch_size: int = 8                    # examples per batch when evaluating
     def problems(self) -> list[str]:
         out = []
         if not self.out:

@@ -1,4 +1,13 @@
-"""Training data: features from the store, texts and labels from the dataset adapter.
+"""Data of stage two: prompts and features become batches, for training, evaluation and inference alike.
+
+* ``PromptEncoder``: (clip, task, answer) -> token ids, feature slots and loss labels, in a run's prompt
+  style and layout (``train.prompt.encode``), with the task's instruction drawn per epoch (training) or
+  its first one (evaluation, inference).
+* ``FeatureBatcher``: clip ids -> the batch's features, {set key: [B, ...] tensor, or the list of rows
+  where lengths differ}, from a ``store.FeatureDataset`` (or any source with ``keys``, ``clip_ids``,
+  ``__getitems__``, as evaluation's two-store reader).
+* ``Batch.build`` pads the encoded examples and joins the features.
+* ``TrainData``: the examples of one split of a corpus, through the two.
 
 An *example* is one (clip, task) pair whose answer exists (emotion: the label; reason / reason_v2:
 the clip's reference text). The order of an epoch is a pure function of (seed, epoch, global batch):
@@ -16,9 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from emollama.store.datasets import Clip, Corpus
+from emollama.corpora import Clip, Corpus
 
-from .prompt import IGNORE, Layout, encode, instruction_for
+from .config import TrainConfig
+from .prompt import IGNORE, Encoded, Layout, check_chat_template, encode, instruction_for, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +38,14 @@ class Example:
     clip: Clip
     task: str
     answer: str
+
+
+def resolve_labels(cfg: TrainConfig, corpus: Corpus) -> list[str]:
+    """data.labels, else the corpus labels that occur in the training split (in the corpus's order)."""
+    if cfg.data.labels:
+        return list(cfg.data.labels)
+    seen = {c.label for c in corpus.split(cfg.data.train_split) if c.label}
+    return [l for l in corpus.labels if l in seen] or list(corpus.labels)
 
 
 def make_examples(clips: Sequence[Clip], tasks: Sequence[str], labels: Sequence[str]) -> tuple[list[Example], dict]:
@@ -86,6 +104,13 @@ class Batch:
     tasks: list[str]
     meta: dict = field(default_factory=dict)
 
+    @classmethod
+    def build(cls, encs: Sequence[Encoded], features: dict[str, Any], pad_id: int, ids: Sequence[str],
+              tasks: Sequence[str]) -> "Batch":
+        """The encoded examples right-padded with ``pad_id``, beside their features."""
+        t = pad_encoded(encs, pad_id)
+        return cls(t["input_ids"], t["attention_mask"], t["labels"], t["feat_mask"], features, list(ids), list(tasks))
+
     def to(self, device: torch.device) -> "Batch":
         if device.type == "cpu":
             return self
@@ -98,7 +123,7 @@ class Batch:
         return getattr(self, key)
 
 
-def pad_encoded(encs: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
+def pad_encoded(encs: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     n = max(len(e.ids) for e in encs)
     ids = torch.full((len(encs), n), pad_id, dtype=torch.long)
     att = torch.zeros((len(encs), n), dtype=torch.long)
@@ -113,75 +138,118 @@ def pad_encoded(encs: Sequence, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": att, "labels": lab, "feat_mask": fm}
 
 
-class TrainData:
-    """Examples of one split with their features (held by a store.FeatureDataset)."""
+@dataclass
+class PromptEncoder:
+    """Token ids of (clip, task, answer) in one prompt style and layout: what training, closed-set
+    scoring and generation all feed the model."""
 
-    def __init__(self, corpus: Corpus, features, split: str, tasks: Sequence[str], labels: Sequence[str],
-                 tokenizer, layout: Layout, *, seed: int = 0, max_len: int = 1024, style: str = "emollama",
-                 eval_layout: str = "trained"):
-        self.features = features                   # store.FeatureDataset over every clip we need
-        self.index = {c: i for i, c in enumerate(features.clip_ids)}
-        clips = [c for c in corpus.split(split) if c.id in self.index]
-        missing = [c.id for c in corpus.split(split) if c.id not in self.index]
+    tokenizer: Any
+    layout: Layout
+    labels: Sequence[str]               # the label set the emotion instruction names
+    seed: int = 0
+    max_len: int = 1024                 # tokens per example with an answer (answers are cut, never the prompt)
+    style: str = "emollama"
+    eval_layout: str = "trained"        # trained | public-eval
+    system: str = ""                    # the system prompt (chat style only)
+
+    def __post_init__(self) -> None:
+        self.labels = list(self.labels)
+        if self.style == "chat":        # refuse a tokenizer without a chat template now, not at the first batch
+            check_chat_template(self.tokenizer)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The token ids generation stops at (EOS, and the chat template's end-of-turn token)."""
+        return stop_token_ids(self.tokenizer, self.style)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def example(self, clip: Clip, task: str, answer: str, epoch: int = 0, *, fixed: bool = False) -> Encoded:
+        """Prompt and answer: the instruction drawn for (clip, task, epoch), or the task's first with ``fixed``."""
+        instr = instruction_for(task, clip.id, self.labels, seed=self.seed, epoch=epoch, fixed=fixed, style=self.style)
+        return encode(self.tokenizer, self.layout, clip.subtitle, task, instr, answer, max_len=self.max_len,
+                      style=self.style, eval_layout=self.eval_layout, system=self.system)
+
+    def prompt(self, clip: Clip, task: str) -> Encoded:
+        """The inference prompt of ``clip`` for ``task``: the task's first instruction, no answer."""
+        instr = instruction_for(task, clip.id, self.labels, seed=self.seed, epoch=0, fixed=True, style=self.style)
+        return encode(self.tokenizer, self.layout, clip.subtitle, task, instr, None, style=self.style,
+                      eval_layout=self.eval_layout, system=self.system)
+
+    def approx_length(self, clip: Clip, answer: str) -> int:
+        """Answer + subtitle tokens: the length that steps are grouped by (instructions vary little)."""
+        return len(self.tokenizer(answer + " " + (clip.subtitle or ""), add_special_tokens=False)["input_ids"])
+
+
+class FeatureBatcher:
+    """The features of a batch of clips, read from ``source`` (a ``store.FeatureDataset`` over the clips,
+    or anything with ``keys``, ``clip_ids`` and ``__getitems__``)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.keys = list(source.keys)
+        self.index = {c: i for i, c in enumerate(source.clip_ids)}
+
+    @classmethod
+    def from_store(cls, store, keys: Sequence[str], clip_ids: Sequence[str] | None = None) -> "FeatureBatcher":
+        """Over the clips of ``store`` complete in every set of ``keys`` (or ``clip_ids``)."""
+        from emollama.store import FeatureDataset
+
+        return cls(FeatureDataset(store, list(keys), None if clip_ids is None else list(clip_ids)))
+
+    def __contains__(self, clip_id: str) -> bool:
+        return clip_id in self.index
+
+    def __call__(self, clip_ids: Sequence[str]) -> dict[str, Any]:
+        """{set key: [B, ...] rows stacked, or the list of rows where their shapes differ}."""
+        items = self.source.__getitems__([self.index[c] for c in clip_ids])
+        feats: dict[str, Any] = {}
+        for k in self.keys:
+            rows = [it[k] for it in items]
+            feats[k] = torch.stack(rows) if all(r.shape == rows[0].shape for r in rows) else list(rows)
+        return feats
+
+
+class TrainData:
+    """The examples of one split of ``corpus``, batched through a prompt encoder and a feature batcher."""
+
+    def __init__(self, corpus: Corpus, split: str, tasks: Sequence[str], prompts: PromptEncoder,
+                 features: FeatureBatcher):
+        self.prompts, self.features = prompts, features
+        clips = [c for c in corpus.split(split) if c.id in features]
+        missing = [c.id for c in corpus.split(split) if c.id not in features]
         if missing:
             log.warning("%d %s clip(s) have no features in every configured set (skipped): %s",
                         len(missing), split, missing[:5])
         self.missing = missing
         self.clips = clips
-        self.examples, self.skipped = make_examples(clips, tasks, labels)
-        self.split, self.tokenizer, self.layout = split, tokenizer, layout
-        self.labels = list(labels)
-        self.seed, self.max_len = seed, max_len
-        self.style, self.eval_layout = style, eval_layout
-        # approximate lengths for grouping: answer + subtitle tokens (instructions vary little)
-        self.lengths = [len(tokenizer(e.answer + " " + (e.clip.subtitle or ""), add_special_tokens=False)["input_ids"])
-                        for e in self.examples]
+        self.split = split
+        self.examples, self.skipped = make_examples(clips, tasks, prompts.labels)
+        self.lengths = [prompts.approx_length(e.clip, e.answer) for e in self.examples]
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def encode(self, ex: Example, epoch: int, *, fixed: bool = False, answer: str | None = None):
-        instr = instruction_for(ex.task, ex.clip.id, self.labels, seed=self.seed, epoch=epoch, fixed=fixed,
-                                style=self.style)
-        return encode(self.tokenizer, self.layout, ex.clip.subtitle, ex.task, instr,
-                      ex.answer if answer is None else answer, max_len=self.max_len, style=self.style,
-                      eval_layout=self.eval_layout)
-
-    def prompt(self, clip: Clip, task: str):
-        """The inference prompt of ``clip`` for ``task``: the task's first instruction, no answer."""
-        instr = instruction_for(task, clip.id, self.labels, seed=self.seed, epoch=0, fixed=True, style=self.style)
-        return encode(self.tokenizer, self.layout, clip.subtitle, task, instr, None, style=self.style,
-                      eval_layout=self.eval_layout)
-
     def collate(self, indices: Sequence[int], epoch: int) -> Batch:
         exs = [self.examples[i] for i in indices]
-        encs = [self.encode(e, epoch) for e in exs]
-        return self._batch(exs, encs)
-
-    def _batch(self, exs: Sequence[Example], encs: Sequence) -> Batch:
-        items = self.features.__getitems__([self.index[e.clip.id] for e in exs])
-        feats: dict[str, Any] = {}
-        for k in self.features.keys:
-            rows = [it[k] for it in items]
-            feats[k] = torch.stack(rows) if all(r.shape == rows[0].shape for r in rows) else list(rows)
-        t = pad_encoded(encs, self.tokenizer.pad_token_id)
-        return Batch(t["input_ids"], t["attention_mask"], t["labels"], t["feat_mask"], feats,
-                     [e.clip.id for e in exs], [e.task for e in exs])
+        encs = [self.prompts.example(e.clip, e.task, e.answer, epoch) for e in exs]
+        return Batch.build(encs, self.features([e.clip.id for e in exs]), self.prompts.pad_id,
+                           [e.clip.id for e in exs], [e.task for e in exs])
 
 
 @torch.no_grad()
-def fit_statistics(data: TrainData, projectors, chunk: int = 64) -> None:
-    """Per-dimension mean and std of every projector's input over the clips of ``data`` (train split)."""
-    idx = [data.index[c.id] for c in data.clips]
-    if not idx:
+def fit_statistics(features: FeatureBatcher, clip_ids: Sequence[str], projectors, chunk: int = 64) -> None:
+    """Per-dimension mean and std of every projector's input over ``clip_ids`` (the train split's)."""
+    if not clip_ids:
         return
     sums: dict[str, list] = {}
-    for i in range(0, len(idx), chunk):
-        items = data.features.__getitems__(idx[i:i + chunk])
+    for i in range(0, len(clip_ids), chunk):
+        feats = features(clip_ids[i:i + chunk])
         for name, spec in projectors.specs.items():
-            rows = [it[spec.set_key] for it in items]
-            x = torch.stack(rows) if all(r.shape == rows[0].shape for r in rows) else list(rows)
-            v = projectors.prepare(name, x).double().reshape(-1, projectors.layers[name].feature_mean.numel())
+            v = projectors.prepare(name, feats[spec.set_key]).double()
+            v = v.reshape(-1, projectors.layers[name].norm.mean.numel())
             acc = sums.setdefault(name, [0, 0.0, 0.0])
             acc[0] += v.shape[0]
             acc[1] = acc[1] + v.sum(0)

@@ -1,8 +1,9 @@
 """Closed-set scoring: the log-likelihood of each label (and </s>) after the emotion prompt.
 
 The prediction is always inside the label set, unlike parsing a generated answer. The prompt is the
-training prompt with the emotion task's first instruction. ``score_labels`` is reusable by later
-evaluations (MER2023, DFEW); ``classification_metrics`` gives accuracy, weighted F1 and more.
+training prompt with the emotion task's first instruction (``PromptEncoder.example(..., fixed=True)``),
+over the features of a ``FeatureBatcher``. ``score_labels`` is reusable by later
+evaluations (MER2023, DFEW); ``scoring.classification_metrics`` gives accuracy, weighted F1 and more.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ import numpy as np
 import torch
 
 from . import scoring
-from .data import Example, TrainData, pad_encoded
+from .data import Batch, FeatureBatcher, PromptEncoder, TrainData
 
 
 @torch.no_grad()
-def score_labels(model, data: TrainData, clips: Sequence, labels: Sequence[str], *, batch_size: int = 8,
-                 device: torch.device | None = None, autocast: Any = None) -> np.ndarray:
+def score_labels(model, prompts: PromptEncoder, features: FeatureBatcher, clips: Sequence, labels: Sequence[str], *,
+                 batch_size: int = 8, device: torch.device | None = None, autocast: Any = None) -> np.ndarray:
     """[len(clips), len(labels)] summed log-probabilities of ``label</s>`` after each clip's prompt."""
-    from .data import Batch
-
     was_training = model.training
     model.eval()
     device = device or torch.device("cpu")
@@ -31,12 +30,9 @@ def score_labels(model, data: TrainData, clips: Sequence, labels: Sequence[str],
     try:
         for i in range(0, len(clips), per):
             chunk = clips[i:i + per]
-            exs = [Example(c, "emotion", lab) for c in chunk for lab in labels]
-            encs = [data.encode(e, 0, fixed=True) for e in exs]
-            batch = data._batch(exs, encs)
-            t = pad_encoded(encs, data.tokenizer.pad_token_id)
-            batch = Batch(t["input_ids"], t["attention_mask"], t["labels"], t["feat_mask"], batch.features,
-                          batch.ids, batch.tasks).to(device)
+            encs = [prompts.example(c, "emotion", lab, 0, fixed=True) for c in chunk for lab in labels]
+            ids = [c.id for c in chunk for _ in labels]
+            batch = Batch.build(encs, features(ids), prompts.pad_id, ids, ["emotion"] * len(ids)).to(device)
             ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
             with ctx:
                 logits = model.logits(batch)[:, :-1].float()
@@ -50,22 +46,16 @@ def score_labels(model, data: TrainData, clips: Sequence, labels: Sequence[str],
     return np.concatenate(rows) if rows else np.zeros((0, k))
 
 
-def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str], labels: Sequence[str]) -> dict:
-    """`train.scoring.classification_metrics` as a dict, plus the chance level."""
-    out = scoring.classification_metrics(y_true, y_pred, labels).to_dict()
-    out["chance"] = 1.0 / len(labels) if labels else 0.0
-    return out
-
-
 def evaluate_closed_set(model, data: TrainData, labels: Sequence[str], **kw) -> dict:
     """Closed-set emotion metrics over the clips of ``data`` that have a label in ``labels``."""
     clips = [c for c in data.clips if c.label in labels]
     if not clips:
         return {"n": 0, "accuracy": None, "weighted_f1": None, "note": "no labelled clips in this split"}
-    scores = score_labels(model, data, clips, labels, **kw)
+    scores = score_labels(model, data.prompts, data.features, clips, labels, **kw)
     pred = [labels[i] for i in scores.argmax(1)]
     true = [c.label for c in clips]
-    out = classification_metrics(true, pred, labels)
+    out = scoring.classification_metrics(true, pred, labels).to_dict()
+    out["chance"] = 1.0 / len(labels)
     out["predictions"] = {c.id: p for c, p in zip(clips, pred)}
     return out
 

@@ -1,10 +1,22 @@
-"""The training loop: one readable function, ``train(cfg)``.
+"""The training recipe: ``train(cfg)`` = setup steps, then a short loop.
+
+    Recipe(cfg)              the config checked, this process in its group (DDP), the run folder
+      .setup_data()          the corpus and its labels, the store's feature sets
+      .setup_model()         frozen LM + LoRA + projectors (``train.model.build_model``)
+      .setup_batches()       prompt encoder + feature batcher, the train / eval splits, the schedule
+      .setup_weights()       standardization statistics, MiniGPT-v2's start, ``run.init_from``
+      .setup_optimizer()     AdamW (no decay on vectors), precision (autocast, fp16 scaler)
+      .setup_state()         resume from the newest checkpoint or start fresh; the run's config files
+      .setup_parallel()      DDP when there are several processes
+      .setup_logging()       TensorBoard, progress bar
+      .fit()                 the loop, then the final evaluation, checkpoint and metrics
 
 Per optimizer step: this rank's micro-batches of the step (``data.epoch_plan``), the answer tokens of
 the whole global step counted first, each micro-batch's summed loss divided by that count (so one
 process with batch 4 and two with batch 2 compute the same gradient), backward, clipping, AdamW,
 the learning rate of the step (linear warmup then cosine). A non-finite loss stops the run before the
-optimizer touches the weights; the last checkpoint on disk stays the last good one.
+optimizer touches the weights; the last checkpoint on disk stays the last good one. Every checkpoint
+is saved beside the run's resolved ``config.json``.
 
 Runs under ``torchrun`` as they are: each process reads WORLD_SIZE / RANK from the environment,
 joins a process group (gloo on CPU, nccl on GPU) and wraps the model in DDP; rank 0 writes.
@@ -19,22 +31,22 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from .checkpoint import (FULL_ERRNOS, CheckpointWriteError, latest_checkpoint, load_adapter, load_checkpoint,
                          load_projectors, save_checkpoint, versions, write_json)
-from .config import PAPER_LLM, TrainConfig
-from .data import StepLoader, TrainData, epoch_plan, fit_statistics
+from .config import TrainConfig, TrainSetupError
+from .data import (Batch, FeatureBatcher, PromptEncoder, StepLoader, TrainData, epoch_plan, fit_statistics,
+                   resolve_labels)
 from .evaluate import evaluate_closed_set, format_metrics
-from .model import (EmoModel, Projectors, add_lora, count_parameters, format_parameters, layout_for, load_llm,
-                    projector_specs, resolve_dtype)
-from .tiny import default_home, ensure_tiny_llm
+from .tiny import TINY_WARNING
+from .model import (EmoModel, build_model, count_parameters, format_parameters, pick_device, projector_meta,
+                    resolve_precision)
 
 log = logging.getLogger(__name__)
 
-TINY_NOTE = "NOTE: tiny profile = a random test fixture; its numbers say nothing about emotion recognition."
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,60 +76,364 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(name)
-
-
-def llm_source(cfg: TrainConfig) -> str:
-    if cfg.model.llm:
-        return cfg.model.llm
-    if cfg.model.profile == "tiny":
-        return str(ensure_tiny_llm(Path(cfg.model.home) if cfg.model.home else default_home()))
-    return PAPER_LLM
-
-
-def resolve_labels(cfg: TrainConfig, corpus) -> list[str]:
-    """data.labels, else the corpus labels that occur in the training split (in the corpus's order)."""
-    if cfg.data.labels:
-        return list(cfg.data.labels)
-    seen = {c.label for c in corpus.split(cfg.data.train_split) if c.label}
-    return [l for l in corpus.labels if l in seen] or list(corpus.labels)
-
-
-def build_model(cfg: TrainConfig, sets: list[tuple[str, Any]], device: torch.device):
-    """(EmoModel, tokenizer, projector specs): frozen LM + LoRA + projectors, under ``run.seed``."""
-    torch.manual_seed(cfg.run.seed)
-    llm, tokenizer = load_llm(llm_source(cfg), revision=cfg.model.revision,
-                              offline=True if cfg.model.profile == "tiny" and not cfg.model.llm else cfg.model.offline,
-                              dtype=resolve_dtype(cfg.model.dtype, device))
-    for p in llm.parameters():
-        p.requires_grad_(False)
-    hidden = llm.config.hidden_size
-    specs = projector_specs(sets, hidden, cfg.data.patch_group, cfg.model.ln_vision)
-    peft_model = add_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.bias)
-    if cfg.model.gradient_checkpointing:
-        inner = peft_model.base_model.model
-        if hasattr(inner, "activation_checkpointing_enable"):     # transformers >= 5.x
-            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = EmoModel(peft_model, Projectors(specs), layout_for(specs)).to(device)
-    return model, tokenizer, specs
-
-
-def projector_meta(model: EmoModel, specs, cfg: TrainConfig) -> dict:
-    return {"hidden_size": model.llm.get_input_embeddings().embedding_dim,
-            "projectors": [s.to_dict() for s in specs],
-            "layout": {"video": [[s.name, s.n] for s in model.layout.video],
-                       "feature": [[s.name, s.n] for s in model.layout.feature]},
-            "patch_group": cfg.data.patch_group}
+def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = False,
+          echo: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or resume) one training stage as configured; returns the loss history and final metrics."""
+    return Recipe(cfg, echo=echo).setup(resume=resume, max_steps=max_steps, progress=progress).fit()
 
 
 def _dist() -> tuple[int, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+class Recipe:
+    """One training stage: the ``setup_*`` steps (``setup`` runs them in order), then ``fit``."""
+
+    # setup_data
+    corpus: Any
+    labels: list[str]
+    store: Any
+    keys: list[str]                   # the store's set keys, in the order of data.features
+    sets: list[tuple[str, Any]]       # (key, FeatureSpec)
+    # setup_model
+    model: EmoModel
+    tokenizer: Any
+    # setup_batches
+    train_data: TrainData
+    eval_data: TrainData
+    per_step: int                     # examples per optimizer step, all processes together
+    steps_per_epoch: int
+    total: int                        # scheduled steps
+    stop: int                         # the step this call stops at (max_steps)
+    # setup_weights
+    params: dict
+    note: str
+    # setup_optimizer
+    optimizer: torch.optim.Optimizer
+    autocast: Callable[[], Any] | None
+    scaler: Any
+    # setup_state
+    pmeta: dict
+    # setup_parallel
+    net: torch.nn.Module
+    # setup_logging
+    writer: Any
+    bar: Any
+    tb_before: set[str]
+    ck_before: Path | None
+
+    def __init__(self, cfg: TrainConfig, *, echo: Callable[[str], None] | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.world, self.rank, local_rank = _dist()
+        self.device = pick_device(cfg.run.device, local_rank)
+        self.ddp = self.world > 1
+        if self.ddp and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        self.main = self.rank == 0
+        self.say: Callable[[str], None] = (echo or log.info) if self.main else (lambda *_: None)
+        self.run = Path(cfg.run.out)
+        if self.main:
+            self.run.mkdir(parents=True, exist_ok=True)
+        self.started = time.perf_counter()
+        self.step, self.samples = 0, 0
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+
+    def setup(self, *, resume: bool = False, max_steps: int | None = None, progress: bool = False) -> "Recipe":
+        self.setup_data()
+        self.setup_model()
+        self.setup_batches(max_steps)
+        self.setup_weights()
+        self.setup_optimizer()
+        self.setup_state(resume)
+        self.setup_parallel()
+        self.setup_logging(progress)
+        return self
+
+    # -- setup steps ---------------------------------------------------------------------------
+
+    def setup_data(self) -> None:
+        """Texts and labels from the dataset adapter; the feature sets from the store."""
+        from emollama.corpora import load_corpus
+        from emollama.store import FeatureStore
+
+        cfg = self.cfg
+        self.corpus = load_corpus(cfg.data.dataset, cfg.data.root, **cfg.data.options)
+        self.labels = resolve_labels(cfg, self.corpus)
+        self.store = FeatureStore.open(cfg.data.store, create=False)
+        self.keys = [self.store.resolve(f) for f in cfg.data.features]
+        specs = self.store.sets()
+        self.sets = [(k, specs[k]) for k in self.keys]
+
+    def setup_model(self) -> None:
+        self.model, self.tokenizer = build_model(self.cfg, self.sets, self.device)
+
+    def setup_batches(self, max_steps: int | None = None) -> None:
+        """The train and eval splits through one prompt encoder and one feature batcher; the schedule."""
+        cfg = self.cfg
+        prompts = PromptEncoder(self.tokenizer, self.model.layout, self.labels, seed=cfg.run.seed,
+                                max_len=cfg.data.max_len, style=cfg.data.prompt, system=cfg.data.system)
+        features = FeatureBatcher.from_store(self.store, self.keys)
+        self.train_data = TrainData(self.corpus, cfg.data.train_split, cfg.data.tasks, prompts, features)
+        self.eval_data = TrainData(self.corpus, cfg.data.eval_split, cfg.data.tasks, prompts, features)
+        self.per_step = cfg.optim.batch_size * self.world * cfg.optim.grad_accum
+        if len(self.train_data) < self.per_step:
+            raise TrainSetupError(f"the {cfg.data.train_split!r} split has {len(self.train_data)} examples, fewer than "
+                             f"one step's global batch ({self.per_step}); lower optim.batch_size or grad_accum")
+        self.steps_per_epoch = len(self.train_data) // self.per_step
+        self.total = cfg.optim.steps or cfg.optim.epochs * self.steps_per_epoch
+        self.stop = min(self.total, max_steps) if max_steps is not None else self.total
+
+    def setup_weights(self) -> None:
+        """Where the trainable weights start: fresh (drawn in ``build_model``), then the standardization
+        statistics, MiniGPT-v2's projector and LoRA, a previous run's weights; the counts are logged."""
+        cfg, model = self.cfg, self.model
+        if cfg.data.standardize:
+            fit_statistics(self.train_data.features, [c.id for c in self.train_data.clips], model.projectors)
+        if cfg.init.minigpt_v2:
+            from .released import init_from_minigpt_v2
+
+            mapped = init_from_minigpt_v2(model, cfg.init.minigpt_v2)
+            self.say(f"started from MiniGPT-v2 ({cfg.init.minigpt_v2}): llama_proj -> {', '.join(mapped.projectors)}, "
+                     f"{len(mapped.lora)} LoRA tensors; fresh: {', '.join(mapped.fresh) or 'none'}; ignored: "
+                     f"{len(mapped.ignored)} key(s) ({'; '.join(sorted(set(mapped.ignored.values()))) or '-'})")
+        if cfg.run.init_from:
+            src = Path(cfg.run.init_from)
+            load_adapter(model.llm, src)
+            load_projectors(model.projectors, src, by_role=True)
+            self.say(f"initialised adapter and projectors from {src}")
+        self.params = count_parameters(model)
+        self.note = "NOTE: " + TINY_WARNING if cfg.model.profile == "tiny" and not cfg.model.llm else ""
+        for line in format_parameters(self.params, self.note):
+            self.say(line)
+
+    def setup_optimizer(self) -> None:
+        cfg = self.cfg
+        decay = [p for n, p in self.model.trainable() if p.ndim >= 2]
+        no_decay = [p for n, p in self.model.trainable() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
+        precision = resolve_precision(cfg.optim.precision, self.device)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=amp_dtype)) if amp_dtype else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+    def setup_state(self, resume: bool) -> None:
+        """Resume from the newest checkpoint (weights, optimizer, RNG, position, history), or start fresh
+        (the dropout stream of this rank seeded); rank 0 writes the resolved config and the feature sets."""
+        cfg = self.cfg
+        if resume:
+            ck = latest_checkpoint(self.run)
+            if ck is None:
+                self.say(f"no checkpoint in {self.run}/checkpoints: starting from scratch")
+            else:
+                state = load_checkpoint(ck, self.model, self.optimizer)
+                if state.get("feature_keys") != self.keys:
+                    raise TrainSetupError(f"{ck} was trained on feature sets {state.get('feature_keys')}, "
+                                     f"this config reads {self.keys}: resume with the same features")
+                self.step, self.history, self.evals = state["step"], state["history"], state.get("evals", [])
+                self.say(f"resumed from {ck} at step {self.step}")
+        if not resume or self.step == 0:
+            torch.manual_seed(cfg.run.seed + 1000 * self.rank)   # dropout stream of this rank
+        if self.main:
+            write_json(self.run / "config.json", cfg.to_dict())
+            write_json(self.run / "feature_sets.json", {k: {"name": s.name, "spec": s.to_dict()} for k, s in self.sets})
+            write_json(self.run / "versions.json", versions())
+        self.pmeta = projector_meta(self.model, cfg.data.patch_group)
+
+    def setup_parallel(self) -> None:
+        self.net = self.model
+        if self.ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+
+    def setup_logging(self, progress: bool = False) -> None:
+        self.writer, self.bar, self.tb_before = None, None, set()
+        self.ck_before = latest_checkpoint(self.run)
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            tb = self.run / "tb"
+            self.tb_before = set(os.listdir(tb)) if tb.is_dir() else set()
+            self.writer = SummaryWriter(str(tb), purge_step=self.step + 1 if self.step else None)
+        if progress and self.main:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.stop, initial=self.step, desc=f"train {self.run.name}", unit="step")
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.model.train()
+        t_loop = time.perf_counter()
+        metrics: dict = {}
+        disk_failed = False
+        try:
+            for epoch, micro in self.batches():
+                lr = lr_at(self.step, cfg, self.total)
+                value, tokens, gnorm = self.train_step(micro, lr, epoch)
+                self.step += 1
+                self.samples += self.per_step
+                self.history.append({"step": self.step, "loss": value, "lr": lr, "tokens": tokens})
+                self.log_step(value, lr, gnorm)
+                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.stop:
+                    if self.main:
+                        self.evals.append(self.evaluate())
+                        self.say(f"step {self.step}: held-out accuracy {self.evals[-1].get('accuracy')}")
+                    self.barrier()
+                if self.step % cfg.run.save_every == 0 and self.step < self.stop:
+                    if self.main:
+                        self.checkpoint()
+                    self.barrier()
+            metrics = self.finish(time.perf_counter() - t_loop)
+            self.barrier()
+        except (CheckpointWriteError, OSError) as e:
+            disk_failed = isinstance(e, CheckpointWriteError) or e.errno in FULL_ERRNOS
+            raise
+        finally:
+            self.close(disk_failed)
+        return TrainResult(self.run, self.step, self.history, metrics, self.params, self.evals,
+                           time.perf_counter() - self.started, self.samples)
+
+    def batches(self) -> Iterator[tuple[int, list[Batch]]]:
+        """(epoch, this rank's micro-batches) of every step from the current one up to ``stop``."""
+        cfg = self.cfg
+        while self.step < self.stop:
+            epoch, pos = divmod(self.step, self.steps_per_epoch)
+            plan = epoch_plan(self.train_data.lengths, self.per_step, cfg.run.seed, epoch,
+                              group=cfg.data.length_grouping)
+            loader = torch.utils.data.DataLoader(
+                StepLoader(self.train_data, plan[pos:], epoch, self.world, self.rank, cfg.optim.grad_accum),
+                batch_size=None, shuffle=False, num_workers=cfg.data.workers, collate_fn=_identity,
+                # its own generator: a DataLoader draws a seed when iterated, which must not move
+                # the global RNG (dropout) differently in a resumed run
+                generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
+            it = iter(loader)
+            for _ in range(len(plan) - pos):
+                if self.step >= self.stop:
+                    return
+                yield epoch, [next(it) for _ in range(cfg.optim.grad_accum)]
+
+    def train_step(self, micro: list[Batch], lr: float, epoch: int) -> tuple[float, int, torch.Tensor]:
+        """One optimizer step over this rank's micro-batches: (loss per answer token of the global step,
+        its answer tokens, the gradient norm before clipping)."""
+        cfg, device, optimizer = self.cfg, self.device, self.optimizer
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        # on the device: nccl reduces only CUDA tensors
+        count = torch.tensor(float(sum(int((b.labels[:, 1:] != -100).sum()) for b in micro)), device=device)
+        if self.ddp:
+            torch.distributed.all_reduce(count)
+        loss_sum = torch.zeros((), device=device)
+        for i, b in enumerate(micro):
+            b = b.to(device)
+            sync = contextlib.nullcontext() if (not self.ddp or i == len(micro) - 1) else self.net.no_sync()
+            with sync:
+                with (self.autocast() if self.autocast else contextlib.nullcontext()):
+                    s, _ = self.net(b)
+                loss = s * self.world / count
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_sum += s.detach().float()
+        if self.ddp:
+            torch.distributed.all_reduce(loss_sum)
+        value = float(loss_sum / count)
+        if not math.isfinite(value):
+            last = latest_checkpoint(self.run)
+            raise TrainingDiverged(
+                f"loss is {value} at step {self.step + 1} (epoch {epoch}, lr {lr:.3g}); stopped before updating "
+                f"the weights. The last good checkpoint is {last if last else '(none yet)'}: lower optim.lr, "
+                f"check the features for NaN/inf (emollama store verify), or use fp32/bf16 instead of fp16.")
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+        gnorm = (torch.nn.utils.clip_grad_norm_([p for _, p in self.model.trainable()], cfg.optim.clip_norm)
+                 if cfg.optim.clip_norm > 0 else torch.tensor(0.0))
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return value, int(count), gnorm
+
+    def log_step(self, value: float, lr: float, gnorm: torch.Tensor) -> None:
+        if self.writer:
+            self.writer.add_scalar("train/loss", value, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+            self.writer.add_scalar("train/grad_norm", float(gnorm), self.step)
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+        elif self.main and self.step % self.cfg.run.log_every == 0:
+            log.info("step %d/%d loss %.4f lr %.3g", self.step, self.stop, value, lr)
+
+    def evaluate(self) -> dict:
+        """Closed-set metrics on the eval split at the current step."""
+        m = evaluate_closed_set(self.model, self.eval_data, self.labels, batch_size=self.cfg.run.eval_batch_size,
+                                device=self.device, autocast=self.autocast)
+        m["step"] = self.step
+        if self.writer and m.get("n"):
+            self.writer.add_scalar("eval/accuracy", m["accuracy"], self.step)
+            self.writer.add_scalar("eval/weighted_f1", m["weighted_f1"], self.step)
+        return m
+
+    def checkpoint(self) -> Path:
+        """A resumable checkpoint of the current step (and the exported weights beside config.json)."""
+        at, spe = self.step, self.steps_per_epoch
+        state = {"step": at, "epoch": at // spe, "position": at % spe, "steps_per_epoch": spe,
+                 "total_steps": self.total, "lr": lr_at(max(at - 1, 0), self.cfg, self.total),
+                 "history": self.history, "evals": self.evals, "feature_keys": self.keys, "labels": self.labels,
+                 "world_size": self.world, "global_batch": self.per_step}
+        return save_checkpoint(self.run, at, self.model, self.optimizer, state, self.pmeta, self.cfg.run.keep_last)
+
+    def finish(self, train_seconds: float) -> dict:
+        """Rank 0: the final evaluation and checkpoint, metrics.json, the loss plot; the metrics."""
+        if not self.main:
+            return {}
+        cfg = self.cfg
+        metrics = self.evaluate()
+        self.evals.append(metrics)
+        self.checkpoint()
+        metrics = {**metrics, "split": cfg.data.eval_split, "step": self.step, "run": str(self.run),
+                   "profile": cfg.model.profile, "features": cfg.data.features, "tasks": cfg.data.tasks,
+                   "note": self.note or None, "train_seconds": round(train_seconds, 2),
+                   "final_loss": self.history[-1]["loss"] if self.history else None}
+        write_json(self.run / "metrics.json", metrics)
+        if self.history:
+            _plot(self.history, self.run / "loss.png", f"{self.run.name}: {cfg.model.profile} profile"
+                  + (" (random test fixture)" if self.note else ""))
+        for line in format_metrics(metrics, f"held-out ({cfg.data.eval_split})"):
+            self.say(line)
+        if self.note:
+            self.say(self.note)
+        return metrics
+
+    def barrier(self) -> None:
+        if self.ddp:
+            torch.distributed.barrier()
+
+    def close(self, disk_failed: bool = False) -> None:
+        """Close the progress bar and the TensorBoard log. After a failed write with no new checkpoint,
+        ``--resume`` redoes every step of this attempt (and would purge their events): its event file goes,
+        so retries on a full disk leave nothing behind."""
+        if self.bar:
+            self.bar.close()
+        if not self.writer:
+            return
+        try:
+            self.writer.close()
+        except Exception as e:   # noqa: BLE001 - a full disk must not hide the error that stopped training
+            log.warning("TensorBoard log of %s not flushed: %s", self.run, e)
+        if disk_failed and latest_checkpoint(self.run) == self.ck_before:
+            with contextlib.suppress(OSError):
+                for name in set(os.listdir(self.run / "tb")) - self.tb_before:
+                    os.remove(self.run / "tb" / name)
 
 
 def _plot(history: list[dict], path: Path, title: str) -> None:
@@ -143,257 +459,6 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, path)
-
-
-def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = False,
-          echo: Callable[[str], None] | None = None) -> TrainResult:
-    """Run (or resume) one training stage as configured; returns the loss history and final metrics."""
-    from emollama.store import FeatureDataset, FeatureStore
-    from emollama.store.datasets import load_corpus
-
-    cfg.validate()
-    say = echo or log.info
-    world, rank, local_rank = _dist()
-    device = pick_device(cfg.run.device, local_rank)
-    ddp = world > 1
-    if ddp and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    main = rank == 0
-    if not main:
-        say = lambda *_: None   # noqa: E731
-    run = Path(cfg.run.out)
-    if main:
-        run.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-
-    # data: texts and labels from the adapter, features from the store
-    corpus = load_corpus(cfg.data.dataset, cfg.data.root, **cfg.data.options)
-    labels = resolve_labels(cfg, corpus)
-    store = FeatureStore.open(cfg.data.store, create=False)
-    keys = [store.resolve(f) for f in cfg.data.features]
-    specs_by_key = store.sets()
-    sets = [(k, specs_by_key[k]) for k in keys]
-    model, tokenizer, pspecs = build_model(cfg, sets, device)
-    features = FeatureDataset(store, keys)
-    train_data = TrainData(corpus, features, cfg.data.train_split, cfg.data.tasks, labels, tokenizer, model.layout,
-                           seed=cfg.run.seed, max_len=cfg.data.max_len, style=cfg.data.prompt)
-    eval_data = TrainData(corpus, features, cfg.data.eval_split, cfg.data.tasks, labels, tokenizer, model.layout,
-                          seed=cfg.run.seed, max_len=cfg.data.max_len, style=cfg.data.prompt)
-    per_step = cfg.optim.batch_size * world * cfg.optim.grad_accum
-    if len(train_data) < per_step:
-        raise ValueError(f"the {cfg.data.train_split!r} split has {len(train_data)} examples, fewer than one "
-                         f"step's global batch ({per_step}); lower optim.batch_size or grad_accum")
-    steps_per_epoch = len(train_data) // per_step
-    total = cfg.optim.steps or cfg.optim.epochs * steps_per_epoch
-    stop = min(total, max_steps) if max_steps is not None else total
-
-    if cfg.data.standardize:
-        fit_statistics(train_data, model.projectors)
-    if cfg.init.minigpt_v2:
-        from .released import init_from_minigpt_v2
-
-        mapped = init_from_minigpt_v2(model, cfg.init.minigpt_v2)
-        say(f"started from MiniGPT-v2 ({cfg.init.minigpt_v2}): llama_proj -> {', '.join(mapped.projectors)}, "
-            f"{len(mapped.lora)} LoRA tensors; fresh: {', '.join(mapped.fresh) or 'none'}; ignored: "
-            f"{len(mapped.ignored)} key(s) ({'; '.join(sorted(set(mapped.ignored.values()))) or '-'})")
-    if cfg.run.init_from:
-        src = Path(cfg.run.init_from)
-        load_adapter(model.llm, src)
-        load_projectors(model.projectors, src, by_role=True)
-        say(f"initialised adapter and projectors from {src}")
-
-    params = count_parameters(model)
-    note = TINY_NOTE if cfg.model.profile == "tiny" and not cfg.model.llm else ""
-    for line in format_parameters(params, note):
-        say(line)
-
-    decay = [p for n, p in model.trainable() if p.ndim >= 2]
-    no_decay = [p for n, p in model.trainable() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
-    step, history, evals = 0, [], []
-    if resume:
-        ck = latest_checkpoint(run)
-        if ck is None:
-            say(f"no checkpoint in {run}/checkpoints: starting from scratch")
-        else:
-            state = load_checkpoint(ck, model, optimizer)
-            if state.get("feature_keys") != keys:
-                raise ValueError(f"{ck} was trained on feature sets {state.get('feature_keys')}, "
-                                 f"this config reads {keys}: resume with the same features")
-            step, history, evals = state["step"], state["history"], state.get("evals", [])
-            say(f"resumed from {ck} at step {step}")
-    if not resume or step == 0:
-        torch.manual_seed(cfg.run.seed + 1000 * rank)   # dropout stream of this rank
-
-    if main:
-        write_json(run / "config.json", cfg.to_dict())
-        write_json(run / "feature_sets.json", {k: {"name": s.name, "spec": s.to_dict()} for k, s in sets})
-        write_json(run / "versions.json", versions())
-    pmeta = projector_meta(model, pspecs, cfg)
-    net: torch.nn.Module = model
-    if ddp:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    precision = cfg.optim.precision
-    if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else None
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-    writer = None
-    tb_before: set[str] = set()
-    ck_before = latest_checkpoint(run)
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-        tb_before = set(os.listdir(run / "tb")) if (run / "tb").is_dir() else set()
-        writer = SummaryWriter(str(run / "tb"), purge_step=step + 1 if step else None)
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=stop, initial=step, desc=f"train {run.name}", unit="step")
-
-    def do_eval(at: int) -> dict:
-        m = evaluate_closed_set(model, eval_data, labels, batch_size=cfg.run.eval_batch_size, device=device,
-                                autocast=autocast)
-        m["step"] = at
-        if writer and m.get("n"):
-            writer.add_scalar("eval/accuracy", m["accuracy"], at)
-            writer.add_scalar("eval/weighted_f1", m["weighted_f1"], at)
-        return m
-
-    def checkpoint(at: int) -> Path:
-        st = {"step": at, "epoch": at // steps_per_epoch, "position": at % steps_per_epoch,
-              "steps_per_epoch": steps_per_epoch, "total_steps": total, "lr": lr_at(max(at - 1, 0), cfg, total),
-              "history": history, "evals": evals, "feature_keys": keys, "labels": labels,
-              "world_size": world, "global_batch": per_step}
-        return save_checkpoint(run, at, model, optimizer, st, pmeta, cfg.run.keep_last)
-
-    model.train()
-    samples = 0
-    plan_cache: dict[int, list] = {}
-    t_loop = time.perf_counter()
-    disk_failed = False
-    try:
-        while step < stop:
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch not in plan_cache:
-                plan_cache = {epoch: epoch_plan(train_data.lengths, per_step, cfg.run.seed, epoch,
-                                                group=cfg.data.length_grouping)}
-            plan = plan_cache[epoch]
-            loader = torch.utils.data.DataLoader(
-                StepLoader(train_data, plan[pos:], epoch, world, rank, cfg.optim.grad_accum),
-                batch_size=None, shuffle=False, num_workers=cfg.data.workers, collate_fn=_identity,
-                # its own generator: a DataLoader draws a seed when iterated, which must not move
-                # the global RNG (dropout) differently in a resumed run
-                generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
-            it = iter(loader)
-            for _ in range(len(plan) - pos):
-                if step >= stop:
-                    break
-                micro = [next(it) for _ in range(cfg.optim.grad_accum)]
-                lr = lr_at(step, cfg, total)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                # on the device: nccl reduces only CUDA tensors
-                count = torch.tensor(float(sum(int((b.labels[:, 1:] != -100).sum()) for b in micro)), device=device)
-                if ddp:
-                    torch.distributed.all_reduce(count)
-                loss_sum = torch.zeros((), device=device)
-                for i, b in enumerate(micro):
-                    b = b.to(device)
-                    sync = contextlib.nullcontext() if (not ddp or i == len(micro) - 1) else net.no_sync()
-                    with sync:
-                        with (autocast() if autocast else contextlib.nullcontext()):
-                            s, _ = net(b)
-                        loss = s * world / count
-                        if scaler is not None:
-                            scaler.scale(loss).backward()
-                        else:
-                            loss.backward()
-                    loss_sum += s.detach().float()
-                if ddp:
-                    torch.distributed.all_reduce(loss_sum)
-                value = float(loss_sum / count)
-                if not math.isfinite(value):
-                    last = latest_checkpoint(run)
-                    raise TrainingDiverged(
-                        f"loss is {value} at step {step + 1} (epoch {epoch}, lr {lr:.3g}); stopped before updating "
-                        f"the weights. The last good checkpoint is {last if last else '(none yet)'}: lower optim.lr, "
-                        f"check the features for NaN/inf (emollama store verify), or use fp32/bf16 instead of fp16.")
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                gnorm = (torch.nn.utils.clip_grad_norm_([p for _, p in model.trainable()], cfg.optim.clip_norm)
-                         if cfg.optim.clip_norm > 0 else torch.tensor(0.0))
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples += per_step
-                history.append({"step": step, "loss": value, "lr": lr, "tokens": int(count)})
-                if writer:
-                    writer.add_scalar("train/loss", value, step)
-                    writer.add_scalar("train/lr", lr, step)
-                    writer.add_scalar("train/grad_norm", float(gnorm), step)
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-                elif main and step % cfg.run.log_every == 0:
-                    log.info("step %d/%d loss %.4f lr %.3g", step, stop, value, lr)
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < stop:
-                    if main:
-                        evals.append(do_eval(step))
-                        say(f"step {step}: held-out accuracy {evals[-1].get('accuracy')}")
-                    if ddp:
-                        torch.distributed.barrier()
-                if step % cfg.run.save_every == 0 and step < stop:
-                    if main:
-                        checkpoint(step)
-                    if ddp:
-                        torch.distributed.barrier()
-        train_seconds = time.perf_counter() - t_loop
-        metrics: dict = {}
-        if main:
-            metrics = do_eval(step)
-            evals.append(metrics)
-            checkpoint(step)
-            metrics = {**metrics, "split": cfg.data.eval_split, "step": step, "run": str(run),
-                       "profile": cfg.model.profile, "features": cfg.data.features, "tasks": cfg.data.tasks,
-                       "note": note or None, "train_seconds": round(train_seconds, 2),
-                       "final_loss": history[-1]["loss"] if history else None}
-            write_json(run / "metrics.json", metrics)
-            if history:
-                _plot(history, run / "loss.png", f"{run.name}: {cfg.model.profile} profile"
-                      + (" (random test fixture)" if note else ""))
-            for line in format_metrics(metrics, f"held-out ({cfg.data.eval_split})"):
-                say(line)
-            if note:
-                say(note)
-        if ddp:
-            torch.distributed.barrier()
-    except (CheckpointWriteError, OSError) as e:
-        disk_failed = isinstance(e, CheckpointWriteError) or e.errno in FULL_ERRNOS
-        raise
-    finally:
-        if bar:
-            bar.close()
-        if writer:
-            try:
-                writer.close()
-            except Exception as e:   # noqa: BLE001 - a full disk must not hide the error that stopped training
-                log.warning("TensorBoard log of %s not flushed: %s", run, e)
-            if disk_failed and latest_checkpoint(run) == ck_before:
-                # no checkpoint was written in this attempt: --resume redoes all of its steps (and would purge
-                # their TensorBoard events), so its event file goes and retries on a full disk leave nothing
-                with contextlib.suppress(OSError):
-                    for name in set(os.listdir(run / "tb")) - tb_before:
-                        os.remove(run / "tb" / name)
-    return TrainResult(run, step, history, metrics, params, evals, time.perf_counter() - start, samples)
 
 
 def _identity(x):

@@ -12,8 +12,15 @@ Feature sets become projector inputs by their per-clip shape (from the store's s
 * ``[None, D]`` variable length (``audio.hubert.frames``): averaged over time, then as ``[D]``.
 
 The ``<feature>`` tokens follow the paper's order: local, temporal, audio, then the global CLS.
-Optionally (``data.standardize``, off for the paper's model) each projector input is standardized per
-dimension with train-split statistics after ``ln_vision`` and before the Linear.
+A projector is two modules: ``norm`` (standardization per dimension with train-split statistics,
+after ``ln_vision``; identity unless ``data.standardize``, off for the paper's model) then ``linear``.
+``projectors.safetensors`` keeps its flat names (``<name>.weight``, ``.bias``, ``.feature_mean``,
+``.feature_std``): ``Projector.saved_state`` / ``load_saved`` translate.
+
+``build_model(cfg, sets, device)`` builds it all (frozen LM + LoRA + projectors) for training, evaluation
+and inference alike; ``pick_device`` / ``resolve_dtype`` / ``resolve_precision`` are the one place where
+"auto" becomes a device, a weight dtype and an autocast precision. The order of the one-token views comes
+from ``train.modalities``.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .config import PAPER_LLM, TrainConfig, TrainSetupError
+from .modalities import token_rank
 from .prompt import Layout, Slot
+from .tiny import default_home, ensure_tiny_llm
 
 log = logging.getLogger(__name__)
-
-MODALITY_ORDER = {"local": 0, "temporal": 1, "audio": 2, "global": 3}
 
 
 class MissingModelError(RuntimeError):
@@ -80,18 +88,18 @@ def projector_specs(sets: Sequence[tuple[str, Any]], hidden: int, patch_group: i
         elif len(shape) == 2:
             n_patch, dim = shape[0] - 1, shape[1]
             if n_patch < 1 or n_patch % patch_group:
-                raise ValueError(
+                raise TrainSetupError(
                     f"feature set {spec.name}: {shape[0]} tokens = 1 CLS + {n_patch} patches, which cannot be "
                     f"grouped {patch_group} by {patch_group} (set data.patch_group to a divisor of {n_patch})")
             out.append(ProjectorSpec(base + "_patches", key, spec.name, spec.modality, "patches",
                                      dim * patch_group, hidden, n_patch // patch_group, patch_group, norm))
             out.append(ProjectorSpec(base + "_cls", key, spec.name, spec.modality, "cls", dim, hidden, 1, 1, norm))
         else:
-            raise ValueError(f"feature set {spec.name}: per-clip shape {shape} is not supported "
+            raise TrainSetupError(f"feature set {spec.name}: per-clip shape {shape} is not supported "
                              "(expected [D], [T, D] tokens with CLS first, or variable [None, D])")
     names = [p.name for p in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"two feature sets give the same projector name: {names}")
+        raise TrainSetupError(f"two feature sets give the same projector name: {names}")
     return out
 
 
@@ -99,42 +107,83 @@ def layout_for(projs: Sequence[ProjectorSpec]) -> Layout:
     """Patches in <video>; one-token views in <feature>, local, temporal, audio, then CLS."""
     video = tuple(Slot(p.name, p.tokens) for p in projs if p.part == "patches")
     single = [p for p in projs if p.part != "patches"]
-    single.sort(key=lambda p: (p.part == "cls", MODALITY_ORDER.get(p.modality, 9)))
+    single.sort(key=lambda p: (p.part == "cls", token_rank(p.modality)))
     return Layout(video=video, feature=tuple(Slot(p.name, p.tokens) for p in single))
 
 
-class Projector(nn.Linear):
-    """Linear(in, H) over standardized features: ``W ((x - feature_mean) / feature_std) + b``.
+class Standardize(nn.Module):
+    """``(x - mean) / std`` per dimension: identity (0, 1) until train-split statistics are set.
 
     The standardization is an affine map a Linear could absorb (same model class as the paper's plain
     Linear), but it conditions the problem: stored features often carry large constant offsets and
     small per-dimension spreads (tiny HuBERT: |mean| up to 2.1, std 0.05-0.14), which a plain Linear
-    learns slowly. The statistics come from the training split (``data.standardize``; identity when off)
-    and are saved with the weights as buffers."""
+    learns slowly. The statistics are buffers, saved with the weights."""
 
-    def __init__(self, in_features: int, out_features: int, feature_dim: int):
-        super().__init__(in_features, out_features)
-        self.register_buffer("feature_mean", torch.zeros(feature_dim))
-        self.register_buffer("feature_std", torch.ones(feature_dim))
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:   # x [..., feature_dim] before grouping
-        return (x - self.feature_mean) / self.feature_std
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    @torch.no_grad()
+    def set(self, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
+        self.mean.copy_(mean)
+        self.std.copy_(std.clamp(min=eps))
+
+
+class Projector(nn.Module):
+    """``norm`` (Standardize over the ``in_features // group`` values of a token) then ``linear``
+    (Linear(in_features, H)); ``group`` consecutive patch tokens are concatenated in between."""
+
+    # the flat tensor names of projectors.safetensors (every run folder's format) -> this module's keys
+    SAVED = {"weight": "linear.weight", "bias": "linear.bias", "feature_mean": "norm.mean",
+             "feature_std": "norm.std"}
+
+    def __init__(self, in_features: int, out_features: int, group: int = 1):
+        super().__init__()
+        self.group = group
+        self.norm = Standardize(in_features // group)
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, 1, H]; patch tokens [B, N, D] -> [B, N / group, H]."""
+        x = self.norm(x)
+        if x.dim() == 2:
+            return self.linear(x).unsqueeze(1)
+        b, n, d = x.shape
+        return self.linear(x.reshape(b, n // self.group, self.group * d))
+
+    def saved_state(self) -> dict[str, torch.Tensor]:
+        own = self.state_dict()
+        return {flat: own[key] for flat, key in self.SAVED.items()}
+
+    def load_saved(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load the flat tensors of ``saved_state``; raises ValueError naming every missing, unexpected
+        or mis-shaped one."""
+        own = self.state_dict()
+        problems = [f"missing {k}" for k in self.SAVED if k not in tensors]
+        for k, v in tensors.items():
+            if k not in self.SAVED:
+                problems.append(f"unexpected {k}")
+            elif tuple(v.shape) != tuple(own[self.SAVED[k]].shape):
+                problems.append(f"{k} has shape {list(v.shape)}, expected {list(own[self.SAVED[k]].shape)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.load_state_dict({self.SAVED[k]: v for k, v in tensors.items()})
 
 
 class Projectors(nn.Module):
-    """One Linear per projector spec; ``forward`` turns a batch of features into slot embeddings."""
+    """One Projector per projector spec; ``slots`` turns a batch of features into slot embeddings."""
 
     def __init__(self, specs: Sequence[ProjectorSpec]):
         super().__init__()
         self.specs = {p.name: p for p in specs}
-        self.layers = nn.ModuleDict({p.name: Projector(p.in_features, p.out_features, p.in_features // p.group)
-                                     for p in specs})
+        self.layers = nn.ModuleDict({p.name: Projector(p.in_features, p.out_features, p.group) for p in specs})
 
-    @torch.no_grad()
     def set_statistics(self, name: str, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> None:
-        layer = self.layers[name]
-        layer.feature_mean.copy_(mean)
-        layer.feature_std.copy_(std.clamp(min=eps))
+        self.layers[name].norm.set(mean, std, eps)
 
     def prepare(self, name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """The input of projector ``name`` before standardization and grouping: [B, D] or [B, N, D]
@@ -151,18 +200,19 @@ class Projectors(nn.Module):
 
     def project(self, name: str, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """[B, tokens, H] for projector ``name`` from the batch of its set's features."""
-        p = self.specs[name]
-        layer = self.layers[name]
-        x = layer(self.prepare(name, x))          # standardized
-        if p.part != "patches":
-            return nn.functional.linear(x, layer.weight, layer.bias).unsqueeze(1)
-        b, n, d = x.shape
-        return nn.functional.linear(x.reshape(b, n // p.group, p.group * d), layer.weight, layer.bias)
+        return self.layers[name](self.prepare(name, x))
 
     def slots(self, layout: Layout, feats: Mapping[str, Any]) -> torch.Tensor:
         """[B, layout.n_tokens, H] in prompt order."""
         parts = [self.project(s.name, feats[self.specs[s.name].set_key]) for s in layout.order]
         return torch.cat(parts, dim=1)
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU (``cuda:<local rank>``) when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -173,6 +223,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``optim.precision``: auto is fp32 on CPU, bf16 autocast on a GPU that has it, else fp16."""
+    if name == "auto":
+        return "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return name
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set to 1/true/yes/on, read now: huggingface_hub's own rule, and
+    the same as `extract.sources.is_offline` (train may not import extract; a test keeps the two equal)."""
+    return any((os.environ.get(v) or "").strip().lower() in {"1", "true", "yes", "on"}
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def load_llm(source: str, *, revision: str | None = None, offline: bool | None = None,
              dtype: torch.dtype = torch.float32):
     """(model, tokenizer) with ``from_pretrained`` from a hub id or a local folder."""
@@ -180,7 +244,7 @@ def load_llm(source: str, *, revision: str | None = None, offline: bool | None =
 
     local = Path(source).expanduser()
     if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        offline = hub_offline()
     is_dir = local.is_dir()
     kwargs: dict[str, Any] = {"revision": revision} if revision and not is_dir else {}
     if offline or is_dir:
@@ -211,6 +275,52 @@ def add_lora(model, r: int, alpha: int, dropout: float, targets: Sequence[str], 
     with warnings.catch_warnings():   # peft still reads transformers' renamed `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, cfg)
+
+
+def llm_source(cfg: TrainConfig) -> str:
+    """The LM to load: ``model.llm``, else the profile's (tiny: the fixture, built on first use)."""
+    if cfg.model.llm:
+        return cfg.model.llm
+    if cfg.model.profile == "tiny":
+        return str(ensure_tiny_llm(Path(cfg.model.home) if cfg.model.home else default_home()))
+    return PAPER_LLM
+
+
+def assemble(llm, cfg: TrainConfig, sets: Sequence[tuple[str, Any]]) -> "EmoModel":
+    """Freeze ``llm``, add the LoRA adapter of ``cfg``, then the projectors of ``sets`` (in this order:
+    it is the order in which the fresh weights draw their random numbers)."""
+    for p in llm.parameters():
+        p.requires_grad_(False)
+    specs = projector_specs(sets, llm.config.hidden_size, cfg.data.patch_group, cfg.model.ln_vision)
+    peft_model = add_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.bias)
+    return EmoModel(peft_model, Projectors(specs), layout_for(specs))
+
+
+def build_model(cfg: TrainConfig, sets: Sequence[tuple[str, Any]], device: torch.device):
+    """(EmoModel, tokenizer): the frozen LM of ``cfg`` + LoRA + projectors over ``sets`` = [(store key,
+    FeatureSpec), ...], fresh weights drawn under ``run.seed``; the same for training, evaluation and
+    inference (which then load a run's weights over it)."""
+    torch.manual_seed(cfg.run.seed)
+    llm, tokenizer = load_llm(llm_source(cfg), revision=cfg.model.revision,
+                              offline=True if cfg.model.profile == "tiny" and not cfg.model.llm else cfg.model.offline,
+                              dtype=resolve_dtype(cfg.model.dtype, device))
+    model = assemble(llm, cfg, sets)
+    if cfg.model.gradient_checkpointing:
+        inner = model.llm.base_model.model
+        if hasattr(inner, "activation_checkpointing_enable"):     # transformers >= 5.x
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), tokenizer
+
+
+def projector_meta(model: "EmoModel", patch_group: int) -> dict:
+    """``projectors.json``: the projectors' specs, the prompt layout, the LM's hidden size."""
+    return {"hidden_size": model.llm.get_input_embeddings().embedding_dim,
+            "projectors": [s.to_dict() for s in model.projectors.specs.values()],
+            "layout": {"video": [[s.name, s.n] for s in model.layout.video],
+                       "feature": [[s.name, s.n] for s in model.layout.feature]},
+            "patch_group": patch_group}
 
 
 class EmoModel(nn.Module):

@@ -13,22 +13,18 @@ from typing import Any, Sequence
 
 import torch
 
-from .config import PAPER_FEATURES, TrainConfig, load_train_config
-from .model import EmoModel, Projectors, add_lora, count_parameters, layout_for, projector_specs
+from .config import PAPER_FEATURES, TrainConfig, TrainSetupError, load_train_config
+from .modalities import MODALITIES
+from .model import EmoModel, assemble, count_parameters, llm_source
 from .tiny import TINY_LLM, TINY_VOCAB
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                  tie_word_embeddings=False)
 
-# per-clip shapes of the paper's feature sets (see the README's extraction table)
-PAPER_SHAPES = {
-    "global.eva.tokens": ("global", (1025, 1408)),
-    "local.vit_mae.mean": ("local", (1024,)),
-    "temporal.videomae.mean": ("temporal", (1024,)),
-    "audio.hubert.mean": ("audio", (1024,)),
-    "audio.hubert.frames": ("audio", (None, 1024)),
-}
+# per-clip shapes of the paper's feature sets (see the README's extraction table), and the HuBERT frames
+PAPER_SHAPES = {**{m.paper_set: (m.name, m.paper_shape) for m in MODALITIES},
+                "audio.hubert.frames": ("audio", (None, 1024))}
 
 
 @dataclass(frozen=True)
@@ -42,7 +38,7 @@ def paper_sets(names: Sequence[str]) -> list[tuple[str, SetShape]]:
     out = []
     for n in names:
         if n not in PAPER_SHAPES:
-            raise ValueError(f"no paper shape known for feature set {n!r} (known: {', '.join(PAPER_SHAPES)}); "
+            raise TrainSetupError(f"no paper shape known for feature set {n!r} (known: {', '.join(PAPER_SHAPES)}); "
                              "pass --store to read the shapes from a store")
         modality, shape = PAPER_SHAPES[n]
         out.append((n, SetShape(n, modality, shape)))
@@ -57,12 +53,7 @@ def meta_model(llm_config, sets, cfg: TrainConfig) -> EmoModel:
     if isinstance(llm_config, dict):
         llm_config = LlamaConfig(**llm_config)
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(llm_config)
-        for p in llm.parameters():
-            p.requires_grad_(False)
-        specs = projector_specs(sets, llm_config.hidden_size, cfg.data.patch_group, cfg.model.ln_vision)
-        peft_model = add_lora(llm, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.bias)
-        return EmoModel(peft_model, Projectors(specs), layout_for(specs))
+        return assemble(AutoModelForCausalLM.from_config(llm_config), cfg, sets)
 
 
 def count_for_run(path: str | Path) -> dict[str, Any]:
@@ -71,7 +62,6 @@ def count_for_run(path: str | Path) -> dict[str, Any]:
 
     from emollama.store.spec import FeatureSpec
 
-    from .loop import llm_source
     from .run import read_run
 
     cfg, sets, keys = read_run(Path(path))
@@ -93,7 +83,7 @@ def count_for_run(path: str | Path) -> dict[str, Any]:
 def count_for_profile(profile: str, *, config: str | Path | None = None, store: str | None = None,
                       features: Sequence[str] | None = None) -> dict[str, Any]:
     if profile not in ("paper", "tiny"):
-        raise ValueError(f"unknown profile {profile!r}: choose paper or tiny")
+        raise TrainSetupError(f"unknown profile {profile!r}: choose paper or tiny")
     cfg = load_train_config(config, None) if config else TrainConfig()
     names = list(features or cfg.data.features or PAPER_FEATURES)
     if store:
@@ -105,7 +95,7 @@ def count_for_profile(profile: str, *, config: str | Path | None = None, store: 
     elif profile == "paper":
         sets = paper_sets(names)
     else:
-        raise ValueError("the tiny profile's feature widths come from a store: pass --store PATH")
+        raise TrainSetupError("the tiny profile's feature widths come from a store: pass --store PATH")
     llm_config = LLAMA2_7B if profile == "paper" else dict(vocab_size=TINY_VOCAB, **TINY_LLM)
     counts = count_parameters(meta_model(llm_config, sets, cfg))
     counts.update(profile=profile, features=names,

@@ -1,6 +1,6 @@
 """The prompt: one layout for training and inference, feature tokens as embedding slots.
 
-Two prompt styles (``data.prompt``, saved in the run's config):
+Three prompt styles (``data.prompt``, saved in the run's config):
 
 ``emollama`` (the default for new runs), our own wording:
 
@@ -30,6 +30,32 @@ Two prompt styles (``data.prompt``, saved in the run's config):
 * the tags and the sentence are always written (the protocol has no optional part); a clip without
   a subtitle says ``The person in video says: .``.
 
+``chat``: any chat LM (Llama-3.x, Qwen2.5, Mistral instruct, ...) with the tokenizer's own chat template
+(``tokenizer.apply_chat_template``): a system turn if ``data.system`` is set, a user turn holding the
+``emollama`` content without ``[INST]`` / ``[/INST]``, and an assistant turn holding the answer:
+
+    {template: system, user header} <video>{slots}</video> <feature>{slots}</feature> The person in the
+    video says: {subtitle}. [{task}] {instruction}{template: end of user turn, assistant header}
+    {answer}{template: end-of-turn token}
+
+* The prompt is rendered to text with ``add_generation_prompt=True`` and a unique marker where each
+  slot goes; the text is cut at the markers, each piece tokenized on its own (``add_special_tokens=
+  False``: the template writes BOS itself where the family has one), and each marker becomes exactly
+  its slot's placeholder ids, so no token merges across a slot boundary.
+* The answer part is what the template writes for an assistant turn after the generation prompt,
+  through the first special token after the answer (the end-of-turn token: ``<|im_end|>`` for Qwen,
+  ``</s>`` for Mistral, ``<|eot_id|>`` for Llama-3); what follows it (a newline) is dropped. Only
+  that part carries loss, never the template's headers. Its tokens come from tokenizing the last
+  prompt piece and the answer together (offsets) where that keeps the prompt tokens exactly those of
+  the prompt alone; otherwise the answer part is tokenized on its own. Either way the training tokens
+  start with exactly the inference prompt's.
+* A template that drops the system prompt once the conversation ends with the assistant (Mistral
+  v0.3 writes it before the last user message only) gets the inference prompt plus the assistant turn
+  as the template writes it without the system turn.
+* Templates that write today's date (Llama-3.2) get a fixed ``date_string`` (``CHAT_DATE``), so the
+  prompt is the same on every day.
+* A tokenizer without a chat template is refused with a ``ChatTemplateError`` naming the fix.
+
 Evaluation layout ``public-eval`` (``emotion-llama`` only) reproduces the public evaluation script,
 which made the published MER2023 number: all feature embeddings (256 patches, local, temporal, audio,
 CLS) go where ``<video>`` is, and ``<feature><FeatureHere></feature>`` stays literal text.
@@ -43,10 +69,14 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 TASKS = ("emotion", "reason", "reason_v2")
-PROMPT_STYLES = ("emollama", "emotion-llama")
+PROMPT_STYLES = ("emollama", "emotion-llama", "chat")
 EVAL_LAYOUTS = ("trained", "public-eval")
 TASK_TAGS = {"emotion": "emotion", "reason": "reason", "reason_v2": "reason_v2"}
 IGNORE = -100
+SLOT_MARK = "\u27e6emollama-slot-{}\u27e7"   # where a slot goes in the rendered chat text (never tokenized)
+# Templates that write today's date (Llama-3.2: strftime_now) get a fixed one, Llama-3.1's default, so that
+# a prompt is the same on every day (training, evaluation, inference).
+CHAT_DATE = "26 Jul 2024"
 
 # Our own wording. `{labels}` is replaced by the label set, comma separated.
 INSTRUCTIONS: dict[str, tuple[str, ...]] = {
@@ -99,7 +129,7 @@ def caption_filter(text: str, max_words: int = 200) -> str:
 
 def check_style(style: str, layout: str = "trained") -> None:
     if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}: choose {' or '.join(PROMPT_STYLES)}")
+        raise ValueError(f"unknown prompt style {style!r}: choose {', '.join(PROMPT_STYLES)}")
     if layout not in EVAL_LAYOUTS:
         raise ValueError(f"unknown evaluation layout {layout!r}: choose {' or '.join(EVAL_LAYOUTS)}")
     if layout == "public-eval" and style != "emotion-llama":
@@ -155,14 +185,19 @@ def instruction_for(task: str, key: str, labels: Sequence[str], *, seed: int = 0
     return pool[i].replace("{labels}", ", ".join(labels))
 
 
-def prompt_text(subtitle: str | None, task: str, instruction: str) -> str:
-    """The text that follows the feature sections (before the answer)."""
+def request_text(subtitle: str | None, task: str, instruction: str) -> str:
+    """The subtitle sentence (if any), the task tag and the instruction."""
     parts = []
     if subtitle and subtitle.strip():
         sub = subtitle.strip()
         parts.append(f"The person in the video says: {sub}{'' if sub[-1] in '.!?' else '.'}")
-    parts.append(f"[{TASK_TAGS[task]}] {instruction} [/INST]")
+    parts.append(f"[{TASK_TAGS[task]}] {instruction}")
     return " ".join(parts)
+
+
+def prompt_text(subtitle: str | None, task: str, instruction: str) -> str:
+    """The text that follows the feature sections (before the answer), ``emollama`` style."""
+    return request_text(subtitle, task, instruction) + " [/INST]"
 
 
 def _builder(tokenizer):
@@ -187,9 +222,15 @@ def _builder(tokenizer):
 
 def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
            answer: str | None = None, *, max_len: int | None = None, style: str = "emollama",
-           eval_layout: str = "trained") -> Encoded:
-    """Token ids of one example; with ``answer`` None, the prompt alone (what inference feeds)."""
+           eval_layout: str = "trained", system: str = "") -> Encoded:
+    """Token ids of one example; with ``answer`` None, the prompt alone (what inference feeds).
+    ``system``: the system prompt (``chat`` style only)."""
     check_style(style, eval_layout)
+    if system and style != "chat":
+        raise ValueError(f"a system prompt is written only by the chat prompt style (this is {style!r}): "
+                         "set data.prompt = \"chat\" or leave data.system empty")
+    if style == "chat":
+        return _encode_chat(tokenizer, layout, subtitle, task, instruction, answer, max_len=max_len, system=system)
     if style == "emotion-llama":
         return _encode_released(tokenizer, layout, subtitle, task, instruction, answer, max_len=max_len,
                                 public_eval=eval_layout == "public-eval")
@@ -255,3 +296,161 @@ def _encode_released(tokenizer, layout: Layout, subtitle: str | None, task: str,
     feat.extend([False] * len(ans))
     labels.extend(ans)
     return Encoded(ids, feat, labels, answer_start)
+
+
+# ---- the chat style: the tokenizer's own chat template ------------------------------------------------
+
+class ChatTemplateError(ValueError):
+    """The ``chat`` prompt style cannot use a tokenizer's chat template; the message says how to fix it."""
+
+
+def _name(tokenizer) -> str:
+    return repr(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)
+
+
+def check_chat_template(tokenizer) -> None:
+    """Raise a ``ChatTemplateError`` unless ``tokenizer`` has a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"data.prompt = \"chat\" renders prompts with the tokenizer's chat template, and the tokenizer of "
+            f"{_name(tokenizer)} has none: choose data.prompt = \"emollama\" (or \"emotion-llama\"), or use an "
+            "instruct/chat model, or give the model folder a chat template (chat_template.jinja)")
+
+
+def chat_user_content(layout: Layout, subtitle: str | None, task: str, instruction: str,
+                      marks: Sequence[str]) -> str:
+    """The user message of the ``chat`` style: the ``emollama`` content without ``[INST]`` / ``[/INST]``,
+    with ``marks[i]`` where slot ``layout.order[i]`` goes."""
+    it = iter(marks)
+    sections = []
+    if layout.video:
+        sections.append("<video>" + "".join(next(it) for _ in layout.video) + "</video>")
+    if layout.feature:
+        sections.append("<feature>" + "".join(next(it) for _ in layout.feature) + "</feature>")
+    return " ".join(sections + [request_text(subtitle, task, instruction)])
+
+
+def _render(tokenizer, messages: list[dict], generation: bool) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                             date_string=CHAT_DATE)
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
+        roles = "/".join(m["role"] for m in messages)
+        raise ChatTemplateError(f"the chat template of {_name(tokenizer)} fails on a {roles} conversation "
+                                f"({e.__class__.__name__}: {e}): leave data.system empty if it refuses a system "
+                                "turn, or choose data.prompt = \"emollama\"") from None
+
+
+def _specials(tokenizer) -> set[str]:
+    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    out |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    return {t for t in out if t}
+
+
+def assistant_turn(tokenizer, messages: list[dict], answer: str) -> tuple[str, int]:
+    """(text, answer end): what the chat template writes after the generation prompt of ``messages`` for an
+    assistant turn holding ``answer``, through its end-of-turn token (the first special token after the
+    answer); ``answer end`` is where the answer stops within that text."""
+    tries = [messages]
+    if messages and messages[0]["role"] == "system":
+        tries.append(messages[1:])     # templates that drop the system turn unless the user turn is last
+    for msgs in tries:
+        prompt = _render(tokenizer, msgs, True)
+        full = _render(tokenizer, msgs + [{"role": "assistant", "content": answer}], False)
+        if full.startswith(prompt):
+            break
+    else:
+        raise ChatTemplateError(f"the chat template of {_name(tokenizer)} does not write a conversation with the "
+                                "answer as its generation prompt followed by the assistant turn, so the answer-only "
+                                "loss cannot be placed: choose data.prompt = \"emollama\" or fix the template")
+    turn = full[len(prompt):]
+    at = turn.find(answer)
+    if at < 0:
+        raise ChatTemplateError(f"the chat template of {_name(tokenizer)} changes the answer text {answer[:40]!r} "
+                                "in the assistant turn: choose data.prompt = \"emollama\" or fix the template")
+    end = at + len(answer)
+    found = [(turn.find(t, end), t) for t in _specials(tokenizer)]
+    found = [(i, t) for i, t in found if i >= 0]
+    if not found:
+        raise ChatTemplateError(f"the chat template of {_name(tokenizer)} closes the assistant turn with no special "
+                                f"token ({turn[end:end + 20]!r} follows the answer), so generation could not stop: "
+                                "use a template that ends each turn with the tokenizer's end-of-turn/eos token")
+    i, t = min(found)
+    return turn[:i + len(t)], end
+
+
+def _probe_messages() -> list[dict]:
+    return [{"role": "user", "content": "[emotion] Which emotion?"}]
+
+
+def stop_token_ids(tokenizer, style: str = "emollama") -> list[int]:
+    """The token ids generation stops at: EOS, and for the ``chat`` style the template's end-of-turn token."""
+    out = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if style == "chat":
+        check_chat_template(tokenizer)
+        turn, end = assistant_turn(tokenizer, _probe_messages(), "happy")
+        ids = tokenizer(turn[end:], add_special_tokens=False)["input_ids"]
+        if ids and ids[-1] not in out:
+            out.append(ids[-1])
+    return out
+
+
+def _encode_chat(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
+                 answer: str | None, *, max_len: int | None, system: str) -> Encoded:
+    """The ``chat`` style (see the module docstring)."""
+    check_chat_template(tokenizer)
+    order = layout.order
+    marks = [SLOT_MARK.format(i) for i in range(len(order))]
+    stem = SLOT_MARK.split("{")[0]
+    for what, value in (("subtitle", subtitle), ("instruction", instruction), ("answer", answer),
+                        ("system prompt", system)):
+        if value and stem in value:
+            raise ValueError(f"the {what} contains the slot marker {stem!r}, which the chat style reserves: "
+                             "remove it from the text")
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": chat_user_content(layout, subtitle, task, instruction, marks)}]
+    rest = _render(tokenizer, messages, True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    ids: list[int] = []
+    feat: list[bool] = []
+
+    def tokens(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+
+    for mark, slot in zip(marks, order):
+        if rest.count(mark) != 1:
+            raise ChatTemplateError(f"the chat template of {_name(tokenizer)} does not keep the user message as "
+                                    "written (a slot marker appears "
+                                    f"{rest.count(mark)} times): choose data.prompt = \"emollama\"")
+        before, rest = rest.split(mark)
+        got = tokens(before)
+        ids += got + [pad] * slot.n
+        feat += [False] * len(got) + [True] * slot.n
+    head = tokens(rest)          # the rest of the prompt: the inference prompt ends here
+    ids += head
+    feat += [False] * len(head)
+    answer_start = len(ids)
+    if answer is None:
+        return Encoded(ids, feat, [IGNORE] * len(ids), answer_start)
+
+    turn, end = assistant_turn(tokenizer, messages, answer.strip())
+    joint = tokenizer(rest + turn, add_special_tokens=False, return_offsets_mapping=True)
+    cut = len(rest)
+    n = sum(1 for (_, e) in joint["offset_mapping"] if e <= cut)
+    if joint["input_ids"][:n] == head and all(s >= cut for (s, _) in joint["offset_mapping"][n:]):
+        tail = joint["input_ids"][n:]          # the answer tokenized in context, as the prompt ends
+        starts = [s - cut for (s, _) in joint["offset_mapping"][n:]]
+    else:                                      # a token would merge across the prompt's end
+        alone = tokenizer(turn, add_special_tokens=False, return_offsets_mapping=True)
+        tail = alone["input_ids"]
+        starts = [s for (s, _) in alone["offset_mapping"]]
+    n_close = sum(1 for s in starts if s >= end)     # the end-of-turn token(s)
+    body, close = tail[:len(tail) - n_close], tail[len(tail) - n_close:]
+    if max_len is not None and answer_start + len(tail) > max_len:
+        body = body[:max(max_len - n_close - answer_start, 1)]   # never cut into the prompt; keep one token
+    tail = body + close
+    ids += tail
+    feat += [False] * len(tail)
+    return Encoded(ids, feat, [IGNORE] * answer_start + tail, answer_start)

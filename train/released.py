@@ -153,7 +153,7 @@ def map_released(state: Mapping[str, torch.Tensor], model, *, kind: str = "emoti
         tensors = {}
         for part in ("weight", "bias"):
             key = f"{name}.{part}"
-            want = tuple(getattr(layer, part).shape)
+            want = tuple(getattr(layer.linear, part).shape)
             if key not in state:
                 problems.append(f"missing key {key} (expected shape {list(want)})")
             elif tuple(state[key].shape) != want:
@@ -207,9 +207,9 @@ def apply_mapped(model, mapped: Mapped) -> None:
     from peft import set_peft_model_state_dict
 
     for name, tensors in mapped.projectors.items():
-        layer = model.projectors.layers[name]
-        layer.weight.copy_(tensors["weight"].to(layer.weight.dtype))
-        layer.bias.copy_(tensors["bias"].to(layer.bias.dtype))
+        linear = model.projectors.layers[name].linear
+        linear.weight.copy_(tensors["weight"].to(linear.weight.dtype))
+        linear.bias.copy_(tensors["bias"].to(linear.bias.dtype))
     if mapped.lora:
         dtype = next(p for n, p in model.llm.named_parameters() if ".lora_" in n).dtype
         result = set_peft_model_state_dict(model.llm, {k: v.to(dtype) for k, v in mapped.lora.items()})
@@ -298,8 +298,7 @@ def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "pape
 
     from .checkpoint import save_projectors, versions, write_json
     from .config import PAPER_LLM, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
-    from .loop import projector_meta
-    from .model import Projectors
+    from .model import Projectors, projector_meta
     from .params import meta_model
 
     path, out = Path(path), Path(out)
@@ -332,8 +331,9 @@ def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "pape
     projectors = Projectors(specs)
     with torch.no_grad():
         for name, tensors in mapped.projectors.items():
-            projectors.layers[name].weight.copy_(tensors["weight"].float())
-            projectors.layers[name].bias.copy_(tensors["bias"].float())
+            linear = projectors.layers[name].linear
+            linear.weight.copy_(tensors["weight"].float())
+            linear.bias.copy_(tensors["bias"].float())
     out.mkdir(parents=True, exist_ok=True)
     adapter = out / "adapter"
     adapter.mkdir(exist_ok=True)
@@ -342,7 +342,7 @@ def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "pape
                    base_model_name_or_path=llm or (PAPER_LLM if profile == "paper" else "tiny")).save_pretrained(adapter)
     save_file({k: v.detach().float().contiguous() for k, v in mapped.lora.items()},
               str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    save_projectors(projectors, out, projector_meta(meta, specs, cfg))
+    save_projectors(projectors, out, projector_meta(meta, cfg.data.patch_group))
     write_json(out / "config.json", cfg.to_dict())
     write_json(out / "feature_sets.json", {k: {"name": s.name, "spec": s.to_dict(), "bind": True} for k, s in sets})
     write_json(out / "versions.json", versions())

@@ -14,14 +14,10 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .checkpoint import write_json
+
 METHODS = {"closed_set": "closed set (label likelihood)", "generated": "generated answer, parsed",
            "public": "generated, public scorer"}
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> Path:
@@ -114,7 +110,7 @@ def write_report(result: dict, out_dir: Path, predictions: Sequence[Mapping[str,
         with open(out_dir / "predictions.jsonl", "w") as f:
             for p in predictions:
                 f.write(json.dumps(p) + "\n")
-    write_json(out_dir / "metrics.json", result)
+    write_json(out_dir / "metrics.json", result, sort_keys=False)
     (out_dir / "report.md").write_text(report_markdown(result))
     return result
 

@@ -3,9 +3,10 @@
     run = load_run("runs/stage1")            # config.json, feature_sets.json, adapter/, projectors.*
     run.model, run.tokenizer, run.labels, run.feature_keys, run.store_url, run.tiny
 
-The model is rebuilt exactly as training built it (``train.loop.build_model``: the same base LM,
+The model is rebuilt exactly as training built it (``train.model.build_model``: the same base LM,
 LoRA config and projector shapes), then the run's exported adapter (PEFT format) and projectors
-(safetensors, standardization statistics included) are loaded over it. The feature specs come from
+(safetensors, standardization statistics included) are loaded over it. ``run.prompt_encoder(labels)``
+gives the run's prompts (tokenizer, prompt style, layout) for scoring and generation. The feature specs come from
 the run's own ``feature_sets.json``, so a run loads even when its store has moved; the store is only
 needed to read features.
 """
@@ -16,17 +17,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from .checkpoint import CheckpointError, latest_checkpoint, load_adapter, load_projectors
 from .config import TrainConfig, from_dict
+from .data import PromptEncoder
+from .tiny import TINY_WARNING
 
 log = logging.getLogger(__name__)
 
-TINY_WARNING = ("tiny profile: these numbers come from a random tiny fixture (random LM and encoders), "
-                "not a result; they say nothing about emotion recognition.")
 
 
 class RunError(RuntimeError):
@@ -55,6 +56,14 @@ class LoadedRun:
         self.specs = {keys.get(k, k): (specs[k] if k in keys else s) for k, s in self.specs.items()}
         p = self.model.projectors
         p.specs = {n: replace(s, set_key=keys.get(s.set_key, s.set_key)) for n, s in p.specs.items()}
+
+    def prompt_encoder(self, labels: Sequence[str] | None = None, layout: str = "trained") -> PromptEncoder:
+        """The run's prompts, as training encoded them; ``labels`` (default: the run's) are the ones the
+        emotion instruction names, ``layout`` the evaluation layout (trained | public-eval)."""
+        d = self.config.data
+        return PromptEncoder(self.tokenizer, self.model.layout, list(self.labels if labels is None else labels),
+                             seed=self.config.run.seed, max_len=d.max_len, style=d.prompt, eval_layout=layout,
+                             system=d.system)
 
     @property
     def tiny(self) -> bool:
@@ -93,9 +102,9 @@ def run_labels(path: Path, cfg: TrainConfig) -> list[str]:
         labels = json.loads(m.read_text()).get("labels")
         if labels:
             return list(labels)
-    from emollama.store.datasets import load_corpus
+    from emollama.corpora import load_corpus
 
-    from .loop import resolve_labels
+    from .data import resolve_labels
 
     return resolve_labels(cfg, load_corpus(cfg.data.dataset, cfg.data.root, **cfg.data.options))
 
@@ -138,7 +147,7 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
     ``store`` overrides the run's feature store (``config.data.store``) for reading features."""
     from emollama.store.spec import FeatureSpec
 
-    from .loop import build_model, pick_device
+    from .model import build_model, pick_device
 
     path = Path(path)
     cfg, sets, keys = read_run(path)
@@ -151,7 +160,7 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
                            "(training writes them at its first checkpoint)")
     dev = pick_device(device if device != "auto" else cfg.run.device)
     cfg.run.device = str(dev)
-    model, tokenizer, _ = build_model(cfg, [(k, specs[k]) for k in keys], dev)
+    model, tokenizer = build_model(cfg, [(k, specs[k]) for k in keys], dev)
     try:
         load_adapter(model.llm, path)
         load_projectors(model.projectors, path)

@@ -8,6 +8,18 @@ the instruction pools, emotion words and sentences in the style of MERR captions
 deterministic, needs no download, and never produces <unk> (bytes cover everything). Both are saved
 with ``save_pretrained`` under ``<home>/models/tiny/llm`` and loaded back with ``from_pretrained``
 like any local checkpoint. A build goes into a temporary folder renamed into place (race-safe).
+
+Two more fixtures, of other LM families, show the ``chat`` prompt style (the tokenizer's own chat
+template) and ``model.llm`` = a local folder (``ensure_tiny_chat_llm(home, family)``, under
+``<home>/models/tiny/<family>``), random like the tiny Llama, with the same corpus (plus chat words):
+
+* ``qwen2``: ``Qwen2ForCausalLM`` (grouped-query attention, q/k/v biases), a byte-level BPE with
+  ``<|endoftext|>`` (pad), ``<|im_start|>``, ``<|im_end|>`` (eos) and no BOS, and Qwen2-Instruct's
+  ChatML template (its default system prompt included).
+* ``mistral``: ``MistralForCausalLM``, a sentencepiece-like BPE (``▁`` word boundaries, byte fallback:
+  ``<unk> <s> </s>``, then ``<0x00>``..``<0xFF>``, then control tokens ``[INST] [/INST]``; no pad
+  token, as Mistral's) and Mistral-7B-Instruct-v0.3's ``[INST]`` template (the system prompt goes
+  before the last user message).
 """
 
 from __future__ import annotations
@@ -18,10 +30,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .prompt import INSTRUCTIONS, TASK_TAGS
 
 log = logging.getLogger(__name__)
+
+# printed wherever a tiny run's numbers appear (training summary, eval reports, params)
+TINY_WARNING = ("tiny profile: these numbers come from a random tiny fixture (random LM and encoders), "
+                "not a result; they say nothing about emotion recognition.")
 
 TINY_SEED = 4321
 TINY_RECIPE = 2          # bump when the recipe changes: older folders are rebuilt
@@ -98,39 +115,188 @@ def build_llm(vocab_size: int):
     return model.eval()
 
 
-def _marker_ok(folder: Path) -> bool:
+def _marker_ok(folder: Path, recipe: int = TINY_RECIPE) -> bool:
     try:
-        return json.loads((folder / TINY_MARKER).read_text()).get("recipe") == TINY_RECIPE
+        return json.loads((folder / TINY_MARKER).read_text()).get("recipe") == recipe
     except (OSError, ValueError):
         return False
 
 
-def ensure_tiny_llm(home: Path) -> Path:
-    """The folder of the tiny LM + tokenizer under ``<home>/models/tiny/llm``, built if missing."""
-    final = Path(home) / "models" / "tiny" / "llm"
-    if _marker_ok(final):
+def _ensure(final: Path, recipe: int, build: Callable[[Path], None], what: str) -> Path:
+    """``final`` built by ``build(tmp)`` into a temporary folder renamed into place, unless its marker
+    already names ``recipe``."""
+    if _marker_ok(final, recipe):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".llm-build-", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-build-", dir=final.parent))
     try:
-        log.info("building the tiny language model (a random test fixture) into %s", final)
-        tokenizer = build_tokenizer()
-        build_llm(len(tokenizer)).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / TINY_MARKER).write_text(json.dumps({"recipe": TINY_RECIPE, "seed": TINY_SEED,
+        log.info("building %s (a random test fixture) into %s", what, final)
+        build(tmp)
+        (tmp / TINY_MARKER).write_text(json.dumps({"recipe": recipe, "seed": TINY_SEED,
                                                    "note": "random weights: a test fixture"}) + "\n")
-        if final.exists() and not _marker_ok(final):
-            old = final.parent / f".llm-old-{os.getpid()}"
+        if final.exists() and not _marker_ok(final, recipe):
+            old = final.parent / f".{final.name}-old-{os.getpid()}"
             os.replace(final, old)
             shutil.rmtree(old, ignore_errors=True)
         try:
             os.replace(tmp, final)
         except OSError:
-            if not _marker_ok(final):
+            if not _marker_ok(final, recipe):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def ensure_tiny_llm(home: Path) -> Path:
+    """The folder of the tiny LM + tokenizer under ``<home>/models/tiny/llm``, built if missing."""
+    def build(tmp: Path) -> None:
+        tokenizer = build_tokenizer()
+        build_llm(len(tokenizer)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _ensure(Path(home) / "models" / "tiny" / "llm", TINY_RECIPE, build, "the tiny language model")
+
+
+# ---- chat fixtures of other families (the `chat` prompt style) ----------------------------------------
+
+CHAT_RECIPE = 1          # bump when a chat fixture's recipe changes
+CHAT_FAMILIES = ("qwen2", "mistral")
+_CHAT_CORPUS = """
+system user assistant You are a helpful assistant. Answer briefly.
+You are an expert in reading emotions from faces, voices and words.
+"""
+
+# Qwen2-Instruct's template (ChatML), verbatim.
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# Mistral-7B-Instruct-v0.3's template, verbatim.
+MISTRAL_CHAT_TEMPLATE = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.last and system_message is defined %}
+            {{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}
+        {%- else %}
+            {{- '[INST] ' + message['content'] + '[/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content']|trim + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+
+def _chat_corpus() -> list[str]:
+    return _corpus() + [ln.strip() for ln in _CHAT_CORPUS.strip().splitlines()] * 4
+
+
+def build_qwen2_tokenizer():
+    """Qwen2-like: byte-level BPE, ChatML special tokens, eos ``<|im_end|>``, pad ``<|endoftext|>``, no BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_chat_corpus(), trainer=trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  padding_side="right", model_max_length=4096)
+    out.chat_template = QWEN2_CHAT_TEMPLATE
+    return out
+
+
+def build_mistral_tokenizer():
+    """Mistral-like: a sentencepiece-style BPE (``▁`` word boundaries, byte fallback), ``<s>`` / ``</s>``,
+    control tokens ``[INST]`` / ``[/INST]``, no pad token, the v0.3 chat template."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    meta = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = meta
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB - 256 - 2, special_tokens=["<unk>", "<s>", "</s>"],
+                                  show_progress=False)
+    tok.train_from_iterator(_chat_corpus(), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    learnt = sorted(model["vocab"].items(), key=lambda kv: kv[1])
+    # ids as in Mistral's vocabulary: specials, the 256 byte tokens, then the learnt pieces
+    names = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    names += [t for t, _ in learnt if t not in names]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    fast = Tokenizer(models.BPE({t: i for i, t in enumerate(names)}, merges, unk_token="<unk>",
+                                byte_fallback=True, fuse_unk=True))
+    fast.pre_tokenizer = meta
+    fast.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                      decoders.Strip(" ", 1, 0)])
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    fast.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("[INST]", "[/INST]")])
+    out = PreTrainedTokenizerFast(tokenizer_object=fast, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  padding_side="right", model_max_length=4096)
+    out.chat_template = MISTRAL_CHAT_TEMPLATE
+    return out
+
+
+def build_chat_llm(family: str, tokenizer):
+    """The tiny random LM of ``family`` (qwen2 | mistral) for ``tokenizer``, from the fixed seed."""
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    dims = {**TINY_LLM, "num_key_value_heads": 2}      # grouped-query attention, as both families use
+    if family == "qwen2":
+        cfg, cls = Qwen2Config(vocab_size=len(tokenizer), tie_word_embeddings=False, **ids, **dims), Qwen2ForCausalLM
+    elif family == "mistral":
+        cfg = MistralConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, sliding_window=None, **ids, **dims)
+        cls = MistralForCausalLM
+    else:
+        raise ValueError(f"unknown tiny chat family {family!r}: choose {' or '.join(CHAT_FAMILIES)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = cls(cfg)
+        torch.nn.init.normal_(model.lm_head.weight, std=TINY_HEAD_STD)   # see build_llm
+    return model.eval()
+
+
+def build_chat_tokenizer(family: str):
+    if family == "qwen2":
+        return build_qwen2_tokenizer()
+    if family == "mistral":
+        return build_mistral_tokenizer()
+    raise ValueError(f"unknown tiny chat family {family!r}: choose {' or '.join(CHAT_FAMILIES)}")
+
+
+def ensure_tiny_chat_llm(home: Path, family: str) -> Path:
+    """The folder of a tiny random chat LM of ``family`` (qwen2 | mistral) with its tokenizer and chat
+    template, under ``<home>/models/tiny/<family>``, built if missing: a local folder for ``model.llm``."""
+    if family not in CHAT_FAMILIES:
+        raise ValueError(f"unknown tiny chat family {family!r}: choose {' or '.join(CHAT_FAMILIES)}")
+
+    def build(tmp: Path) -> None:
+        tokenizer = build_chat_tokenizer(family)
+        build_chat_llm(family, tokenizer).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return _ensure(Path(home) / "models" / "tiny" / family, CHAT_RECIPE, build, f"the tiny {family} chat model")
 
 
 def default_home() -> Path:

@@ -417,7 +417,7 @@ def test_file_source_forms_and_identity(tmp_path):
     assert src.weights_file() == f.resolve() and E.ModelSource(str(tmp_path)).weights_file() is None
     cfg = E.EncodersConfig.from_dict({"local": {"model": "ckpt/mae_340.pth", "config": "vit-mae-large"},
                                       "global": {"model": "org/eva", "revision": "v1"}}, base=tmp_path)
-    assert cfg.local == src and cfg.global_ == E.ModelSource("org/eva", "v1")
+    assert cfg.source("local") == src and cfg.source("global") == E.ModelSource("org/eva", "v1")
     assert E.EncodersConfig.from_dict(cfg.to_dict()) == cfg
     # identity: the sha256 of the file's bytes, cached like folders
     home = tmp_path / "home"

@@ -14,8 +14,8 @@ from emollama.extract.faces import (
     FaceDetector,
     FaceSettings,
     FaceTrack,
+    peak_frame_index,
     peak_index,
-    select_global_index,
     square_box,
     track_boxes,
 )
@@ -156,19 +156,17 @@ def test_peak_index_finds_the_most_different_face():
         peak_index(track.crops[:0])
 
 
-def test_select_global_index_modes():
+def test_the_peak_frame_is_the_most_different_crop():
     track = constructed_track(n=6, odd=4)
-    assert select_global_index("first", track) == 0
-    assert select_global_index("middle", track) == 3
-    assert select_global_index("peak", track) == 4
-    with pytest.raises(ValueError, match="first, middle, peak"):
-        select_global_index("best", track)
+    assert peak_frame_index(track) == 4
+    with pytest.raises(ValueError, match="empty track"):
+        peak_frame_index(FaceTrack(track.crops[:0], track.boxes[:0], track.detected[:0], True))
 
 
 def test_peak_ignores_frames_without_a_detected_face():
     track = constructed_track(n=6, odd=4)
     track.detected[4] = False  # the odd crop came from a borrowed box: no face there
-    assert select_global_index("peak", track) == 1  # the next most different detected frame
+    assert peak_frame_index(track) == 1  # the next most different detected frame
 
 
 # ---------------------------------------------------------------- real clips

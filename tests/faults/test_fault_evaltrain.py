@@ -62,7 +62,7 @@ def trained(tmp_path_factory):
     """8 synthetic clips extracted (tiny profile) and a tiny run trained on them; then the test clips are
     removed from the training store, so evaluating the test split has clips to extract."""
     from emollama.extract.sample import write_sample
-    from emollama.store.datasets import load_corpus
+    from emollama.corpora import load_corpus
 
     tmp = tmp_path_factory.mktemp("evaltrain")
     data = write_sample(tmp / "data", clips=8, seed=2)

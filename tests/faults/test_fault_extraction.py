@@ -25,7 +25,7 @@ from emollama.extract import decode
 from emollama.extract.step import ClipJob, ExtractSettings, prepare
 from emollama.pipeline.cli import app
 from emollama.store import FeatureStore
-from emollama.store.datasets import id_to_path, load_folder
+from emollama.corpora import id_to_path, load_folder
 
 runner = CliRunner()
 pytestmark = pytest.mark.slow
@@ -443,3 +443,22 @@ def test_a_full_disk_in_the_end_of_run_compaction_keeps_the_summary(tmp_path, mo
         "nothing committed was lost"]
     st = FeatureStore.open(str(tmp_path / "s.zarr"), create=False)
     assert all(st.complete(k) == {"a", "b"} for k in st.sets())
+
+
+def test_a_silent_clip_follows_its_datasets_sound_declaration(tmp_path):
+    """Whether a clip must have sound is the dataset's declaration (corpora), not a guess from the path."""
+    from emollama.corpora import Clip, clip_has_sound, load_corpus
+    from emollama.extract.faces import FaceDetector
+
+    clip = write_clip(tmp_path / "mute.mp4", audio_s=None)
+    settings, det = ExtractSettings(encoders=None), FaceDetector()
+    declared_silent = prepare(ClipJob("mute", str(clip), has_sound=False), settings, detector=det)
+    assert declared_silent.error is None and declared_silent.record["audio"] == "silence: the clip has no audio"
+    expected_sound = prepare(ClipJob("mute", str(clip), has_sound=True), settings, detector=det)
+    assert expected_sound.error and "no audio stream" in expected_sound.error
+    assert prepare(ClipJob("mute", str(clip)), settings, detector=det).error == expected_sound.error  # a file
+    # the adapters declare it: a folder of videos has sound, a DFEW frame folder has none
+    (tmp_path / "data").mkdir()
+    clip.rename(tmp_path / "data" / "mute.mp4")
+    assert [clip_has_sound(c) for c in load_corpus("folder", tmp_path / "data").clips] == [True]
+    assert clip_has_sound(Clip("f", tmp_path)) is False   # outside an adapter: a folder source has none

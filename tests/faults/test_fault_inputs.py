@@ -142,7 +142,7 @@ def test_duplicate_ids_are_rejected_not_mixed(faults):
 
 
 def test_ids_that_escape_the_data_folder_and_unknown_labels_are_rejected(tmp_path):
-    from emollama.store.datasets import load_merr
+    from emollama.corpora import load_merr
 
     (tmp_path / "video").mkdir()
     write_clip(tmp_path / "video" / "ok.mp4")

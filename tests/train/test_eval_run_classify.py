@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from emollama.pipeline.cli import app
 from train_helpers import FakeJudge
-from emollama.pipeline.evaluation import (EvalError, candidates, clip_id_for, parse_label_map, target_probabilities)
+from emollama.corpora import clip_id_for
+from emollama.pipeline.evaluation import EvalError, candidates, parse_label_map, target_probabilities
 
 runner = CliRunner()
 VIEWS3 = ["local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"]
@@ -82,25 +83,25 @@ def test_eval_cli_reproduces_training_closed_set_and_writes_the_report(tiny_run)
 
 def test_generation_is_the_plain_greedy_loop_and_batching_does_not_change_it(tiny_run):
     from emollama.store import FeatureStore
-    from emollama.store.datasets import load_corpus
-    from emollama.train.data import Example
+    from emollama.corpora import load_corpus
+    from emollama.train.data import Batch
     from emollama.train.generate import generate
     from emollama.train.run import load_run
-    from emollama.pipeline.evaluation import make_data
+    from emollama.pipeline.evaluation import feature_batcher
 
     data, store, run_dir, _ = tiny_run
     run = load_run(run_dir, device="cpu")
     clips = [c for c in load_corpus("merr", data).clips if c.subtitle][:3]
     clips[1] = type(clips[1])(**{**clips[1].__dict__, "subtitle": None})      # prompts of different lengths
-    td, usable, missing = make_data(run, FeatureStore.open(store), clips, run.labels, "x")
+    features, usable, missing = feature_batcher(run, FeatureStore.open(store), clips)
     assert missing == [] and len(usable) == 3
-    one = generate(run.model, td, usable, "reason", max_new_tokens=5, batch_size=1)
-    three = generate(run.model, td, usable, "reason", max_new_tokens=5, batch_size=3)
+    prompts = run.prompt_encoder()
+    one = generate(run.model, prompts, features, usable, "reason", max_new_tokens=5, batch_size=1)
+    three = generate(run.model, prompts, features, usable, "reason", max_new_tokens=5, batch_size=3)
     assert one == three
     tok = run.tokenizer
     for clip, text in zip(usable, one):          # greedy by hand: full recompute, no cache, no padding
-        enc = td.prompt(clip, "reason")
-        b = td._batch([Example(clip, "reason", "")], [enc])
+        b = Batch.build([prompts.prompt(clip, "reason")], features([clip.id]), prompts.pad_id, [clip.id], ["reason"])
         ids = b.input_ids
         new = []
         with torch.no_grad():
@@ -142,7 +143,7 @@ def _dfew(tmp: Path, data: Path) -> Path:
     of every fold (numbers 1-7; worried clips become fear, 7)."""
     import av
 
-    from emollama.store.datasets import load_corpus
+    from emollama.corpora import load_corpus
 
     codes = {"happy": 1, "sad": 2, "neutral": 3, "angry": 4, "surprise": 5, "worried": 7}
     root = tmp / "dfew"
@@ -211,7 +212,7 @@ def test_eval_errors_are_clear(tiny_run, tmp_path):
 
 
 def test_emer_through_the_cli_with_a_loopback_judge_then_cached_then_proxy(tiny_run, tmp_path, monkeypatch):
-    from emollama.store.datasets import load_corpus
+    from emollama.corpora import load_corpus
 
     data, store, run, _ = tiny_run
     clips = [c for c in load_corpus("merr", data).split("test") if c.texts.get("reason")][:3]

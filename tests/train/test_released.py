@@ -171,7 +171,7 @@ def test_public_eval_layout_puts_all_260_embeddings_at_video(tiny_llm):
 def test_minigpt_v2_start_equals_the_reference(tmp_path, tiny_llm):
     from emollama.store.spec import FeatureSpec
     from emollama.train.config import load_train_config
-    from emollama.train.loop import build_model
+    from emollama.train.model import build_model
     from emollama.train.released import ReleasedCheckpointError, init_from_minigpt_v2
 
     state = released_state(kind="minigpt-v2", seed=3)
@@ -188,8 +188,8 @@ def test_minigpt_v2_start_equals_the_reference(tmp_path, tiny_llm):
     cfg = load_train_config(None, {"data": {"root": str(data), "store": "s.zarr", "prompt": "emotion-llama"},
                                    "model": {"profile": "tiny"}, "run": {"out": str(tmp_path / "r")},
                                    "init": {"minigpt_v2": str(ck)}})
-    model, tok, _ = build_model(cfg, sets, torch.device("cpu"))
-    fresh = {f"{n}.{p}": getattr(model.projectors.layers[name], p).detach().clone()
+    model, tok = build_model(cfg, sets, torch.device("cpu"))
+    fresh = {f"{n}.{p}": getattr(model.projectors.layers[name].linear, p).detach().clone()
              for n, name in (("cls_tk_llama_proj", "global_eva_tokens_cls"), ("feats_llama_proj1", "local_x"),
                              ("feats_llama_proj2", "temporal_x"), ("feats_llama_proj3", "audio_x")) for p in ("weight", "bias")}
     mapped = init_from_minigpt_v2(model, ck)
@@ -283,7 +283,7 @@ def test_imported_run_on_a_mixed_store_binds_without_flags(tmp_path, small_store
 
     from emollama.pipeline.cli import app
     from emollama.store import FeatureStore
-    from emollama.store.datasets import load_corpus
+    from emollama.corpora import load_corpus
     from typer.testing import CliRunner
 
     data, store0 = small_store

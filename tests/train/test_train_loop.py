@@ -12,7 +12,7 @@ from train_helpers import tiny_toml
 from emollama.train.loop import TrainingDiverged, train
 
 def n_test(data):
-    from emollama.store.datasets import load_corpus
+    from emollama.corpora import load_corpus
 
     return len(load_corpus("merr", data).split("test"))
 
@@ -55,7 +55,7 @@ def test_adapter_loads_with_peft_alone_and_projectors_with_safetensors_alone(sma
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from emollama.train.loop import build_model, llm_source
+    from emollama.train.model import build_model, llm_source
 
     data, store = small_store
     cfg = make_cfg(data, store, tmp_path / "run", optim={"steps": 3}, data={"features": ALL4})
@@ -64,18 +64,18 @@ def test_adapter_loads_with_peft_alone_and_projectors_with_safetensors_alone(sma
     # our model, reloaded from the checkpoint through our code
     from emollama.store import FeatureStore
     from emollama.train.checkpoint import load_adapter, load_projectors
-    from emollama.train.data import TrainData
-    from emollama.store import FeatureDataset
-    from emollama.store.datasets import load_corpus
+    from emollama.train.data import FeatureBatcher, PromptEncoder, TrainData
+    from emollama.corpora import load_corpus
 
     st = FeatureStore.open(store)
     keys = [st.resolve(f) for f in ALL4]
-    ours, tok, _ = build_model(cfg, [(k, st.sets()[k]) for k in keys], torch.device("cpu"))
+    ours, tok = build_model(cfg, [(k, st.sets()[k]) for k in keys], torch.device("cpu"))
     load_adapter(ours.llm, run)
     load_projectors(ours.projectors, run)
     ours.eval()
     corpus = load_corpus("merr", data)
-    td = TrainData(corpus, FeatureDataset(st, keys), "test", ["emotion"], ["happy", "sad"], tok, ours.layout)
+    td = TrainData(corpus, "test", ["emotion"], PromptEncoder(tok, ours.layout, ["happy", "sad"]),
+                   FeatureBatcher.from_store(st, keys))
     batch = td.collate(range(2), 0)
     with torch.no_grad():
         emb = ours.embed(batch)
@@ -239,10 +239,10 @@ def test_killed_mid_run_then_resumed_gives_the_uninterrupted_curve(small_store, 
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(small_store, make_cfg, tmp_path):
-    from emollama.store import FeatureDataset, FeatureStore
-    from emollama.store.datasets import load_corpus
-    from emollama.train.data import TrainData
-    from emollama.train.loop import build_model
+    from emollama.store import FeatureStore
+    from emollama.corpora import load_corpus
+    from emollama.train.data import FeatureBatcher, PromptEncoder, TrainData
+    from emollama.train.model import build_model
 
     data, store = small_store
     st = FeatureStore.open(store)
@@ -250,10 +250,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_store, make_cfg, 
     grads = []
     for gc in (False, True):
         cfg = make_cfg(data, store, tmp_path / "gc", model={"gradient_checkpointing": gc}, lora={"dropout": 0.0})
-        model, tok, _ = build_model(cfg, [(k, st.sets()[k]) for k in keys], torch.device("cpu"))
+        model, tok = build_model(cfg, [(k, st.sets()[k]) for k in keys], torch.device("cpu"))
         model.train()
-        td = TrainData(load_corpus("merr", data), FeatureDataset(st, keys), "train", ["emotion", "reason"],
-                       ["happy", "sad", "neutral", "angry", "worried", "surprise"], tok, model.layout)
+        prompts = PromptEncoder(tok, model.layout, ["happy", "sad", "neutral", "angry", "worried", "surprise"])
+        td = TrainData(load_corpus("merr", data), "train", ["emotion", "reason"], prompts,
+                       FeatureBatcher.from_store(st, keys))
         s, n = model(td.collate(range(4), 0))
         (s / n).backward()
         grads.append({name: p.grad.clone() for name, p in model.trainable()})

@@ -142,3 +142,16 @@ def test_public_scorer_takes_the_last_word_and_defaults_to_neutral():
     }
     assert {a: public_label(a, labels) for a in answers} == answers
     assert public_label("joy", ["happy", "sad"]) is None   # no neutral to fall back on: counted, not mapped
+
+
+def test_styles_and_evaluation_layouts():
+    from emollama.train.prompt import PROMPT_STYLES, check_style
+
+    assert PROMPT_STYLES == ("emollama", "emotion-llama", "chat")
+    for style in PROMPT_STYLES:
+        check_style(style)
+    check_style("emotion-llama", "public-eval")
+    with pytest.raises(ValueError, match="exists only for the emotion-llama prompt style"):
+        check_style("chat", "public-eval")
+    with pytest.raises(ValueError, match="choose emollama, emotion-llama, chat"):
+        check_style("llama3")

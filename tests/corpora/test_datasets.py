@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from emollama.store.datasets import (DatasetError, id_to_path, load_corpus, load_dfew, load_folder, load_mer2023,
-                            load_merr, path_to_id)
+from emollama.corpora import DatasetError, id_to_path, load_corpus, load_dfew, load_folder, load_merr, path_to_id
 
 
 def touch(path: Path, data: bytes = b"\x00") -> Path:

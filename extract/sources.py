@@ -1,0 +1,299 @@
+"""Where an encoder's weights come from, and their identity (the `weights` of every feature spec).
+
+A `ModelSource` is a hub id ("org/name", optionally pinned by `revision`), a local folder, or a local
+weights file in its authors' original layout (`config`: a folder or json for what the tensor shapes
+cannot tell). Its identity is "sha256:<hex>" for a folder (over its files) or a file (its bytes),
+hashed once and cached in `<home>/hashes.json` by (path, size, mtime), and "hub:<id>@<commit>" for a
+hub id. Identities are computed without building any model.
+
+Offline (HF_HUB_OFFLINE=1 or `offline=True`) a hub id missing from the local HF cache raises
+`MissingWeightsError` at once, naming it and how to supply it.
+
+Nothing heavy is imported at module level (huggingface_hub only inside functions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from emollama.extract.models import WEIGHT_SUFFIXES, default_home
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ModelSource", "MissingWeightsError", "is_offline", "hf_cache_dir", "cached_snapshot", "file_sha256",
+    "file_hash", "folder_hash", "weights_identity", "resolve_pretrained", "read_json",
+]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A hub id ("org/name", optionally pinned by `revision`), a local folder, or a local weights file.
+
+    A weights file (.pth/.pt/.bin/.safetensors; for the encoders that convert one: vit_mae, videomae
+    and eva) is a checkpoint in its authors' original layout; `config` optionally names a folder
+    holding a config.json (or the
+    json file) for what the tensor shapes cannot tell, e.g. the number of attention heads.
+    """
+
+    model: str
+    revision: str | None = None
+    config: str | None = None
+
+    def local_path(self) -> Path | None:
+        """The folder or weights file `model` names (resolved), or None for a hub id."""
+        p = Path(self.model).expanduser()
+        if p.is_dir():
+            return p.resolve()
+        if p.is_file():
+            if p.suffix.lower() not in WEIGHT_SUFFIXES:
+                raise ValueError(f"model {self.model!r} is a file but not a weights file "
+                                 f"({', '.join(WEIGHT_SUFFIXES)}): point it at a checkpoint file or a model folder")
+            return p.resolve()
+        if p.suffix.lower() in WEIGHT_SUFFIXES or not _HUB_ID.match(self.model):
+            raise FileNotFoundError(
+                f"model {self.model!r} is neither an existing folder, nor an existing weights file "
+                f"({', '.join(WEIGHT_SUFFIXES)}), nor a hub id of the form 'org/name': fix the path in the "
+                "encoders config"
+            )
+        return None
+
+    def weights_file(self) -> Path | None:
+        """The weights file if `model` names one, else None (a folder or a hub id)."""
+        local = self.local_path()
+        return local if local is not None and local.is_file() else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_value(cls, value: str | Mapping[str, Any] | "ModelSource", *,
+                   base: Path | None = None) -> "ModelSource":
+        """From "org/name", "path/to/folder", "path/to/file.pth", or a dict
+        {"model": ..., "revision": ... (hub ids), "config": ... (weights files)}.
+
+        A relative folder or file (model or config) is taken relative to `base` (e.g. the config
+        file's folder) when it exists there.
+        """
+        if isinstance(value, ModelSource):
+            return value
+        if isinstance(value, str):
+            model, revision, config = value, None, None
+        else:
+            unknown = set(value) - {"model", "revision", "config"}
+            if unknown or "model" not in value:
+                raise ValueError(f"an encoder source needs 'model' (and optionally 'revision' for a hub id or "
+                                 f"'config' for a weights file), got {dict(value)}")
+            model, revision, config = value["model"], value.get("revision"), value.get("config")
+
+        def rebase(path: str) -> str:
+            if base is not None and not Path(path).expanduser().is_absolute() and (Path(base) / path).exists():
+                return str((Path(base) / path).resolve())
+            return str(path)
+
+        return cls(rebase(str(model)), revision, None if config is None else rebase(str(config)))
+
+
+
+
+class MissingWeightsError(RuntimeError):
+    """A checkpoint is not available locally and may not be downloaded."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def is_offline(offline: bool | None = None) -> bool:
+    """`offline` if given, else env HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE (read now, not at import)."""
+    if offline is not None:
+        return offline
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hf_cache_dir() -> Path:
+    """The HF hub cache, resolved from the environment now (huggingface_hub freezes it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "huggingface" / "hub"
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: Path | None = None) -> Path | None:
+    """The snapshot folder of `repo_id` at `revision` (default main) in the local HF cache, or None."""
+    repo = Path(cache_dir or hf_cache_dir()) / ("models--" + repo_id.replace("/", "--"))
+    rev = revision or "main"
+    if _SHA.match(rev):
+        sha = rev
+    else:
+        try:
+            sha = (repo / "refs" / rev).read_text().strip()
+        except OSError:
+            return None
+    snap = repo / "snapshots" / sha
+    return snap if (snap / "config.json").is_file() else None
+
+
+def missing_weights(source: ModelSource, cache_dir: Path, why: str) -> MissingWeightsError:
+    rev = f" --revision {source.revision}" if source.revision else ""
+    return MissingWeightsError(
+        f"{source.model}{'@' + source.revision if source.revision else ''}: {why} (HF cache: {cache_dir}). "
+        f"Supply it by running `hf download {source.model}{rev}` on a machine with internet and copying "
+        f"its HF cache (~/.cache/huggingface/hub, or $HF_HOME/hub) to this machine, or set a local "
+        f"folder for this encoder in the encoders config file."
+    )
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _HashCache:
+    """Per-file sha256 hashes cached in `<home>/hashes.json`, keyed by (resolved path, size, mtime_ns)."""
+
+    def __init__(self, home: Path | None):
+        self.home = Path(home) if home is not None else default_home()
+        self.file = self.home / "hashes.json"
+        try:
+            self.cache = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            self.cache = {}
+        self.changed = False
+
+    def digest(self, path: Path) -> str:
+        real = Path(path).resolve()
+        st = real.stat()
+        hit = self.cache.get(str(real))
+        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            return hit["sha256"]
+        digest = file_sha256(real)
+        self.cache[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        self.changed = True
+        return digest
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            self.home.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".json", dir=self.home)
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.cache, f, indent=0, sort_keys=True)
+            os.replace(tmp, self.file)
+        except OSError as e:  # a read-only home only costs re-hashing
+            log.warning("could not write the hash cache %s: %s", self.file, e)
+
+
+def file_hash(path: Path, *, home: Path | None = None) -> str:
+    """"sha256:<hex of the file's bytes>", through the same per-file cache as `folder_hash`."""
+    cache = _HashCache(home)
+    digest = cache.digest(Path(path))
+    cache.save()
+    return "sha256:" + digest
+
+
+def folder_hash(folder: Path, *, home: Path | None = None) -> str:
+    """sha256 over sorted (relative path, sha256 of file) of a folder's files.
+
+    Files and folders whose name starts with "." are skipped (e.g. `.cache/huggingface`), symlinks are
+    followed (HF snapshots are links into blobs). Per-file hashes are cached in `<home>/hashes.json`,
+    keyed by (resolved path, size, mtime_ns), so multi-GB checkpoints are hashed once.
+    """
+    folder = Path(folder)
+    cache = _HashCache(home)
+    entries = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            if name.startswith("."):
+                continue
+            path = Path(root) / name
+            entries.append((path.relative_to(folder).as_posix(), cache.digest(path)))
+    if not entries:
+        raise FileNotFoundError(f"model folder {folder} has no files")
+    cache.save()
+    h = hashlib.sha256()
+    for rel, digest in sorted(entries):
+        h.update(f"{rel}\t{digest}\n".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def weights_identity(source: ModelSource, *, offline: bool, home: Path | None = None) -> str:
+    """"sha256:<hex>" for a local folder (see `folder_hash`) or weights file (the file's sha256, see
+    `file_hash`); "hub:<id>@<commit>" for a hub id.
+
+    A hub id's commit comes from the local HF cache when offline (MissingWeightsError at once when
+    absent) and from the hub when online (falling back to the cache if the hub cannot be reached).
+    """
+    local = source.local_path()
+    if local is not None:
+        return file_hash(local, home=home) if local.is_file() else folder_hash(local, home=home)
+    cache_dir = hf_cache_dir()
+    snap = cached_snapshot(source.model, source.revision, cache_dir)
+    if offline:
+        if snap is None:
+            raise missing_weights(source, cache_dir, "not in the local HF cache and offline")
+        return f"hub:{source.model}@{snap.name}"
+    if source.revision and _SHA.match(source.revision):
+        return f"hub:{source.model}@{source.revision}"
+    from huggingface_hub import HfApi
+    try:
+        sha = HfApi().model_info(source.model, revision=source.revision).sha
+    except Exception as e:
+        if snap is not None:
+            log.warning("hub unreachable for %s (%s): using the cached snapshot %s", source.model, e, snap.name)
+            return f"hub:{source.model}@{snap.name}"
+        raise missing_weights(source, cache_dir, f"the hub could not be asked ({type(e).__name__}: {e})") from e
+    return f"hub:{source.model}@{sha}"
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's content, or None when it is absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_pretrained(source: ModelSource, offline: bool, home: Path | None):
+    """-> (folder with the configs, pretrained name, from_pretrained kwargs, identity).
+
+    Local folders and cached snapshots load with local_files_only; online hub ids download the json
+    files first (to pin the commit), then the weights through the library's own loader.
+    """
+    local = source.local_path()
+    if local is not None:
+        return local, str(local), {"local_files_only": True}, folder_hash(local, home=home)
+    cache_dir = hf_cache_dir()
+    if offline:
+        snap = cached_snapshot(source.model, source.revision, cache_dir)
+        if snap is None:
+            raise missing_weights(source, cache_dir, "not in the local HF cache and offline")
+        return snap, str(snap), {"local_files_only": True}, f"hub:{source.model}@{snap.name}"
+    from huggingface_hub import snapshot_download
+    try:
+        snap = Path(snapshot_download(source.model, revision=source.revision, cache_dir=cache_dir,
+                                      allow_patterns=["*.json"]))
+    except Exception as e:
+        raise missing_weights(source, cache_dir, f"download failed ({type(e).__name__}: {e})") from e
+    kwargs = {"revision": snap.name, "cache_dir": str(cache_dir)}
+    return snap, source.model, kwargs, f"hub:{source.model}@{snap.name}"
+
