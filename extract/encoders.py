@@ -34,7 +34,14 @@ extract.encoders` is cheap and sets nothing global.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
+import logging
+import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -42,12 +49,14 @@ from typing import Any, Iterator, Mapping
 from emollama.extract import hf_encoder, paper_encoders
 from emollama.extract import settings as S
 from emollama.extract.hf_encoder import HfEncoder, HfOptions
-from emollama.extract.models import WeightsFileError, build_model, ensure_tiny
+from emollama.extract.models import WeightsFileError, build_model, default_home, ensure_tiny
 from emollama.extract.paper_encoders import (EVA_CLIP_MEAN, EVA_CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EvaEncoder,
                                              HubertEncoder, MaeEncoder, VideoMaeEncoder)
-from emollama.extract.registry import ENCODERS, INPUTS, Encoder, OutputInfo, encoder_class, register_encoder
-from emollama.extract.sources import (MissingWeightsError, ModelSource, cached_snapshot, file_hash, file_sha256,
-                                      folder_hash, hf_cache_dir, is_offline, missing_weights, weights_identity)
+from emollama.extract.registry import (ENCODERS, INPUTS, Encoder, EncoderInfo, OutputInfo, encoder_class,
+                                       register_encoder)
+from emollama.extract.sources import (MissingWeightsError, ModelSource, cached_snapshot, config_identity, file_hash,
+                                      file_sha256, folder_hash, hf_cache_dir, is_offline, missing_weights,
+                                      weights_identity, write_json_atomic)
 
 __all__ = [
     "ModelSource", "EncoderEntry", "EncoderTable", "EncodersConfig", "OutputInfo", "MissingWeightsError",
@@ -56,8 +65,11 @@ __all__ = [
     "is_offline", "hf_cache_dir", "cached_snapshot", "Encoder", "register_encoder", "encoder_class",
     "HubertEncoder", "MaeEncoder", "VideoMaeEncoder", "EvaEncoder", "HfEncoder", "HfOptions",
     "IMAGENET_MEAN", "IMAGENET_STD", "EVA_CLIP_MEAN", "EVA_CLIP_STD", "check_available", "load_encoders",
-    "load_encoder", "random_model", "random_encoder", "wrap_model",
+    "load_encoder", "random_model", "random_encoder", "wrap_model", "EncoderInfo", "KnownOutputs",
+    "known_outputs", "remember_outputs",
 ]
+
+log = logging.getLogger(__name__)
 
 # The built-in encoders: importing a module registers its classes (@register_encoder). A new
 # encoder's module joins this tuple.
@@ -320,6 +332,165 @@ def load_encoders(cfg: EncodersConfig, *, device: str = "auto", offline: bool | 
     offline = is_offline(offline)
     check_available(cfg, offline=offline)
     return {e.name: e.load(device=device, offline=offline, batch_size=batch_size, home=home) for e in cfg}
+
+
+# --- what a run's encoders produce, known without loading them ------------------------------------
+#
+# A rerun with nothing to do still needs its feature-set keys, and a key holds what the encoder says of
+# itself once loaded (output shapes, params, layer...). `EncoderInfo`s are cached in
+# `<home>/encoder_outputs.json`, keyed by everything that decides them: the encoder class, the weights
+# identity (local files hashed once per path/size/mtime, `sources._HashCache`; hub ids by commit), the
+# config a weights file names, the options, the device and the code (extract/*.py by size and mtime, and
+# the torch / transformers / timm versions). Anything new is a miss: the encoder is loaded once and its
+# description stored. A damaged file or entry is a miss too, and is rewritten.
+
+OUTPUTS_FILE = "encoder_outputs.json"
+OUTPUTS_FORMAT = 1
+OUTPUTS_KEEP = 256        # entries kept (the newest); older weights and code versions fall out
+GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")   # NVIDIA, ROCm, WSL
+
+
+def device_key(device: str) -> str:
+    """What decides the device (hence the compute dtype) of `device`, read without importing torch:
+    the name itself, or for "auto" the GPU device nodes present and the visible-device variables."""
+    if device != "auto":
+        return device
+    nodes = [n for n in GPU_NODES if os.path.exists(n)]
+    env = {k: os.environ[k] for k in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES") if k in os.environ}
+    try:   # a driver installed or updated since: another entry (torch may see the GPU now)
+        driver = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        driver = None
+    return "auto:" + json.dumps({"nodes": nodes, "driver": driver, **env}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for dist in ("emollama", "torch", "transformers", "timm"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def code_identity(cls: type[Encoder]) -> str:
+    """The code that describes an encoder: this package's extract modules and the class's own module
+    (by path, size and mtime: an edited file is a new identity), and the library versions."""
+    files = sorted(Path(__file__).resolve().parent.glob("*.py"))
+    own = sys.modules.get(cls.__module__)
+    if own is not None and getattr(own, "__file__", None):
+        files.append(Path(own.__file__).resolve())
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((str(f), None, None))
+    blob = json.dumps({"files": stats, "versions": _versions()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass
+class KnownOutputs:
+    """The cached descriptions of a run's encoders (`known_outputs`): `infos` holds the hits; `complete`
+    when every entry has one, so the feature-set keys need no model."""
+
+    keys: dict[str, str]                 # entry name -> its cache key (absent: its identity could not be read)
+    identities: dict[str, str]           # entry name -> weights identity
+    infos: dict[str, EncoderInfo]        # entry name -> cached description
+    file: Path
+    names: tuple[str, ...] = ()          # every entry of the run, in order
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.names) and all(n in self.infos for n in self.names)
+
+    @property
+    def missing(self) -> list[str]:
+        return [n for n in self.names if n not in self.infos]
+
+
+def _read_outputs(file: Path) -> dict[str, Any]:
+    """The cache's entries, or {} when the file is absent, damaged or of another format."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("format") != OUTPUTS_FORMAT or not isinstance(data.get("entries"), dict):
+        return {}
+    return data["entries"]
+
+
+def _outputs_key(entry: EncoderEntry, identity: str, config_id: str | None, device: str) -> str:
+    cls = entry.cls
+    key = {"class": f"{cls.__module__}.{cls.__qualname__}", "encoder": entry.encoder, "weights": identity,
+           "config": config_id, "options": S.to_dict(entry.options) if entry.options is not None else None,
+           "device": device_key(device), "code": code_identity(cls)}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def known_outputs(cfg: EncodersConfig, *, device: str = "auto", offline: bool | None = None,
+                  home: Path | None = None) -> KnownOutputs:
+    """What each encoder of `cfg` outputs, from the cache, without building any model. Never raises: an
+    entry whose identity cannot be read here (a path only workers see, a hub that cannot be asked) or
+    that has no valid cached description is a miss, and the caller loads it (`remember_outputs`)."""
+    offline = is_offline(offline)
+    file = (Path(home) if home is not None else default_home()) / OUTPUTS_FILE
+    entries = _read_outputs(file)
+    known = KnownOutputs({}, {}, {}, file, cfg.names)
+    for e in cfg:
+        try:
+            identity = weights_identity(e.source, offline=offline, home=home)
+            key = _outputs_key(e, identity, config_identity(e.source, home=home), device)
+        except Exception as err:  # noqa: BLE001 - a miss: loading the encoder reports what is wrong
+            log.debug("no cached outputs for %s: %s: %s", e.name, type(err).__name__, err)
+            continue
+        known.keys[e.name], known.identities[e.name] = key, identity
+        hit = entries.get(key)
+        if not isinstance(hit, dict):
+            continue
+        try:
+            info = EncoderInfo.from_dict(hit.get("info"))
+        except ValueError as err:
+            log.warning("ignoring a damaged entry for %s in %s (%s): the encoder is loaded and the entry rewritten",
+                        e.name, file, err)
+            continue
+        if info.weights == identity and info.name == e.encoder:
+            known.infos[e.name] = info
+    return known
+
+
+def remember_outputs(known: KnownOutputs, infos: Mapping[str, EncoderInfo]) -> None:
+    """Store the descriptions of loaded encoders (`infos`, e.g. `extract.step.describe_encoders`) under
+    the keys `known_outputs` computed; an info whose weights differ from the identity of its key (the
+    hub moved in between) is not stored."""
+    new, stored = {}, {}
+    for name, key in known.keys.items():
+        info = infos.get(name)
+        if info is None or info.weights != known.identities[name]:
+            continue
+        stored[name] = info
+        cached = known.infos.get(name)
+        if cached is None or _canonical(cached) != _canonical(info):
+            new[key] = {"info": info.to_dict(), "saved_ns": time.time_ns()}
+    known.infos.update(stored)
+    if not new:
+        return
+    entries = {k: v for k, v in _read_outputs(known.file).items() if isinstance(v, dict)}
+    entries.update(new)
+    if len(entries) > OUTPUTS_KEEP:
+        newest = sorted(entries, key=lambda k: entries[k].get("saved_ns") or 0)[-OUTPUTS_KEEP:]
+        entries = {k: entries[k] for k in newest}
+    write_json_atomic(known.file, {"format": OUTPUTS_FORMAT, "entries": entries}, what="the encoder outputs cache")
+
+
+def _canonical(info: EncoderInfo) -> str:
+    return json.dumps(info.to_dict(), sort_keys=True, default=str)
 
 
 # --- random models (benchmarks) ---------------------------------------------------------------

@@ -50,6 +50,44 @@ class OutputInfo:
     shape: tuple[int | None, ...]
 
 
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a loaded encoder tells the feature specs (`extract.step.build_specs`), without the model:
+    its outputs (pooling, shape), weights identity, layer, params, input kind, frame rate and compute
+    dtype. `Encoder.info()` makes one; `extract.encoders` caches them so that a rerun with nothing to
+    do names its feature sets without loading any model."""
+
+    name: str                           # the registered encoder name
+    input_kind: str
+    weights: str
+    layer: str
+    frame_rate: float | None
+    compute_dtype: str
+    params: Mapping[str, Any]
+    outputs: Mapping[str, OutputInfo]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "input_kind": self.input_kind, "weights": self.weights, "layer": self.layer,
+                "frame_rate": self.frame_rate, "compute_dtype": self.compute_dtype, "params": self.params,
+                "outputs": {k: {"pooling": o.pooling, "shape": list(o.shape)} for k, o in self.outputs.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "EncoderInfo":
+        """From `to_dict`'s form; ValueError when any field is missing or of the wrong type."""
+        try:
+            outputs = {str(k): OutputInfo(str(o["pooling"]), tuple(None if x is None else int(x) for x in o["shape"]))
+                       for k, o in d["outputs"].items()}
+            info = cls(name=d["name"], input_kind=d["input_kind"], weights=d["weights"], layer=d["layer"],
+                       frame_rate=None if d["frame_rate"] is None else float(d["frame_rate"]),
+                       compute_dtype=d["compute_dtype"], params=dict(d["params"]), outputs=outputs)
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise ValueError(f"not an encoder description ({type(e).__name__}: {e})") from None
+        if not all(isinstance(v, str) for v in (info.name, info.input_kind, info.weights, info.layer,
+                                                info.compute_dtype)) or not outputs:
+            raise ValueError("not an encoder description (a name, input, weights, layer or dtype is not a string)")
+        return info
+
+
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
     if device != "auto":
@@ -194,6 +232,12 @@ class Encoder:
     def compute_dtype(self) -> str:
         """"float16" on GPU, "float32" on CPU (not in params: values agree to fp16 precision)."""
         return str(self.dtype).removeprefix("torch.")
+
+    def info(self) -> EncoderInfo:
+        """What the feature specs need from this encoder (no model): see `EncoderInfo`."""
+        return EncoderInfo(name=self.name, input_kind=self.input_kind, weights=self.weights, layer=self.layer,
+                           frame_rate=self.frame_rate, compute_dtype=self.compute_dtype, params=dict(self.params),
+                           outputs=dict(self.outputs))
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description of everything that determines the values."""

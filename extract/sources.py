@@ -4,7 +4,9 @@ A `ModelSource` is a hub id ("org/name", optionally pinned by `revision`), a loc
 weights file in its authors' original layout (`config`: a folder or json for what the tensor shapes
 cannot tell). Its identity is "sha256:<hex>" for a folder (over its files) or a file (its bytes),
 hashed once and cached in `<home>/hashes.json` by (path, size, mtime), and "hub:<id>@<commit>" for a
-hub id. Identities are computed without building any model.
+hub id. Identities are computed without building any model. A file whose size or mtime differ is hashed
+again, and so is one hashed within RACY_NS of its mtime (it may have changed again within the same mtime
+tick); a damaged cache entry is ignored and rewritten.
 
 Offline (HF_HUB_OFFLINE=1 or `offline=True`) a hub id missing from the local HF cache raises
 `MissingWeightsError` at once, naming it and how to supply it.
@@ -20,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -30,11 +33,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ModelSource", "MissingWeightsError", "is_offline", "hf_cache_dir", "cached_snapshot", "file_sha256",
-    "file_hash", "folder_hash", "weights_identity", "resolve_pretrained", "read_json",
+    "file_hash", "folder_hash", "weights_identity", "config_identity", "resolve_pretrained", "read_json",
+    "write_json_atomic",
 ]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -166,8 +171,23 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+RACY_NS = 3_000_000_000   # a file modified this close before it was hashed may change again within its mtime tick
+
+
+def _entry_ok(hit: Any, st: os.stat_result) -> bool:
+    """A cached hash is trusted when it is well-formed, the file's size and mtime are the ones hashed,
+    and it was hashed more than RACY_NS after that mtime (as git does with its index: a file rewritten
+    within the file system's mtime resolution right after hashing would otherwise keep its old hash)."""
+    return (isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns
+            and isinstance(hit.get("checked_ns"), int) and hit["checked_ns"] - st.st_mtime_ns > RACY_NS
+            and isinstance(hit.get("sha256"), str) and bool(_SHA256.match(hit["sha256"])))
+
+
 class _HashCache:
-    """Per-file sha256 hashes cached in `<home>/hashes.json`, keyed by (resolved path, size, mtime_ns)."""
+    """Per-file sha256 hashes cached in `<home>/hashes.json`, keyed by (resolved path, size, mtime_ns).
+
+    A damaged file or entry is ignored (the file is hashed again and the entry rewritten); a file whose
+    size or mtime differ from the entry's is hashed again."""
 
     def __init__(self, home: Path | None):
         self.home = Path(home) if home is not None else default_home()
@@ -176,30 +196,43 @@ class _HashCache:
             self.cache = json.loads(self.file.read_text())
         except (OSError, ValueError):
             self.cache = {}
+        if not isinstance(self.cache, dict):
+            self.cache = {}
         self.changed = False
 
     def digest(self, path: Path) -> str:
         real = Path(path).resolve()
         st = real.stat()
         hit = self.cache.get(str(real))
-        if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        if _entry_ok(hit, st):
             return hit["sha256"]
+        checked = time.time_ns()
         digest = file_sha256(real)
-        self.cache[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+        self.cache[str(real)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
+                                 "checked_ns": checked}
         self.changed = True
         return digest
 
     def save(self) -> None:
-        if not self.changed:
-            return
+        if self.changed:
+            write_json_atomic(self.file, self.cache, what="the hash cache")
+
+
+def write_json_atomic(file: Path, content: Any, *, what: str) -> None:
+    """Write `content` as JSON to `file` through a temporary file and a rename (readers see the old or the
+    new file, never half of one); an unwritable home only logs a warning (a cache costs re-work only)."""
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}-", suffix=".json", dir=file.parent)
         try:
-            self.home.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".hashes-", suffix=".json", dir=self.home)
             with os.fdopen(fd, "w") as f:
-                json.dump(self.cache, f, indent=0, sort_keys=True)
-            os.replace(tmp, self.file)
-        except OSError as e:  # a read-only home only costs re-hashing
-            log.warning("could not write the hash cache %s: %s", self.file, e)
+                json.dump(content, f, indent=0, sort_keys=True)
+            os.replace(tmp, file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        log.warning("could not write %s %s: %s", what, file, e)
 
 
 def file_hash(path: Path, *, home: Path | None = None) -> str:
@@ -263,6 +296,20 @@ def weights_identity(source: ModelSource, *, offline: bool, home: Path | None = 
             return f"hub:{source.model}@{snap.name}"
         raise missing_weights(source, cache_dir, f"the hub could not be asked ({type(e).__name__}: {e})") from e
     return f"hub:{source.model}@{sha}"
+
+
+def config_identity(source: ModelSource, *, home: Path | None = None) -> str | None:
+    """The identity of a weights file's `config` (a folder or json file: its sha256, cached as weights
+    are), or None when the source names none. It is not part of the weights identity, but what the
+    encoder reads from it (heads, image statistics) reaches its params."""
+    if source.config is None:
+        return None
+    p = Path(source.config).expanduser()
+    if p.is_dir():
+        return folder_hash(p, home=home)
+    if p.is_file():
+        return file_hash(p, home=home)
+    return f"missing:{p}"   # loading says what is wrong; no entry is cached for a source that fails to load
 
 
 def read_json(path: Path) -> dict | None:

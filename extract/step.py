@@ -16,14 +16,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from emollama.corpora import source_has_sound
 from emollama.extract import decode, faces
 from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
-from emollama.extract.registry import FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, resolve_device
+from emollama.extract.registry import FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, EncoderInfo, resolve_device
 from emollama.extract.settings import policy, runtime, section, spec_attrs, spec_params, value
 from emollama.store import FeatureSpec, FeatureStore
 
@@ -152,10 +152,11 @@ def _load_models(settings: ExtractSettings) -> Models:
     return _MODELS[settings]
 
 
-def build_specs(encoders: dict[str, Any], settings: StepSettings) -> dict[str, FeatureSpec]:
+def build_specs(encoders: Mapping[str, Any], settings: StepSettings) -> dict[str, FeatureSpec]:
     """One FeatureSpec per encoder output, holding everything that determines its values: the encoder's
     own (weights, layer, params, pooling, shape), its input's (`input_params`) and the value fields
-    that become spec attributes (dtype). `encoders`: entry name (the view) -> Encoder."""
+    that become spec attributes (dtype). `encoders`: entry name (the view) -> Encoder, or its
+    `EncoderInfo` (`Encoder.info()`, or the cache of `extract.encoders.known_outputs`: no model needed)."""
     attrs, specs = spec_attrs(settings), {}
     for view, enc in encoders.items():
         params = {**enc.params, **input_params(settings, enc.input_kind), "compute_dtype": enc.compute_dtype}
@@ -172,6 +173,12 @@ def build_specs(encoders: dict[str, Any], settings: StepSettings) -> dict[str, F
 def describe(settings: ExtractSettings) -> dict[str, FeatureSpec]:
     """The feature specs these settings produce (loads the models of this process once)."""
     return models(settings).specs
+
+
+def describe_encoders(settings: ExtractSettings) -> dict[str, EncoderInfo]:
+    """What each encoder of these settings tells its specs (`build_specs(describe_encoders(s), s)` equals
+    `describe(s)`), small enough to send back from a worker and to cache (loads the models once)."""
+    return {view: enc.info() for view, enc in models(settings).encoders.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Idempotent like datatrove: a clip complete in every feature set is skipped (its completion mark is
 in the store), a clip that failed is retried, a clip whose content changed is recomputed (its earlier
 features stay until the new ones are committed; a file only touched or copied keeps them as they are).
+A rerun with nothing to do loads no model and starts no worker: the feature-set keys come from the
+cached encoder descriptions (`extract.encoders.known_outputs`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from emollama.extract.encoders import EncodersConfig, check_available, file_sha256, resolve_encoders
-from emollama.extract.step import ClipJob, ExtractSettings, StepSettings, describe, run_batch
+from emollama.extract.encoders import (EncodersConfig, KnownOutputs, check_available, file_sha256, known_outputs,
+                                       remember_outputs, resolve_encoders)
+from emollama.extract.step import ClipJob, ExtractSettings, StepSettings, build_specs, describe_encoders, run_batch
 from emollama.pipeline.config import Config
 from emollama.pipeline.executors import make_executor
-from emollama.store import FeatureStore, StorageError
+from emollama.store import FeatureSpec, FeatureStore, StorageError
 from emollama.corpora import Clip, clip_has_sound, load_corpus
 
 log = logging.getLogger(__name__)
@@ -188,6 +191,65 @@ class SettingsChanged(RuntimeError):
     """The extraction settings no longer produce the feature sets the caller needs."""
 
 
+NOTHING_TO_DO = "nothing to do: no model loaded, no worker started"
+
+
+def cached_specs(known: KnownOutputs, settings: ExtractSettings) -> dict[str, FeatureSpec] | None:
+    """The specs of `settings` from the cached encoder descriptions, or None when one is missing (or
+    does not make a valid spec): then the workers load the encoders and tell."""
+    if not known.complete:
+        log.info("loading %s once to learn their outputs (not in %s yet)", ", ".join(known.missing), known.file)
+        return None
+    try:
+        return build_specs(known.infos, settings)
+    except (ValueError, TypeError) as err:
+        log.warning("ignoring the cached encoder descriptions in %s (%s): loading the encoders", known.file, err)
+        return None
+
+
+def lost_keys(specs: dict[str, FeatureSpec], expect_keys: Sequence[str] | None) -> list[str]:
+    """The expected feature-set keys that `specs` do not produce."""
+    return sorted(set(expect_keys or ()) - {spec.key for spec in specs.values()})
+
+
+@dataclass
+class ClipPlan:
+    """Which clips a run extracts under `keys`: those not complete in every set, and the complete ones
+    whose file content changed (`recomputed`); complete clips only touched or copied are `unchanged`."""
+
+    keys: dict[str, str]
+    todo: list[ClipJob]
+    skipped: int
+    recomputed: list[str]
+    unchanged: list[str]
+
+    def fill(self, summary: ExtractSummary) -> None:
+        summary.skipped, summary.recomputed, summary.unchanged = self.skipped, self.recomputed, self.unchanged
+
+
+def plan_clips(store: FeatureStore, clips: Sequence[Clip], keys: dict[str, str]) -> ClipPlan:
+    """The clips to extract under `keys` (output name -> set key; a set not in the store yet is empty)."""
+    have = store.sets()
+    complete = set.intersection(*(store.complete(k) if k in have else set() for k in keys.values())) if keys else set()
+    records = store.records() if complete else {}
+    changed: set[str] = set()
+    unchanged: list[str] = []
+    for c in clips:
+        if c.id in complete:
+            how = source_change(c, records.get(c.id))
+            if how == "changed":
+                changed.add(c.id)
+            elif how == "touched":
+                unchanged.append(c.id)
+    if changed:
+        # recomputed without removing anything first: the new rows supersede the old ones only when
+        # they are committed, so an interrupted or failed recompute leaves the earlier features
+        log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(changed))
+    todo = [ClipJob(c.id, str(c.source), replace=c.id in changed, has_sound=clip_has_sound(c)) for c in clips
+            if c.id not in complete or c.id in changed]
+    return ClipPlan(dict(keys), todo, len(clips) - len(todo), sorted(changed), unchanged)
+
+
 def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
                 clips: Sequence[Clip] | None = None, expect_keys: Sequence[str] | None = None) -> ExtractSummary:
     """Extract the corpus of `cfg` (or the given `clips`) into its store; `expect_keys`: the feature
@@ -210,36 +272,38 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
         raise
     store.check_writable()   # a read-only store or a full disk stops here, before any model is loaded
     t0 = time.perf_counter()
+    config = cfg.to_dict()
+    # The keys from the cache of encoder descriptions (no model): a rerun with nothing to do ends here,
+    # with no model loaded and no worker started.
+    known = known_outputs(settings.encoders, device=settings.device, offline=settings.offline)
+    guess, plan = cached_specs(known, settings), None
+    if guess is not None and not lost_keys(guess, expect_keys):
+        plan = plan_clips(store, clips, {name: spec.key for name, spec in guess.items()})
+        if not plan.todo:
+            keys = {name: store.ensure_set(spec, config=config) for name, spec in guess.items()}
+            summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected,
+                                     executor=NOTHING_TO_DO)
+            plan.fill(summary)
+            summary.wall = time.perf_counter() - t0
+            return summary
     with make_executor(e.workers, e.scheduler, device=e.device) as ex:
         if ex.dashboard and progress:
             tqdm.write(f"dask dashboard: {ex.dashboard}", file=sys.stderr)
-        specs = ex.call(describe, settings)
-        lost = sorted(set(expect_keys or ()) - {spec.key for spec in specs.values()})
+        infos = ex.call(describe_encoders, settings)   # the encoders as the workers load them: they decide
+        remember_outputs(known, infos)
+        specs = build_specs(infos, settings)
+        lost = lost_keys(specs, expect_keys)
         if lost:
             raise SettingsChanged(
                 f"the extraction settings no longer produce feature set(s) {lost} (they give "
                 f"{sorted(spec.key for spec in specs.values())}): the encoder weights or code changed since "
                 "those features were made. Extract with the original models, or use only clips already stored.")
-        keys = {name: store.ensure_set(spec, config=cfg.to_dict()) for name, spec in specs.items()}
+        keys = {name: store.ensure_set(spec, config=config) for name, spec in specs.items()}
         summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected, executor=ex.name)
-        complete = set.intersection(*(store.complete(k) for k in keys.values())) if keys else set()
-        records = store.records()
-        changed: set[str] = set()
-        for c in clips:
-            if c.id in complete:
-                how = source_change(c, records.get(c.id))
-                if how == "changed":
-                    changed.add(c.id)
-                elif how == "touched":
-                    summary.unchanged.append(c.id)
-        if changed:
-            # recomputed without removing anything first: the new rows supersede the old ones only when
-            # they are committed, so an interrupted or failed recompute leaves the earlier features
-            log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(changed))
-            summary.recomputed = sorted(changed)
-        todo = [ClipJob(c.id, str(c.source), replace=c.id in changed, has_sound=clip_has_sound(c)) for c in clips
-                if c.id not in complete or c.id in changed]
-        summary.skipped = len(clips) - len(todo)
+        if plan is None or plan.keys != keys:   # the cached guess was wrong (or absent): plan again
+            plan = plan_clips(store, clips, keys)
+        plan.fill(summary)
+        todo = plan.todo
         tasks = plan_tasks(todo, [source_size(Path(j.source)) for j in todo], e.batch_clips)
         log.info("%d clip(s) to extract in %d task(s) on %s", len(todo), len(tasks), ex.name)
         bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress or not todo, dynamic_ncols=True)

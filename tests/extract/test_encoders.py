@@ -280,3 +280,17 @@ def test_import_is_cheap_and_side_effect_free():
     code = "import sys, emollama.extract.encoders; print(sorted(m for m in ('torch','transformers','timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_info_names_the_same_feature_sets_as_the_loaded_encoders_and_survives_json(encs):
+    """What the cache keeps of an encoder (`Encoder.info()`) gives the same specs, hence keys, as the
+    loaded encoder: a rerun with nothing to do can name its sets without loading any model."""
+    import json
+
+    from emollama.extract.step import ExtractSettings, build_specs
+
+    settings = ExtractSettings(encoders=None)
+    infos = {view: E.EncoderInfo.from_dict(json.loads(json.dumps(enc.info().to_dict()))) for view, enc in encs.items()}
+    want = {name: spec.key for name, spec in build_specs(encs, settings).items()}
+    assert {name: spec.key for name, spec in build_specs(infos, settings).items()} == want
+    assert len(want) == 5

@@ -310,7 +310,7 @@ def test_a_read_only_store_stops_the_run_before_any_work(tmp_path, monkeypatch):
         def no_models(*a, **k):
             raise AssertionError("models were loaded for a store that cannot be written")
 
-        monkeypatch.setattr(extraction, "describe", no_models)
+        monkeypatch.setattr(extraction, "describe_encoders", no_models)
         code, out, text = extract(data, mnt / "s.zarr")
         assert code == 4, text
         lines = [ln for ln in text.splitlines() if ln.strip()]
