@@ -1,12 +1,23 @@
 """Face detection, tracking and cropping with facenet-pytorch's MTCNN.
 
-All sampled frames of a clip go through MTCNN in one batched call (downscaled to
-``detect_side`` for speed). The main face is the largest confident face of the clip;
-it is then followed frame to frame by overlap and centre distance, so a second person
-who is briefly larger does not steal the track. A frame where the tracked face is not
-found borrows the box of the nearest frame where it was. The box is widened by
-``margin`` on each side, made square and cropped (parts outside the frame are black),
-then resized to ``crop_size``.
+MTCNN runs on every ``detect_every``-th frame of a clip (the first and last always), downscaled to
+``detect_side``, all in one batched call on the detector's device (a GPU when the encoders use one;
+`FaceDetector.track_many` batches the frames of several clips, grouped by detection size); a second
+call takes the frames next to one where the track was lost or moved too far to interpolate
+(`refine_positions`). The main face is then followed frame to frame:
+
+- ``track_by = "position"``: the main face is the largest confident face of the clip, followed by
+  overlap and centre distance, so a second person who is briefly larger does not steal the track.
+- ``track_by = "appearance"``: a face also continues the track only when its appearance (`appearance`:
+  a 4 x 4 colour thumbnail of the face and its surroundings) is at least ``appearance_min`` similar
+  to the track's last face, and the better look counts in the choice; every confident face seeds a
+  chain and the main face is the chain with the most screen presence (summed box area). So at a scene
+  cut the track does not jump to the next shot's person, who would otherwise be matched by position.
+
+Frames between two detected frames get boxes interpolated linearly in time; a frame that no detection
+of the track reaches from both sides borrows the box of the nearest frame where the face was found
+(``detected`` is False there). The box is widened by ``margin`` on each side, made square and cropped
+(parts outside the frame are black), then resized to ``crop_size``.
 
 When no face is found in any frame, the crops are centre squares of the whole frames
 (side = the frame's shorter side) resized to ``crop_size``, and ``FaceTrack.found`` is
@@ -17,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -28,6 +40,12 @@ log = logging.getLogger(__name__)
 
 CONFIDENT = 0.99  # MTCNN probability for a face to seed the track (backs of heads score ~0.8-0.96)
 MAX_CENTRE_JUMP = 1.0  # accept a match whose centre moved at most this many box sizes
+APPEARANCE_SIDE = 4  # the appearance descriptor: a 4 x 4 colour thumbnail ...
+APPEARANCE_CONTEXT = 0.5  # ... of the face box widened by this much of its size on each side (hair, clothes, room)
+APPEARANCE_CHROMA = 4.0  # ... the weight of its colour (R - G, B - G) beside its brightness
+REFINE_CHANGE = 0.2  # detect_every > 1: detect the frames between two whose boxes differ more than this (of the size)
+DETECT_CHUNK = 256  # at most this many frames per MTCNN call (bounds GPU memory when clips are batched)
+TRACK_BY = ("position", "appearance")
 
 
 @dataclass(frozen=True)
@@ -41,6 +59,15 @@ class FaceSettings:
     min_face_size: int = value(20, inputs=FACE_INPUTS, min=1)  # pixels of the detection image (longest side detect_side)
     thresholds: tuple[float, float, float] = value((0.6, 0.7, 0.7), inputs=FACE_INPUTS)   # MTCNN stage thresholds (P, R, O nets)
     detect_side: int = value(640, inputs=FACE_INPUTS, min=1)  # frames are downscaled to this longest side for detection
+    # MTCNN sees every k-th anchor frame (the last too, and those next to a lost or moving face); boxes between are
+    # interpolated in time. 1: every frame (2.1x the MTCNN work of 3 on the real samples; cheap on a GPU)
+    detect_every: int = value(3, inputs=FACE_INPUTS, min=1)
+    # position: match faces by position only | appearance: by look too (a scene cut does not hand the track to
+    # another person)
+    track_by: str = value("appearance", inputs=FACE_INPUTS, choices=TRACK_BY)
+    # track_by = appearance: the least similarity (cosine) of a face's look to the track's last face for it to
+    # continue the track
+    appearance_min: float = value(0.7, inputs=FACE_INPUTS, min=-1.0, max=1.0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -52,8 +79,17 @@ class FaceSettings:
 class FaceTrack:
     crops: np.ndarray  # [N, crop, crop, 3] uint8
     boxes: np.ndarray  # [N, 4] float x1, y1, x2, y2 in frame pixels: the square actually cropped
-    detected: np.ndarray  # [N] bool: the tracked face was detected in this frame
+    detected: np.ndarray  # [N] bool: the tracked face was detected in this frame (or between two frames where it was)
     found: bool  # any face at all; False => crops are centre squares of the whole frames
+
+
+@dataclass
+class DetectWork:
+    """What MTCNN has been given so far: a measure of the detection cost that does not depend on the load."""
+
+    calls: int = 0
+    frames: int = 0
+    pixels: int = 0  # of the detection images (after downscaling to detect_side)
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,8 +100,33 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _match(ref: np.ndarray, cands: np.ndarray) -> int | None:
-    """The candidate box that continues ``ref`` best, or None when none is close enough."""
+def appearance(frame: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """A cheap descriptor of how a face and its surroundings look, for telling people (and shots) apart.
+
+    The box, widened by ``APPEARANCE_CONTEXT`` of its size on each side and squared (hair, clothes,
+    background), is area-averaged to a 4 x 4 colour thumbnail. The descriptor is its brightness minus
+    the mean brightness beside its colour (R - G and B - G, weighted ``APPEARANCE_CHROMA``), scaled to
+    unit length: the dot product of two is their cosine similarity. Colour tells shots and people
+    apart best on real clips (a face's colour stays when the head turns; brightness structure does
+    not); in a grey clip the brightness alone remains. A flat grey patch gives zeros (similar to nothing).
+    """
+    x1, y1, x2, y2 = (int(round(v)) for v in square_box(box, APPEARANCE_CONTEXT))
+    img = Image.fromarray(frame).crop((x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)))
+    x = np.asarray(img.resize((APPEARANCE_SIDE, APPEARANCE_SIDE), Image.BOX), np.float64)
+    bright = x.mean(axis=-1)
+    v = np.concatenate([(bright - bright.mean()).ravel(), APPEARANCE_CHROMA * (x[..., 0] - x[..., 1]).ravel(),
+                        APPEARANCE_CHROMA * (x[..., 2] - x[..., 1]).ravel()])
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm > 1e-6 else np.zeros_like(v)
+
+
+def _match(ref: np.ndarray, cands: np.ndarray, ref_look: np.ndarray | None = None,
+           looks: Sequence[np.ndarray] | None = None, look_min: float = -1.0) -> int | None:
+    """The candidate box that continues ``ref`` best, or None when none is close enough.
+
+    Without looks: by position (overlap minus centre distance). With looks (``ref_look`` and one per
+    candidate): a candidate must also be at least ``look_min`` similar to ``ref_look`` (cosine), and
+    its similarity adds to its score."""
     if len(cands) == 0:
         return None
     size = max(ref[2] - ref[0], ref[3] - ref[1])
@@ -76,40 +137,144 @@ def _match(ref: np.ndarray, cands: np.ndarray) -> int | None:
         if dist > MAX_CENTRE_JUMP:
             continue
         score = _iou(ref, c) - dist
+        if looks is not None:
+            sim = float(ref_look @ looks[i])
+            if sim < look_min:
+                continue
+            score += sim
         if score > best_score:
             best, best_score = i, score
     return best
 
 
-def track_boxes(per_frame: list[np.ndarray], probs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _area(b: np.ndarray) -> float:
+    return float((b[2] - b[0]) * (b[3] - b[1]))
+
+
+def _chain(per_frame: list[np.ndarray], si: int, sj: int, looks: list[list[np.ndarray]] | None,
+           look_min: float) -> list[int | None]:
+    """From the seed face (frame si, face sj), the face index it continues to in every frame (None: not found)."""
+    chain: list[int | None] = [None] * len(per_frame)
+    chain[si] = sj
+    for order in (range(si + 1, len(per_frame)), range(si - 1, -1, -1)):
+        ref, ref_look = per_frame[si][sj], looks[si][sj] if looks is not None else None
+        for i in order:
+            j = _match(ref, per_frame[i], ref_look, looks[i] if looks is not None else None, look_min)
+            if j is not None:
+                chain[i] = j
+                ref = per_frame[i][j]
+                ref_look = looks[i][j] if looks is not None else None
+    return chain
+
+
+def track_boxes(per_frame: list[np.ndarray], probs: list[np.ndarray],
+                looks: list[list[np.ndarray]] | None = None, look_min: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
     """Follow the main face through per-frame detections.
 
     ``per_frame[i]`` is a [k, 4] array of boxes in frame i, ``probs[i]`` their [k]
     probabilities. Returns ([N, 4] boxes, [N] detected); boxes of undetected frames are
     borrowed from the nearest detected frame (the earlier one on a tie). Raises
     ValueError when no frame has a face.
+
+    Without ``looks`` the main face is the largest confident face, followed by position. With
+    ``looks`` (``looks[i][j]``: the `appearance` of face j of frame i) a face continues the track only
+    when it also looks like the track's last face (similarity >= ``look_min``); every confident face
+    seeds a chain (largest first, skipping faces an earlier chain holds) and the chain with the largest
+    summed box area wins (the earlier one on a tie).
     """
     n = len(per_frame)
     cands = [(i, j) for i in range(n) for j in range(len(per_frame[i]))]
     if not cands:
         raise ValueError("no face in any frame")
-    area = lambda b: float((b[2] - b[0]) * (b[3] - b[1]))  # noqa: E731
+    if looks is not None and [len(x) for x in looks] != [len(b) for b in per_frame]:
+        raise ValueError("track_boxes: looks must hold one descriptor per box")
     confident = [(i, j) for i, j in cands if probs[i][j] >= CONFIDENT] or cands
-    si, sj = max(confident, key=lambda ij: area(per_frame[ij[0]][ij[1]]))
+    if looks is None:
+        si, sj = max(confident, key=lambda ij: _area(per_frame[ij[0]][ij[1]]))
+        chain = _chain(per_frame, si, sj, None, look_min)
+    else:
+        chain, best, held = None, -np.inf, set()
+        for si, sj in sorted(confident, key=lambda ij: -_area(per_frame[ij[0]][ij[1]])):   # stable: ties keep order
+            if (si, sj) in held:
+                continue
+            c = _chain(per_frame, si, sj, looks, look_min)
+            held.update((i, j) for i, j in enumerate(c) if j is not None)
+            support = sum(_area(per_frame[i][j]) for i, j in enumerate(c) if j is not None)
+            if support > best:
+                chain, best = c, support
     boxes = np.zeros((n, 4), np.float64)
     detected = np.zeros(n, bool)
-    boxes[si], detected[si] = per_frame[si][sj], True
-    for order in (range(si + 1, n), range(si - 1, -1, -1)):
-        ref = boxes[si]
-        for i in order:
-            j = _match(ref, per_frame[i])
-            if j is not None:
-                boxes[i], detected[i] = per_frame[i][j], True
-                ref = boxes[i]
+    for i, j in enumerate(chain):
+        if j is not None:
+            boxes[i], detected[i] = per_frame[i][j], True
+    return _borrow(boxes, detected), detected
+
+
+def _borrow(boxes: np.ndarray, detected: np.ndarray) -> np.ndarray:
+    """Boxes of undetected frames: the nearest detected frame's (the earlier one on a tie)."""
     hit = np.flatnonzero(detected)
     for i in np.flatnonzero(~detected):
         boxes[i] = boxes[hit[np.argmin(np.abs(hit - i))]]
-    return boxes, detected
+    return boxes
+
+
+def detect_positions(n: int, every: int) -> list[int]:
+    """The frames (of ``n``) MTCNN runs on: every ``every``-th, the first and the last always."""
+    if n <= 0:
+        return []
+    if every < 1:
+        raise ValueError(f"detect_every must be at least 1, got {every}")
+    return sorted(set(range(0, n, every)) | {n - 1})
+
+
+def _change(a: np.ndarray, b: np.ndarray) -> float:
+    """How much box b differs from box a: the larger of its centre shift and its size change, in a's size."""
+    size = max(a[2] - a[0], a[3] - a[1], 1e-6)
+    shift = float(np.linalg.norm((b[:2] + b[2:]) / 2 - (a[:2] + a[2:]) / 2)) / size
+    return max(shift, abs(max(b[2] - b[0], b[3] - b[1]) / size - 1))
+
+
+def refine_positions(sampled: Sequence[int], boxes: np.ndarray, detected: np.ndarray) -> list[int]:
+    """The frames between sampled ones that MTCNN should see too: every frame between two neighbouring
+    sampled frames when the track was not found on one of them, or its box changed between them by more
+    than ``REFINE_CHANGE`` of its size (centre shift or size change): no interpolation there."""
+    out: list[int] = []
+    for k in range(len(sampled) - 1):
+        a, b = sampled[k], sampled[k + 1]
+        if b - a > 1 and (not (detected[k] and detected[k + 1]) or _change(boxes[k], boxes[k + 1]) > REFINE_CHANGE):
+            out += range(a + 1, b)
+    return out
+
+
+def fill_boxes(times: Sequence[float], sampled: Sequence[int], boxes: np.ndarray,
+               detected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes for all frames from the track on the ``sampled`` ones.
+
+    ``times[i]`` is frame i's time (increasing), ``sampled`` the sorted frames that were detected on,
+    ``boxes`` / ``detected`` the track there. A frame between two sampled frames where the face was
+    found gets the box interpolated linearly in time (detected); any other frame borrows the box of
+    the nearest frame where it was found, as `track_boxes` does (not detected).
+    """
+    n = len(times)
+    sampled = list(sampled)
+    if len(sampled) != len(boxes) or len(boxes) != len(detected):
+        raise ValueError("fill_boxes: sampled, boxes and detected must have one entry per sampled frame")
+    if any(b <= a for a, b in zip(sampled, sampled[1:])) or (sampled and not 0 <= sampled[0] <= sampled[-1] < n):
+        raise ValueError(f"fill_boxes: sampled frames must be increasing positions in [0, {n})")
+    out = np.zeros((n, 4), np.float64)
+    found = np.zeros(n, bool)
+    out[sampled] = boxes
+    found[sampled] = detected
+    for (a, ba, da), (b, bb, db) in zip(zip(sampled, boxes, detected), zip(sampled[1:], boxes[1:], detected[1:])):
+        if not (da and db):
+            continue
+        span = float(times[b]) - float(times[a])
+        for i in range(a + 1, b):
+            w = (float(times[i]) - float(times[a])) / span if span > 0 else 0.0
+            out[i], found[i] = (1 - w) * ba + w * bb, True
+    if not found.any():
+        return out, found
+    return _borrow(out, found), found
 
 
 def square_box(box: np.ndarray, margin: float) -> np.ndarray:
@@ -134,12 +299,20 @@ def centre_square(width: int, height: int) -> np.ndarray:
     return np.array([x1, y1, x1 + side, y1 + side], np.float64)
 
 
+Detections = tuple[list[np.ndarray], list[np.ndarray]]   # per frame: [k, 4] boxes in frame pixels, [k] probabilities
+
+
 class FaceDetector:
-    """MTCNN, loaded once; ``track`` turns the frames of one clip into face crops."""
+    """MTCNN, loaded once on ``device``; ``track`` turns the frames of one clip into face crops,
+    ``track_many`` those of several clips with one batched MTCNN pass (worth it on a GPU)."""
 
     def __init__(self, settings: FaceSettings = FaceSettings(), device: str = "cpu"):
         if settings.detector != "mtcnn":
             raise ValueError(f"unknown face detector {settings.detector!r}: only 'mtcnn' is available")
+        if settings.track_by not in TRACK_BY:
+            raise ValueError(f"unknown track_by {settings.track_by!r}: choose one of {', '.join(TRACK_BY)}")
+        if settings.detect_every < 1:
+            raise ValueError(f"detect_every must be at least 1, got {settings.detect_every}")
         try:
             from facenet_pytorch import MTCNN
         except ImportError as e:  # pragma: no cover - environment problem
@@ -148,49 +321,125 @@ class FaceDetector:
             ) from e
         self.settings = settings
         self.device = device
+        self.work = DetectWork()
         self.mtcnn = MTCNN(
             keep_all=True, min_face_size=settings.min_face_size, thresholds=list(settings.thresholds),
             post_process=False, device=device,
         )
 
-    def detect(self, frames: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per-frame boxes ([k, 4] in frame pixels) and probabilities ([k]) for same-sized frames."""
+    def _small(self, frames: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """The frames downscaled to detect_side (longest side), and the factors back to frame pixels."""
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
             raise ValueError(f"frames must be [N, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
-        n, h, w = frames.shape[:3]
+        h, w = frames.shape[1:3]
         scale = min(1.0, self.settings.detect_side / max(h, w))
-        if scale < 1.0:
-            sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-            small = np.stack([np.asarray(Image.fromarray(f).resize((sw, sh), Image.BILINEAR)) for f in frames])
-            sx, sy = w / sw, h / sh
-        else:
-            small, sx, sy = frames, 1.0, 1.0
-        boxes, probs = self.mtcnn.detect(small)
-        out_b, out_p = [], []
-        for b, p in zip(boxes, probs):
-            if b is None or len(b) == 0:
-                out_b.append(np.zeros((0, 4)))
-                out_p.append(np.zeros(0))
-                continue
-            b = np.asarray(b, float).reshape(-1, 4) * np.array([sx, sy, sx, sy])
-            out_b.append(b)
-            out_p.append(np.asarray(p, float).reshape(-1))
-        return out_b, out_p
+        if scale >= 1.0 or len(frames) == 0:
+            return frames, 1.0, 1.0
+        sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+        small = np.stack([np.asarray(Image.fromarray(f).resize((sw, sh), Image.BILINEAR)) for f in frames])
+        return small, w / sw, h / sh
 
-    def track(self, frames: np.ndarray) -> FaceTrack:
-        """Face crops of the main face in every frame of one clip (frames share one size)."""
+    def detect(self, frames: np.ndarray) -> Detections:
+        """Per-frame boxes ([k, 4] in frame pixels) and probabilities ([k]) for same-sized frames."""
+        return self.detect_many([frames])[0]
+
+    def detect_many(self, clips: Sequence[np.ndarray]) -> list[Detections]:
+        """`detect` for several clips (each [N, H, W, 3] uint8) in as few MTCNN calls as their
+        detection sizes allow: clips whose downscaled frames share a size go through together, up to
+        DETECT_CHUNK frames a call. (A frame's result can differ slightly with the batch: `track_many`.)"""
+        smalls = [self._small(f) for f in clips]
+        out: list[Detections] = [([], []) for _ in clips]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for ci, (small, _, _) in enumerate(smalls):
+            if len(small):
+                groups.setdefault(small.shape[1:3], []).append(ci)
+        for (sh, sw), members in groups.items():
+            batch = np.concatenate([smalls[ci][0] for ci in members]) if len(members) > 1 else smalls[members[0]][0]
+            boxes: list = []
+            probs: list = []
+            for k in range(0, len(batch), DETECT_CHUNK):
+                chunk = batch[k:k + DETECT_CHUNK]
+                b, p = self.mtcnn.detect(chunk)
+                boxes += list(b)
+                probs += list(p)
+                self.work.calls += 1
+                self.work.frames += len(chunk)
+                self.work.pixels += len(chunk) * sh * sw
+            start = 0
+            for ci in members:
+                small, sx, sy = smalls[ci]
+                for b, p in zip(boxes[start:start + len(small)], probs[start:start + len(small)]):
+                    if b is None or len(b) == 0:
+                        out[ci][0].append(np.zeros((0, 4)))
+                        out[ci][1].append(np.zeros(0))
+                        continue
+                    out[ci][0].append(np.asarray(b, float).reshape(-1, 4) * np.array([sx, sy, sx, sy]))
+                    out[ci][1].append(np.asarray(p, float).reshape(-1))
+                start += len(small)
+        return out
+
+    def track(self, frames: np.ndarray, times: Sequence[float] | None = None) -> FaceTrack:
+        """Face crops of the main face in every frame of one clip (frames share one size).
+
+        ``times``: each frame's time (e.g. its frame index), for interpolating boxes between detected
+        frames; default: evenly spaced."""
+        return self.track_many([frames], [times])[0]
+
+    def track_many(self, clips: Sequence[np.ndarray],
+                   times: Sequence[Sequence[float] | None] | None = None) -> list[FaceTrack]:
+        """`track` for several clips, their MTCNN work batched across clips (`detect_many`: on a GPU,
+        one pass for many clips). Each track is what `track` gives for its clip alone up to MTCNN's
+        float differences between batch compositions, which can tip a detection: on the CPU, 1 box of
+        240 on the real samples moved by 6 px. So values depend on which clips share a batch: where
+        stores must be bit-identical whatever the grouping (the CPU), track clip by clip.
+
+        MTCNN runs on `detect_positions` (every ``detect_every``-th frame), then once more, for all the
+        clips together, on the frames that `refine_positions` asks for: those between two detected
+        frames where the track was lost on either side or moved too much to interpolate."""
+        st = self.settings
+        times = [None] * len(clips) if times is None else list(times)
+        if len(times) != len(clips):
+            raise ValueError(f"track_many: {len(times)} time lists for {len(clips)} clips")
+        times = [list(range(len(f))) if t is None else list(t) for f, t in zip(clips, times)]
+        for f, t in zip(clips, times):
+            if len(f) == 0:
+                raise ValueError("track: no frames")
+            if len(t) != len(f):
+                raise ValueError(f"track: {len(t)} times for {len(f)} frames")
+        found: list[dict[int, tuple[np.ndarray, np.ndarray, list | None]]] = [{} for _ in clips]
+        todo = [detect_positions(len(f), st.detect_every) for f in clips]
+        result: list[tuple[list[int], np.ndarray | None, np.ndarray | None]] = [([], None, None)] * len(clips)
+        for pass_ in range(2):
+            for ci, (per_frame, probs) in enumerate(self.detect_many([f[p] for f, p in zip(clips, todo)])):
+                for pos, b, pr in zip(todo[ci], per_frame, probs):
+                    looks = [appearance(clips[ci][pos], x) for x in b] if st.track_by == "appearance" else None
+                    found[ci][pos] = (b, pr, looks)
+            todo = [[] for _ in clips]
+            for ci in range(len(clips)):
+                pos = sorted(found[ci])
+                try:
+                    raw, detected = track_boxes([found[ci][p][0] for p in pos], [found[ci][p][1] for p in pos],
+                                                [found[ci][p][2] for p in pos] if st.track_by == "appearance" else None,
+                                                st.appearance_min)
+                except ValueError:   # no face in any detected frame
+                    raw, detected = np.zeros((len(pos), 4)), np.zeros(len(pos), bool)
+                result[ci] = (pos, raw, detected)
+                if pass_ == 0:
+                    todo[ci] = refine_positions(pos, raw, detected)
+            if not any(todo):
+                break
+        return [self._crops(f, t, *r) for f, t, r in zip(clips, times, result)]
+
+    def _crops(self, frames: np.ndarray, times: list, pos: list[int], raw: np.ndarray,
+               detected: np.ndarray) -> FaceTrack:
         st = self.settings
         n, h, w = frames.shape[:3]
-        if n == 0:
-            raise ValueError("track: no frames")
-        per_frame, probs = self.detect(frames)
-        try:
-            raw, detected = track_boxes(per_frame, probs)
-        except ValueError:
+        if not detected.any():
             log.info("no face found in %d frames: using centre squares of the whole frames", n)
             box = centre_square(w, h)
             crops = np.stack([crop(f, box, st.crop_size) for f in frames])
             return FaceTrack(crops, np.tile(box, (n, 1)), np.zeros(n, bool), False)
+        raw, detected = fill_boxes(times, pos, raw, detected)
         boxes = np.stack([square_box(b, st.margin) for b in raw])
         crops = np.stack([crop(f, b, st.crop_size) for f, b in zip(frames, boxes)])
         return FaceTrack(crops, boxes, detected, True)

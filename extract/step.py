@@ -255,11 +255,12 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         t1 = time.perf_counter()
         prep.seconds["decode"] = t1 - t0
 
-        # Faces are detected on the anchor frames (the local view's frames and the first frame of each
-        # temporal segment); a segment's next consecutive frame is cropped with its anchor's box.
+        # Faces are tracked over the anchor frames (the local view's frames and the first frame of each
+        # temporal segment): MTCNN sees every faces.detect_every-th of them, boxes between are interpolated
+        # in time (their frame indices); a segment's next consecutive frame is cropped with its anchor's box.
         per = TEMPORAL_PER_SEGMENT
         anchors = sorted(set(local_pos) | set(temporal_pos[::per]))
-        track = detector.track(frames[anchors])
+        track = detector.track(frames[anchors], times=[wanted[a] for a in anchors])
         crop_at = dict(zip(anchors, track.crops))
         for i, p in enumerate(temporal_pos):
             if p not in crop_at:

@@ -1,4 +1,7 @@
-"""Faces: tracking logic on constructed detections, MTCNN on drawn and real faces, peak selection."""
+"""Faces: tracking logic on constructed detections, MTCNN on drawn and real faces, peak selection.
+
+Tracking, interpolation and batching are tested with a stand-in for MTCNN (`FakeMTCNN`: constructed
+boxes, drawn coloured faces), so they are exact and fast; MTCNN itself on drawn and real faces."""
 
 from __future__ import annotations
 
@@ -14,14 +17,21 @@ from emollama.extract.faces import (
     FaceDetector,
     FaceSettings,
     FaceTrack,
+    appearance,
+    crop,
+    detect_positions,
+    fill_boxes,
     peak_frame_index,
     peak_index,
+    refine_positions,
     square_box,
     track_boxes,
 )
 from emollama.extract.sample import render_frames
+from emollama.extract.step import TEMPORAL_PER_SEGMENT, FrameSettings, frame_plan
 
 SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examples"
+TODAY = FaceSettings(detect_every=1, track_by="position")   # the face settings before detect_every and appearance
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +53,8 @@ def test_settings_to_dict_is_json():
     d = FaceSettings().to_dict()
     assert json.loads(json.dumps(d)) == d
     assert d == {"detector": "mtcnn", "crop_size": 224, "margin": 0.2, "min_face_size": 20,
-                 "thresholds": [0.6, 0.7, 0.7], "detect_side": 640}
+                 "thresholds": [0.6, 0.7, 0.7], "detect_side": 640, "detect_every": 3, "track_by": "appearance",
+                 "appearance_min": 0.7}
 
 
 def test_square_box_adds_margin_and_squares():
@@ -54,6 +65,10 @@ def test_square_box_adds_margin_and_squares():
 def test_unknown_detector_is_rejected():
     with pytest.raises(ValueError, match="mtcnn"):
         FaceDetector(FaceSettings(detector="openface"))
+    with pytest.raises(ValueError, match="track_by"):
+        FaceDetector(FaceSettings(track_by="luck"))
+    with pytest.raises(ValueError, match="detect_every"):
+        FaceDetector(FaceSettings(detect_every=0))
 
 
 # ---------------------------------------------------------------- tracking
@@ -94,6 +109,212 @@ def test_track_without_any_face_raises():
         track_boxes([boxes(), boxes()], [np.zeros(0), np.zeros(0)])
 
 
+def test_track_without_any_face_raises_with_looks_too():
+    with pytest.raises(ValueError, match="no face"):
+        track_boxes([boxes(), boxes()], [np.zeros(0), np.zeros(0)], [[], []], 0.7)
+
+
+# ---------------------------------------------------------------- fewer detections, interpolation
+
+
+def test_detect_positions_take_every_kth_frame_and_the_last():
+    assert detect_positions(10, 3) == [0, 3, 6, 9]
+    assert detect_positions(8, 3) == [0, 3, 6, 7]
+    assert detect_positions(5, 1) == [0, 1, 2, 3, 4]
+    assert detect_positions(1, 4) == [0]
+    assert detect_positions(0, 2) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        detect_positions(5, 0)
+
+
+def test_boxes_between_detected_frames_are_interpolated_in_time():
+    times = [0, 2, 3, 8, 10]   # frame indices of the anchors: not evenly spaced
+    b0, b2, b4 = np.array([10., 20, 50, 70]), np.array([40., 20, 80, 76]), np.array([110., 48, 180, 125])
+    got, detected = fill_boxes(times, [0, 2, 4], np.stack([b0, b2, b4]), np.array([True, True, True]))
+    assert detected.all()
+    assert np.array_equal(got[[0, 2, 4]], [b0, b2, b4])
+    assert np.allclose(got[1], b0 + (2 / 3) * (b2 - b0))    # t = 2 between t = 0 and t = 3
+    assert np.allclose(got[3], b2 + (5 / 7) * (b4 - b2))    # t = 8 between t = 3 and t = 10
+
+
+def test_a_frame_next_to_a_failed_detection_borrows_like_today():
+    b0, b4 = np.array([10., 20, 50, 70]), np.array([60., 20, 100, 70])
+    # the track was not found in sampled frame 2: track_boxes lent it frame 0's box (the earlier on a tie)
+    got, detected = fill_boxes(range(5), [0, 2, 4], np.stack([b0, b0, b4]), np.array([True, False, True]))
+    assert detected.tolist() == [True, False, False, False, True]
+    assert np.array_equal(got, [b0, b0, b0, b4, b4])   # nearest found frame, the earlier on a tie
+
+
+def test_every_frame_sampled_leaves_the_track_as_it_is():
+    b = np.array([[10., 20, 50, 70], [12, 20, 52, 70], [12, 20, 52, 70], [16, 22, 56, 72]])
+    got, detected = fill_boxes(range(4), range(4), b.copy(), np.array([True, True, False, True]))
+    assert np.array_equal(got, b) and detected.tolist() == [True, True, False, True]
+
+
+def test_refine_where_the_track_is_lost_or_moves():
+    steady = np.array([100., 100, 160, 170])
+    bx = np.stack([steady, steady + 2, steady + 2, steady + 2, steady + [40, 0, 40, 0]])
+    # 0-3: steady (no refine); 3-6: frame 6 lost; 6-9: lost too; 9-11: the centre moves 38/70 > 0.2 of the size
+    got = refine_positions([0, 3, 6, 9, 11], bx, np.array([True, True, False, True, True]))
+    assert got == [4, 5, 7, 8, 10]
+    assert refine_positions([0, 3, 6, 9, 11], bx, np.ones(5, bool)) == [10]
+    grown = np.stack([steady, [90., 90, 170, 180]])   # the size grows by 90/70 - 1 > 0.2
+    assert refine_positions([0, 2], grown, np.ones(2, bool)) == [1]
+    assert refine_positions([0, 1], bx[:2], np.array([True, False])) == []   # nothing between
+
+
+# ---------------------------------------------------------------- the tracker with a stand-in for MTCNN
+
+
+class FakeMTCNN:
+    """MTCNN's `detect` on constructed faces: frame k (its index in pixel [0, 0, 0]) has `table[k]`,
+    a list of (box, probability). Records the frame indices of each call."""
+
+    def __init__(self, table: dict[int, list]):
+        self.table = table
+        self.calls: list[list[int]] = []
+
+    def detect(self, batch):
+        out_b, out_p, seen = [], [], []
+        for f in batch:
+            k = int(f[0, 0, 0])
+            seen.append(k)
+            faces = self.table.get(k, [])
+            out_b.append(np.array([b for b, _ in faces], float) if faces else None)
+            out_p.append(np.array([p for _, p in faces]) if faces else [None])
+        self.calls.append(seen)
+        return out_b, out_p
+
+
+COLOURS = {"A": (210, 70, 60), "B": (60, 80, 210), "C": (60, 200, 80)}   # a red, a blue and a green "face"
+
+
+def scene(faces_at: list[dict[str, list]], size=(240, 320)) -> tuple[np.ndarray, dict[int, list]]:
+    """Frames with each face drawn as a filled box of its colour, and the table FakeMTCNN answers with.
+    faces_at[k]: face name -> [x1, y1, x2, y2] (probability 0.999)."""
+    frames = np.full((len(faces_at), *size, 3), 100, np.uint8)
+    table = {}
+    for k, faces in enumerate(faces_at):
+        for name, (x1, y1, x2, y2) in faces.items():
+            frames[k, y1:y2, x1:x2] = COLOURS[name]
+        frames[k, 0, 0, 0] = k
+        table[k] = [(list(map(float, b)), 0.999) for b in faces.values()]
+    return frames, table
+
+
+def fake_detector(table, **settings) -> FaceDetector:
+    det = FaceDetector(FaceSettings(**settings))
+    det.mtcnn = FakeMTCNN(table)
+    return det
+
+
+def raw_boxes(track: FaceTrack, margin: float = 0.2) -> np.ndarray:
+    """The detection boxes behind a track's squares (square_box undone for square inputs)."""
+    side = (track.boxes[:, 2] - track.boxes[:, 0]) / (1 + 2 * margin)
+    c = (track.boxes[:, :2] + track.boxes[:, 2:]) / 2
+    return np.concatenate([c - side[:, None] / 2, c + side[:, None] / 2], axis=1)
+
+
+def test_detect_every_1_by_position_is_the_tracking_before_this_change():
+    a, far = [40, 40, 100, 100], [250, 160, 290, 200]
+    faces_at = [{}, {"A": a}, {"C": far}, {}, {"A": [44, 40, 104, 100]},
+                {"A": [48, 42, 108, 102], "B": [180, 40, 260, 120]}]
+    frames, table = scene(faces_at)
+    det = fake_detector(table, detect_every=1, track_by="position")
+    track = det.track(frames)
+    assert det.mtcnn.calls == [list(range(6))]   # every frame, one batched call
+    per_frame = [np.array([b for b, _ in table[k]], float).reshape(-1, 4) for k in range(6)]
+    probs = [np.array([p for _, p in table[k]]) for k in range(6)]
+    raw, detected = track_boxes(per_frame, probs)   # the tracking as it was: position only, largest seed
+    assert np.array_equal(track.detected, detected)
+    assert np.array_equal(track.boxes, np.stack([square_box(b, 0.2) for b in raw]))
+    assert np.array_equal(track.crops, np.stack([crop(f, square_box(b, 0.2), 224) for f, b in zip(frames, raw)]))
+
+
+def test_detect_every_k_runs_mtcnn_on_fewer_frames_and_interpolates():
+    faces_at = [{"A": [40 + 3 * k, 50, 100 + 3 * k, 110]} for k in range(10)]   # moving right, linearly
+    frames, table = scene(faces_at)
+    det = fake_detector(table, detect_every=3)
+    track = det.track(frames)
+    assert det.mtcnn.calls == [[0, 3, 6, 9]]
+    assert det.work.frames == 4 and det.work.pixels == 4 * 240 * 320
+    assert track.detected.all()
+    assert np.allclose(raw_boxes(track), [b["A"] for b in faces_at])   # linear motion: exact
+
+
+def test_detect_every_k_detects_again_where_the_track_is_lost():
+    faces_at = [{"A": [40 + 2 * k, 50, 100 + 2 * k, 110]} for k in range(10)]
+    faces_at[6] = {}   # no face in frame 6
+    frames, table = scene(faces_at)
+    det = fake_detector(table, detect_every=3)
+    track = det.track(frames)
+    assert det.mtcnn.calls == [[0, 3, 6, 9], [4, 5, 7, 8]]   # the frames around 6, in a second pass
+    assert track.detected.tolist() == [True] * 6 + [False] + [True] * 3
+    every = fake_detector(table, detect_every=1).track(frames)
+    assert np.allclose(track.boxes, every.boxes)
+
+
+def test_track_many_batches_clips_and_equals_one_clip_at_a_time():
+    faces_a = [{"A": [40 + 3 * k, 50, 100 + 3 * k, 110]} for k in range(7)]
+    faces_b = [{"B": [150, 60 + 2 * k, 210, 120 + 2 * k]} for k in range(5)]
+    fa, table = scene(faces_a)
+    fb, table_b = scene(faces_b)
+    fb[:, 0, 0, 0] += 7   # distinct frame ids for the fake
+    table.update({k + 7: v for k, v in table_b.items()})
+    fc = fa[:4, :200, :300]   # another size: its own MTCNN call
+    det = fake_detector(table, detect_every=2)
+    tracks = det.track_many([fa, fb, fc], [None, [0, 1, 2, 5, 6], None])
+    assert det.mtcnn.calls == [[0, 2, 4, 6, 7, 9, 11], [0, 2, 3]]   # the first two clips in one call
+    alone = fake_detector(table, detect_every=2)
+    for got, frames, times in zip(tracks, [fa, fb, fc], [None, [0, 1, 2, 5, 6], None]):
+        want = alone.track(frames, times)
+        assert np.array_equal(got.boxes, want.boxes) and np.array_equal(got.crops, want.crops)
+    assert np.allclose(raw_boxes(tracks[1])[3], [150, 67, 210, 127])   # t = 5: 3/4 of the way from t = 2 to 6
+
+
+# ---------------------------------------------------------------- appearance
+
+
+def test_appearance_is_a_unit_descriptor_that_tells_colours_apart():
+    frames, _ = scene([{"A": [40, 40, 100, 100], "B": [200, 40, 260, 100]}, {"A": [48, 44, 108, 104]}])
+    a0, b0 = appearance(frames[0], np.array([40, 40, 100, 100])), appearance(frames[0], np.array([200, 40, 260, 100]))
+    a1 = appearance(frames[1], np.array([48, 44, 108, 104]))
+    assert np.linalg.norm(a0) == pytest.approx(1.0)
+    assert a0 @ a1 > 0.95 and a0 @ b0 < 0.3
+    flat = np.full((50, 50, 3), 90, np.uint8)
+    assert not appearance(flat, np.array([10, 10, 30, 30])).any()
+
+
+def test_appearance_keeps_the_face_when_two_faces_swap_places():
+    left, right = [100, 80, 130, 140], [140, 80, 170, 140]   # centres 40 px apart, size 60: both within reach
+    big_left = [99, 79, 131, 141]                             # A is the larger face: both trackers seed on it
+    look_a, look_b = np.eye(48)[0], np.eye(48)[1]
+    per_frame = [boxes(big_left, right)] * 3 + [boxes(left, right)] * 3
+    probs = [np.array([0.999, 0.999])] * 6
+    looks = [[look_a, look_b]] * 3 + [[look_b, look_a]] * 3   # from frame 3: B on the left, A on the right
+    by_position, _ = track_boxes(per_frame, probs)
+    assert np.allclose(by_position[3:], [left] * 3)     # position follows the place: now B
+    by_look, detected = track_boxes(per_frame, probs, looks, 0.7)
+    assert np.allclose(by_look[:3], [big_left] * 3) and np.allclose(by_look[3:], [right] * 3)   # A throughout
+    assert detected.all()
+    # a look only a little less alike than the gate still loses to a better one at a worse place
+    looks[3] = [0.8 * look_a + 0.6 * look_b, 0.9 * look_a + np.sqrt(0.19) * look_b]
+    by_look, _ = track_boxes(per_frame, probs, looks, 0.7)
+    assert np.allclose(by_look[3], left)   # both pass the gate: the place decides (overlap - distance + look)
+
+
+def test_at_a_cut_the_track_stays_with_the_face_seen_longest():
+    a = [100, 80, 160, 140]
+    b = [150, 70, 230, 150]   # the next shot's face: larger, and close enough to pass by position
+    faces_at = [{"A": a}] * 7 + [{"B": b}] * 3
+    frames, table = scene(faces_at)
+    by_position = fake_detector(table, detect_every=1, track_by="position").track(frames)
+    assert by_position.detected.all()    # the jump this fixes: seeded on B, the track runs through A
+    by_look = fake_detector(table, detect_every=1, track_by="appearance").track(frames)
+    assert by_look.detected.tolist() == [True] * 7 + [False] * 3
+    assert np.allclose(raw_boxes(by_look), [a] * 10)   # after the cut: A's last box, borrowed
+
+
 # ---------------------------------------------------------------- MTCNN
 
 
@@ -110,6 +331,19 @@ def test_detector_finds_a_drawn_face(detector):
     assert (40 < side).all() and (side < 240).all()  # a face-sized box, not the whole frame
     centre = (track.boxes[:, :2] + track.boxes[:, 2:]) / 2
     assert (np.abs(centre[:, 0] - 160) < 60).all() and (np.abs(centre[:, 1] - 120) < 60).all()
+
+
+def test_detect_every_1_by_position_gives_the_crops_of_before_with_mtcnn():
+    rng = np.random.default_rng(5)
+    frames = render_frames("sad", rng, 6, (320, 240), np.zeros(6), peak=3)
+    det = FaceDetector(TODAY)
+    track = det.track(frames)
+    per_frame, probs = det.detect(frames)   # the steps of the tracking before this change, one by one
+    raw, detected = track_boxes(per_frame, probs)
+    squares = np.stack([square_box(b, 0.2) for b in raw])
+    assert np.array_equal(track.detected, detected) and np.array_equal(track.boxes, squares)
+    assert np.array_equal(track.crops, np.stack([crop(f, b, 224) for f, b in zip(frames, squares)]))
+    assert det.work.frames == 12 and det.work.calls == 2
 
 
 def test_detector_scales_boxes_back_to_frame_pixels(detector):
@@ -194,3 +428,71 @@ def test_faces_found_on_every_real_clip(detector):
         rates.append(track.detected.mean())
     print("\n" + "\n".join(report))
     assert np.mean(rates) >= 0.85
+
+
+def anchor_frames(path: Path) -> tuple[np.ndarray, list[int]]:
+    """The frames a clip's face track runs over, and their frame indices, as extract.step.prepare picks them."""
+    info = probe(path)
+    fr = FrameSettings()
+    wanted, local_pos, temporal_pos = frame_plan(info.n_frames, fr)
+    frames = read_frames(path, wanted, max_side=fr.max_side, info=info)
+    anchors = sorted(set(local_pos) | set(temporal_pos[::TEMPORAL_PER_SEGMENT]))
+    return frames[anchors], [wanted[a] for a in anchors]
+
+
+def centre_x(track: FaceTrack) -> np.ndarray:
+    return (track.boxes[:, 0] + track.boxes[:, 2]) / 2
+
+
+@pytest.mark.samples
+@pytest.mark.slow
+def test_the_track_does_not_jump_at_the_scene_cut_of_samplenew_00061200(samples_dir):
+    frames, times = anchor_frames(samples_dir / "samplenew_00061200.mp4")
+    after = np.array(times) >= 53   # the shot changes between frames 52 and 53: another man, further right
+    assert 0 < after.sum() < len(times)
+    before_fix = FaceDetector(TODAY).track(frames, times)
+    assert before_fix.detected.all() and (centre_x(before_fix)[after] > 560).all()   # it jumped to him
+    track = FaceDetector().track(frames, times)
+    assert track.detected[~after].all() and not track.detected[after].any()
+    assert (centre_x(track) < 500).all()   # the first man's place (x about 400 of 1280) throughout
+
+
+def write_clip(path: Path, frames: np.ndarray, fps: int = 25) -> None:
+    import av
+
+    with av.open(str(path), "w") as c:
+        vs = c.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "18"})
+        vs.height, vs.width = frames.shape[1:3]
+        vs.pix_fmt = "yuv420p"
+        for f in frames:
+            for pkt in vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+
+
+@pytest.mark.samples
+@pytest.mark.slow
+def test_a_clip_cut_from_two_real_clips_keeps_the_track_on_one_person(samples_dir, tmp_path):
+    # Two real 960 x 544 clips whose women sit at the same place in the frame (centre about (0.42, 0.49)
+    # of the frame, a fifth of its width): A, then B, then A again. By position alone the track cannot
+    # tell them apart.
+    a, b = samples_dir / "sample_00001073.mp4", samples_dir / "sample_00004136.mp4"
+    joined = np.concatenate([read_frames(a, range(0, 30)), read_frames(b, range(40, 70)),
+                             read_frames(a, range(60, 90))])
+    write_clip(tmp_path / "cut.mp4", joined)
+    frames, times = anchor_frames(tmp_path / "cut.mp4")
+    in_b = (np.array(times) >= 30) & (np.array(times) < 60)
+    assert in_b.sum() >= 5 and (~in_b).sum() >= 10
+
+    before_fix = FaceDetector(TODAY).track(frames, times)
+    assert before_fix.detected[in_b].all()   # B's face continued the track
+
+    track = FaceDetector().track(frames, times)
+    assert not track.detected[in_b].any()              # B never joins A's track ...
+    assert track.detected[~in_b].mean() >= 0.9         # ... which runs through both of A's parts
+    a_boxes = track.boxes[~in_b]
+    for i in np.flatnonzero(in_b):                     # B's frames keep a box of A's (borrowed)
+        assert any(np.array_equal(track.boxes[i], box) for box in a_boxes)
+    looks = np.stack([appearance(frames[i], track.boxes[i]) for i in np.flatnonzero(track.detected)])
+    assert (looks @ looks[0] > 0.7).all()              # every frame the track found looks like A

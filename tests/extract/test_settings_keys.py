@@ -97,7 +97,9 @@ ALL = set(INPUTS)
 AFFECTS = {
     "frames.local_frames": {FACE_FRAMES, FRAME}, "frames.global_frame": {FRAME},
     "frames.max_side": {FACE_FRAMES, FACE_CLIP, FRAME}, "frames.folder_fps": set(),
-    **{f"faces.{f.name}": set(FACE_INPUTS) for f in dataclasses.fields(FaceSettings)},
+    **{f"faces.{name}": set(FACE_INPUTS) for name in (
+        "detector", "crop_size", "margin", "min_face_size", "thresholds", "detect_side", "detect_every", "track_by",
+        "appearance_min")},
     "sample_rate": {WAVEFORM}, "dtype": ALL, "missing_audio": set(), "offline": set(), "device": set(),
     "batch_size": set(), "micro_batch": set(), "max_pixels": set(),
 }
