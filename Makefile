@@ -17,7 +17,7 @@ STAGE1 ?= configs/demo-stage1.toml
 STAGE2 ?= configs/demo-stage2.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-extract test test-fast docs extract train bench-store bench-extract bench-scale bench-train gpu-wheels bench-gpu clean
+.PHONY: help venv demo demo-extract test test-fast docs extract train bench-store bench-extract bench-faces bench-scale bench-train gpu-wheels bench-gpu clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -42,11 +42,14 @@ demo-extract: venv
 	$(EMOLLAMA) store info demo/store.zarr
 	@echo "NOTE: the tiny profile uses randomly initialised models: a test fixture, not a result."
 
-test: venv ## Run the test suite (what CI runs)
-	$(BIN)/python -m pytest -q
+# two processes, one test file each at a time: many tests wait on subprocesses, clusters and signals
+PYTEST_PAR ?= -n 2 --dist loadfile
+
+test: venv ## Run the test suite (what CI runs); PYTEST_PAR= runs it in one process
+	$(BIN)/python -m pytest -q $(PYTEST_PAR)
 
 test-fast: venv ## The tests not marked slow
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PAR) -m "not slow"
 
 docs: venv ## Rewrite docs/config.md from the config dataclasses (a test checks it is up to date)
 	$(BIN)/python -m emollama.pipeline.configdoc docs/config.md
@@ -65,6 +68,9 @@ bench-store: venv ## Benchmark the feature store against npy-per-clip and HDF5 (
 
 bench-extract: venv ## Benchmark extraction on the sample (tiny); ARGS=--real-size adds a real clip at real sizes
 	$(BIN)/python scripts/bench_extract.py $(ARGS)
+
+bench-faces: venv ## Face detection settings against full detection on the ten real clips: IoU, moved crops, speed-up
+	$(BIN)/python scripts/bench_faces.py $(ARGS)
 
 bench-scale: venv ## Benchmark extraction with 1 and 2 local dask workers: clips/s and scaling efficiency (not a test)
 	$(BIN)/python scripts/bench_scale.py $(ARGS)
