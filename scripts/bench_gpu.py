@@ -72,7 +72,7 @@ def _namespace() -> None:
         pass
     shim = Path(tempfile.mkdtemp(prefix="emollama-ns-"))
     (shim / "emollama").mkdir()
-    for part in ("extract", "store", "train", "pipeline"):
+    for part in ("corpora", "extract", "store", "train", "pipeline"):
         (shim / "emollama" / part).symlink_to(REPO / part, target_is_directory=True)
     sys.path.insert(0, str(shim))
     for name in [m for m in sys.modules if m == "emollama" or m.startswith("emollama.")]:
