@@ -5,12 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EMOLLAMA := $(BIN)/emollama
 
-# make extract DATASET=merr DATA=path/to/MERR STORE=stores/merr.zarr [PROFILE=paper] [WORKERS=1] [ARGS=...]
+# make extract DATASET=merr DATA=path/to/MERR STORE=stores/merr.zarr [PROFILE=paper] [WORKERS=0] [ARGS=...]
 DATASET ?= merr
 DATA ?= demo/data
 STORE ?= demo/store.zarr
 PROFILE ?= tiny
-WORKERS ?= 1
+WORKERS ?= 0
 ARGS ?=
 DEMO_CLIPS ?= 120
 STAGE1 ?= configs/demo-stage1.toml

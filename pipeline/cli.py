@@ -70,7 +70,7 @@ def extract(
     profile: Optional[str] = typer.Option(None, "--profile", "-p",
                                           help="Encoders: paper (hub ids / stand-ins) or tiny (random, local, tests only)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A TOML config file (see docs/config.md)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Local dask workers (0 = in this process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Local dask workers (default 0: in this process, the fastest on one machine)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     local_frames: Optional[int] = typer.Option(None, "--frames", help="Face frames sampled per clip (local view)."),

@@ -78,7 +78,7 @@ class ExtractConfig(StepSettings):
     store: str = runtime("")         # a folder or an fsspec URL
     profile: str = value("tiny", spec="encoder", choices=PROFILES)   # the paper's views: paper | tiny
     encoders: dict[str, EncoderTable] = value(spec="encoder", default_factory=dict)   # name -> table
-    workers: int = runtime(1, min=0)             # 0 = in this process, no dask
+    workers: int = runtime(0, min=0)             # 0 = in this process (the fastest on one machine); N: a local dask cluster
     scheduler: str | None = runtime(None)        # address of an existing dask scheduler
     batch_clips: int = runtime(8, min=1)         # clips per task (one store commit)
     preview: str | None = runtime(None)          # folder for contact sheets
