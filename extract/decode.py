@@ -29,6 +29,26 @@ LONG_CLIP_SECONDS = 120.0  # longer clips are read by seeking to each target
 DEFAULT_MAX_PIXELS = 8192 * 8192  # a decoded frame larger than this fails the clip (extract.max_pixels)
 SEEK_GAP_SECONDS = 5.0  # in seek mode, decode forward instead of seeking when the next target is this close
 
+# Decoder and RGB-conversion threads: 0 lets FFmpeg use every core (one decoding process); a
+# preparation process (extract.prep) decodes on one, since P of them share the cores. The frames are
+# the same either way (tests/pipeline/test_scale_cluster.py compares stores).
+_DECODER_THREADS = 0
+
+
+def set_decoder_threads(n: int) -> None:
+    """Threads of each video decoder opened in this process from now on (0: FFmpeg's choice)."""
+    global _DECODER_THREADS
+    _DECODER_THREADS = max(0, int(n))
+
+
+def _threading(vs) -> None:
+    if _DECODER_THREADS == 1:
+        vs.codec_context.thread_count = 1
+        return
+    vs.thread_type = "AUTO"
+    if _DECODER_THREADS > 1:
+        vs.codec_context.thread_count = _DECODER_THREADS
+
 
 class DecodeError(Exception):
     """A clip cannot be decoded; ``str(e)`` is a short human-readable reason."""
@@ -276,7 +296,7 @@ def probe(source: str | Path, *, folder_fps: float = 25.0, max_pixels: int | Non
         dur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else container_dur
         cc = vs.codec_context
         check_pixels(int(cc.width or 0), int(cc.height or 0), max_pixels)
-        vs.thread_type = "AUTO"
+        _threading(vs)
         first = next(_frames(container, vs), None)
         if first is None:
             raise DecodeError("zero length: no decodable video frames")
@@ -321,7 +341,7 @@ class _Picker:
         if self.size is None:
             self.size = _scaled_size(frame.width, frame.height, self.max_side)
         w, h = self.size
-        img = frame.to_ndarray(format="rgb24", width=w, height=h)
+        img = frame.to_ndarray(format="rgb24", width=w, height=h, threads=_DECODER_THREADS)
         if self.rotation:
             img = np.ascontiguousarray(np.rot90(img, k=self.rotation // 90))
         return img
@@ -386,7 +406,7 @@ def read_frames(
     container = _open(path)
     try:
         vs = container.streams.video[0]
-        vs.thread_type = "AUTO"
+        _threading(vs)
         seek_mode = info.duration > LONG_CLIP_SECONDS
         frames = _frames(container, vs)
         first = next(frames, None)

@@ -22,8 +22,9 @@ the encoder is a registered class (`extract.registry`), with its weights (`Model
   any other name adds an entry, which must name its `encoder`. Keys: model, revision (hub ids),
   config (weights files), encoder, and the encoder's own options (`Options`, e.g. `HfOptions`).
 - The built-in encoders are imported here, explicitly: `paper_encoders` (hubert, vit_mae, videomae,
-  eva) and `hf_encoder` (hf). A new encoder is one class with `@register_encoder` in its own file, plus
-  its import below.
+  eva), `hf_encoder` (hf) and `slow_device` (a sleep standing in for a busy GPU: benchmarks and tests
+  of the overlap). A new encoder is one class with `@register_encoder` in its own file, plus its
+  import below.
 
 Offline (HF_HUB_OFFLINE=1 or `offline=True`) a hub id missing from the local HF cache raises
 `MissingWeightsError` at once (`extract.sources`).
@@ -46,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from emollama.extract import hf_encoder, paper_encoders
+from emollama.extract import hf_encoder, paper_encoders, slow_device
 from emollama.extract import settings as S
 from emollama.extract.hf_encoder import HfEncoder, HfOptions
 from emollama.extract.models import WeightsFileError, build_model, default_home, ensure_tiny
@@ -73,7 +74,7 @@ log = logging.getLogger(__name__)
 
 # The built-in encoders: importing a module registers its classes (@register_encoder). A new
 # encoder's module joins this tuple.
-BUILTIN_MODULES = (paper_encoders, hf_encoder)
+BUILTIN_MODULES = (paper_encoders, hf_encoder, slow_device)
 
 PROFILES = ("paper", "tiny")
 

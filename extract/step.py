@@ -2,8 +2,8 @@
 
 This module knows nothing about executors: `pipeline` hands batches of clips to `run_batch`
 in-process or on dask workers. Each worker process loads its models once (`models()` keeps them)
-and overlaps the CPU half of the work (decoding, face tracking) of the next micro-batch with the
-encoding of the current one.
+and encodes micro-batches of clips while `prep_workers` preparation processes (`extract.prep`)
+decode, track faces and cut the crops of the clips after them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -21,7 +20,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from emollama.corpora import source_has_sound
-from emollama.extract import decode, faces
+from emollama.extract import decode, faces, prep
 from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
 from emollama.extract.registry import FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, EncoderInfo, resolve_device
 from emollama.extract.settings import policy, runtime, section, spec_attrs, spec_params, value
@@ -78,6 +77,9 @@ class StepSettings:
     device: str = runtime("auto")               # auto | cpu | cuda | cuda:N (the encoders' device)
     batch_size: int = runtime(32, min=1)        # encoder batch size (images)
     micro_batch: int = runtime(4, min=1)        # clips encoded together
+    # processes that decode clips and crop faces for each encoding worker; unset: the worker's cores
+    # (its torch threads); 0: one thread of the encoding process (extract.prep)
+    prep_workers: int | None = runtime(None, min=0)
     max_pixels: int = runtime(decode.DEFAULT_MAX_PIXELS, min=0)   # a larger decoded frame fails the clip (0: no limit)
 
 
@@ -119,6 +121,7 @@ class BatchResult:
     no_face: list[str] = field(default_factory=list)
     preview_failed: list[tuple[str, str]] = field(default_factory=list)   # side output only: the clip is ok
     kept: list[str] = field(default_factory=list)   # replacements that failed: the earlier features stay
+    prep_workers: int = 0   # preparation processes that prepared the clips (0: a thread of this process)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +198,24 @@ class Prepared:
     crops: np.ndarray | None = None       # every decoded frame's face crop (for previews)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_tensors(self) -> "Prepared":
+        """The arrays as torch tensors (zero-copy), so a preparation process sends them through shared
+        memory instead of pickling them."""
+        import torch
+
+        def t(a):
+            return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+        self.inputs = {k: t(v) for k, v in self.inputs.items()}
+        self.crops = t(self.crops)
+        return self
+
+    def to_arrays(self) -> "Prepared":
+        """Back to numpy (views of the shared memory, no copy)."""
+        self.inputs = {k: v.numpy() for k, v in self.inputs.items()}
+        self.crops = None if self.crops is None else self.crops.numpy()
+        return self
 
 
 def source_record(path: Path) -> dict:
@@ -285,6 +306,55 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
     return prep
 
 
+_PREP_DETECTORS: dict[faces.FaceSettings, faces.FaceDetector] = {}
+
+
+def prepare_in_process(job: ClipJob, settings: ExtractSettings) -> Prepared:
+    """`prepare` in a preparation process: MTCNN on the CPU (forked workers never touch CUDA), one
+    detector per process (a forked worker inherits the parent's when that one is on the CPU)."""
+    det = _PREP_DETECTORS.get(settings.faces)
+    if det is None:
+        loaded = _MODELS.get(settings)
+        det = loaded.detector if loaded is not None and loaded.detector.device == "cpu" else \
+            faces.FaceDetector(settings.faces, device="cpu")
+        _PREP_DETECTORS.clear()
+        _PREP_DETECTORS[settings.faces] = det
+    return prepare(job, settings, det).to_tensors()
+
+
+def _init_prep_process(worker_id: int) -> None:
+    """A preparation process decodes on one thread, like its torch (P processes share the cores)."""
+    decode.set_decoder_threads(1)
+
+
+def _prepare_here(job: ClipJob, ctx: tuple[ExtractSettings, faces.FaceDetector]) -> Prepared:
+    return prepare(job, ctx[0], ctx[1])
+
+
+def prep_processes(settings: StepSettings) -> int:
+    """The preparation processes of this encoding worker (0: a thread)."""
+    n = prep.default_workers() if settings.prep_workers is None else settings.prep_workers
+    return prep.usable_workers(n)
+
+
+def prepared_clips(jobs: Sequence[ClipJob], settings: ExtractSettings, m: Models) -> Iterator[Prepared]:
+    """Each job prepared, in order: by `prep_processes(settings)` processes, or one thread (0). The
+    processes may read up to two micro-batches ahead, so the next one is ready when encoding ends."""
+    ahead = 2 * max(1, settings.micro_batch)
+    n = prep_processes(settings)
+    if n == 0:
+        yield from prep.thread_map(_prepare_here, (settings, m.detector), jobs, ahead)
+        return
+    key = (settings, n)
+    pool = prep.pool_for(key, prepare_in_process, settings, n, ahead=-(-ahead // n), init=_init_prep_process)
+    try:
+        for p in pool.map(jobs):
+            yield p.to_arrays()
+    except Exception:
+        prep.drop_pool(key)   # a worker died (or the pool broke): the next task starts a fresh pool
+        raise
+
+
 # ---------------------------------------------------------------------------------------------
 # The GPU half: encode a micro-batch of prepared clips
 
@@ -318,58 +388,97 @@ def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str
     until the new ones are committed: they are superseded in the same commit, never removed first. If
     it fails, nothing of it is written: the earlier features and record stay, and a rerun tries again.
     A preview that cannot be written is reported in `preview_failed`; it never fails its clip."""
+    for _, result, error in run_batches([jobs], settings, store_url, keys, storage_options=storage_options,
+                                        preview_dir=preview_dir, writer_id=writer_id):
+        if error is not None:
+            raise error
+        return result
+    raise AssertionError("unreachable: run_batches yields once per task")
+
+
+def run_batches(tasks: Sequence[Sequence[ClipJob]], settings: ExtractSettings, store_url: str, keys: dict[str, str],
+                *, storage_options: dict | None = None, preview_dir: str | None = None, writer_id: str | None = None,
+                ) -> Iterator[tuple[list[ClipJob], BatchResult | None, BaseException | None]]:
+    """`run_batch` of each task in turn, in this process, yielding (jobs, result, error) per task.
+
+    The tasks share one preparation stream: the preparation processes go on with the next task's clips
+    while this one's last micro-batch is encoded and committed. A task that raises is reported with its
+    error (nothing of it committed) and the stream restarts at the next task."""
+    tasks = [list(t) for t in tasks]
     m = models(settings)
     store = FeatureStore.open(store_url, storage_options=storage_options)
-    result = BatchResult()
-    sec = result.seconds
-    groups = list(_chunks(list(jobs), max(1, settings.micro_batch)))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="emollama-prep") as pool, \
-            store.writer(writer_id) as writer:
-        def prep_group(group):
-            return [prepare(j, settings, m.detector) for j in group]
-        pending = pool.submit(prep_group, groups[0]) if groups else None
-        for gi in range(len(groups)):
-            prepared = pending.result()
-            pending = pool.submit(prep_group, groups[gi + 1]) if gi + 1 < len(groups) else None
-            good = []
-            for p in prepared:
-                for stage, s in p.seconds.items():
-                    sec[stage] = sec.get(stage, 0.0) + s
-                if p.error:
-                    _fail(writer, result, p, p.error)
-                else:
-                    good.append(p)
-            if not good:
-                continue
-            try:
-                rows = encode(good, m, sec)
-            except Exception as e:  # noqa: BLE001 - record the whole micro-batch as failed, go on
-                log.debug("encoding failed", exc_info=True)
-                for p in good:
-                    _fail(writer, result, p, f"encoder error: {type(e).__name__}: {e}")
-                continue
-            t = time.perf_counter()
-            for p, row in zip(good, rows):
-                feats = {keys[name]: arr for name, arr in row.items() if name in keys}
-                # replace: this commit's own mark supersedes the earlier copies (nothing is removed first)
-                writer.add(p.job.id, feats, {**p.record, "status": "ok"}, replace=p.job.replace)
-                result.ok.append(p.job.id)
-                if not p.record.get("face_found"):
-                    result.no_face.append(p.job.id)
-            sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
-            if preview_dir:
-                t = time.perf_counter()
-                for p in good:
-                    try:
-                        write_preview(Path(preview_dir), p)
-                    except Exception as e:  # noqa: BLE001 - a side output never fails the clip it describes
-                        log.warning("preview of %s not written: %s: %s", p.job.id, type(e).__name__, e)
-                        result.preview_failed.append((p.job.id, f"{type(e).__name__}: {e}"))
-                sec["preview"] = sec.get("preview", 0.0) + time.perf_counter() - t
+    i = 0
+    while i < len(tasks):
+        stream = prepared_clips([j for t in tasks[i:] for j in t], settings, m)
+        try:
+            while i < len(tasks):
+                jobs, i = tasks[i], i + 1
+                try:
+                    result = _run_task(jobs, stream, m, store, keys, settings, preview_dir, writer_id)
+                except Exception as e:  # noqa: BLE001 - the caller records the task as failed
+                    log.debug("task failed", exc_info=True)
+                    yield jobs, None, e
+                    break   # the stream may be mid-task or broken: a fresh one for the tasks left
+                yield jobs, result, None
+        finally:
+            stream.close()   # stops the preparation thread (a pool of processes resets at its next pass)
+
+
+def _run_task(jobs: list[ClipJob], stream: Iterator[Prepared], m: Models, store: FeatureStore, keys: dict[str, str],
+              settings: ExtractSettings, preview_dir: str | None, writer_id: str | None) -> BatchResult:
+    result = BatchResult(prep_workers=prep_processes(settings))
+    with store.writer(writer_id) as writer:
+        _encode_groups(jobs, stream, max(1, settings.micro_batch), m, keys, writer, result, preview_dir)
         t = time.perf_counter()
         writer.commit()
-        sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
+        result.seconds["write"] = result.seconds.get("write", 0.0) + time.perf_counter() - t
     return result
+
+
+def _encode_groups(jobs: Sequence[ClipJob], stream: Iterator[Prepared], micro: int, m: Models, keys: dict[str, str],
+                   writer, result: BatchResult, preview_dir: str | None) -> None:
+    """Encode, then add to the writer, the prepared clips of `stream`, micro-batch by micro-batch (the
+    groups are the jobs cut in order, so the batches, hence the values, are the same for any P)."""
+    sec = result.seconds
+    for group in _chunks(list(jobs), micro):
+        good = []
+        t = time.perf_counter()
+        prepared = [next(stream) for _ in group]
+        sec["wait"] = sec.get("wait", 0.0) + time.perf_counter() - t   # the encoding side idle
+        for p in prepared:
+            for stage, s in p.seconds.items():
+                sec[stage] = sec.get(stage, 0.0) + s
+            if p.error:
+                _fail(writer, result, p, p.error)
+            else:
+                good.append(p)
+        if not good:
+            continue
+        try:
+            rows = encode(good, m, sec)
+        except Exception as e:  # noqa: BLE001 - record the whole micro-batch as failed, go on
+            log.debug("encoding failed", exc_info=True)
+            for p in good:
+                _fail(writer, result, p, f"encoder error: {type(e).__name__}: {e}")
+            continue
+        t = time.perf_counter()
+        for p, row in zip(good, rows):
+            feats = {keys[name]: arr for name, arr in row.items() if name in keys}
+            # replace: this commit's own mark supersedes the earlier copies (nothing is removed first)
+            writer.add(p.job.id, feats, {**p.record, "status": "ok"}, replace=p.job.replace)
+            result.ok.append(p.job.id)
+            if not p.record.get("face_found"):
+                result.no_face.append(p.job.id)
+        sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
+        if preview_dir:
+            t = time.perf_counter()
+            for p in good:
+                try:
+                    write_preview(Path(preview_dir), p)
+                except Exception as e:  # noqa: BLE001 - a side output never fails the clip it describes
+                    log.warning("preview of %s not written: %s: %s", p.job.id, type(e).__name__, e)
+                    result.preview_failed.append((p.job.id, f"{type(e).__name__}: {e}"))
+            sec["preview"] = sec.get("preview", 0.0) + time.perf_counter() - t
 
 
 def _fail(writer, result: BatchResult, p: Prepared, reason: str) -> None:

@@ -80,6 +80,9 @@ def extract(
                                                 help="A clip without sound: fail, silence, or auto (silence "
                                                      "for frame folders such as DFEW, fail for videos)."),
     batch_clips: Optional[int] = typer.Option(None, "--batch-clips", help="Clips per task and store commit."),
+    prep_workers: Optional[int] = typer.Option(None, "--prep-workers", "-P",
+                                               help="Processes that decode and crop faces for each encoding worker "
+                                                    "(default: its cores; 0: a thread)."),
     fold: Optional[int] = typer.Option(None, help="DFEW fold (1-5)."),
     labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label,sentence."),
     option: Optional[List[str]] = typer.Option(
@@ -110,7 +113,8 @@ def extract(
         "dataset": {"kind": dataset, "root": data, "options": None},
         "extract": {"store": store, "profile": profile, "workers": workers, "scheduler": scheduler,
                     "device": device, "local_frames": local_frames, "global_frame": global_frame,
-                    "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline},
+                    "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline,
+                    "prep_workers": prep_workers},
     }
     if max_pixels is not None:
         overrides["extract"]["max_pixels"] = max_pixels
@@ -152,7 +156,8 @@ def extract(
                                "rejected": summary.rejected, "no_face": summary.no_face,
                                "recomputed": summary.recomputed, "kept": summary.kept,
                                "unchanged": summary.unchanged, "preview_failed": summary.preview_failed,
-                               "seconds": summary.seconds, "wall": summary.wall,
+                               "seconds": summary.seconds, "wall": summary.wall, "executor": summary.executor,
+                               "batch_clips": summary.batch_clips, "prep_workers": summary.prep_workers,
                                "compact_error": summary.compact_error}, indent=2))
     else:
         for line in summary.lines():

@@ -80,7 +80,7 @@ class ExtractConfig(StepSettings):
     encoders: dict[str, EncoderTable] = value(spec="encoder", default_factory=dict)   # name -> table
     workers: int = runtime(0, min=0)             # 0 = in this process (the fastest on one machine); N: a local dask cluster
     scheduler: str | None = runtime(None)        # address of an existing dask scheduler
-    batch_clips: int = runtime(8, min=1)         # clips per task (one store commit)
+    batch_clips: int | None = runtime(None, min=1)   # clips per task (one store commit); unset: 4 per preparation process, at least 8
     preview: str | None = runtime(None)          # folder for contact sheets
     compact: bool = runtime(True)                # merge small segments at the end of a run
     storage_options: dict[str, Any] = runtime(default_factory=dict)  # fsspec options for a remote store (`--storage-option KEY=VALUE`)

@@ -123,8 +123,16 @@ class InlineExecutor:
     def call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
-    def map_unordered(self, fn: Callable, items: Iterable, **kwargs: Any) -> Iterator[tuple[Any, Any, BaseException | None]]:
-        """Yield (item, result, error) as tasks finish (in this process: in order)."""
+    def map_unordered(self, fn: Callable, items: Iterable, *, many: Callable | None = None,
+                      **kwargs: Any) -> Iterator[tuple[Any, Any, BaseException | None]]:
+        """Yield (item, result, error) as tasks finish (in this process: in order).
+
+        `many(items, **kwargs)`, when given, runs them all as one stream in this process and yields the
+        same triples (extract.step.run_batches: preparation goes on across task boundaries); a cluster
+        runs `fn` per item."""
+        if many is not None:
+            yield from many(list(items), **kwargs)
+            return
         for item in items:
             try:
                 yield item, fn(item, **kwargs), None
@@ -179,6 +187,11 @@ class DaskExecutor(InlineExecutor):
             self.name = (f"dask scheduler {scheduler}, {len(info)} worker(s)"
                          + (f", {gpu_workers} with a GPU" if gpu_workers else ""))
         else:
+            import dask
+
+            # non-daemonic workers, so each may start its preparation processes (extract.prep); read by
+            # the nannies whenever they (re)start a worker, so set for this process, not for a block
+            dask.config.set({"distributed.worker.daemon": False})
             env = {"TOKENIZERS_PARALLELISM": "false"}
             for var in FORWARDED_ENV:
                 if var in os.environ:
@@ -233,7 +246,7 @@ class DaskExecutor(InlineExecutor):
         return self.client.submit(_in_worker, fn, self.threads, *args, pure=False, resources=self.resources,
                                   **kwargs).result()
 
-    def map_unordered(self, fn, items, **kwargs):
+    def map_unordered(self, fn, items, *, many=None, **kwargs):
         """Submit every item as one task (in the given order, which is also dask's priority order) and
         yield (item, result, error) as each finishes anywhere in the cluster.
 

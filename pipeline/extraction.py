@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 
 from emollama.extract.encoders import (EncodersConfig, KnownOutputs, check_available, file_sha256, known_outputs,
                                        remember_outputs, resolve_encoders)
-from emollama.extract.step import ClipJob, ExtractSettings, StepSettings, build_specs, describe_encoders, run_batch
+from emollama.extract.step import (ClipJob, ExtractSettings, StepSettings, build_specs, describe_encoders, run_batch,
+                                   run_batches)
 from emollama.pipeline.config import Config
-from emollama.pipeline.executors import make_executor
+from emollama.extract.prep import default_workers
+from emollama.pipeline.executors import InlineExecutor, make_executor
 from emollama.store import FeatureSpec, FeatureStore, StorageError
 from emollama.corpora import Clip, clip_has_sound, load_corpus
 
@@ -50,6 +52,8 @@ class ExtractSummary:
     seconds: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
     executor: str = ""
+    batch_clips: int = 0               # clips per task (one store commit) this run used
+    prep_workers: int = 0              # preparation processes per encoding worker (the most any reported; 0: a thread)
     compact_error: str | None = None   # the end-of-run compaction failed (the clips are committed)
 
     @property
@@ -61,9 +65,15 @@ class ExtractSummary:
                f"clips: {self.total} in corpus, {self.skipped} already complete, {len(self.ok)} extracted, "
                f"{len(self.failed)} failed, {len(self.rejected)} rejected by the dataset adapter"]
         if self.ok:
-            out.append(f"throughput: {len(self.ok) / max(self.wall, 1e-9):.2f} clips/s over {self.wall:.1f} s")
-            spent = sum(self.seconds.values()) or 1.0
-            out.append("time: " + ", ".join(f"{k} {v:.1f}s ({100 * v / spent:.0f}%)" for k, v in self.seconds.items()))
+            out.append(f"throughput: {len(self.ok) / max(self.wall, 1e-9):.2f} clips/s over {self.wall:.1f} s "
+                       f"({self.prep_workers or 'no'} preparation process(es) per encoding worker, "
+                       f"{self.batch_clips} clips per task)")
+            work = {k: v for k, v in self.seconds.items() if k != "wait"}
+            spent = sum(work.values()) or 1.0
+            out.append("time: " + ", ".join(f"{k} {v:.1f}s ({100 * v / spent:.0f}%)" for k, v in work.items())
+                       + " (decode and faces: summed over the preparation processes)")
+            if "wait" in self.seconds:
+                out.append(f"encoders waited for prepared clips {self.seconds['wait']:.1f} s of {self.wall:.1f} s")
         if self.no_face:
             out.append(f"no face found (whole frames used) in {len(self.no_face)}: {', '.join(self.no_face[:10])}")
         if self.recomputed:
@@ -170,6 +180,19 @@ def plan_tasks(jobs: Sequence[ClipJob], sizes: Sequence[int | None], batch_clips
         task_cost.append(acc)
     order = sorted(range(len(tasks)), key=lambda i: -task_cost[i])   # stable: equal costs keep corpus order
     return [tasks[i] for i in order]
+
+
+def task_clips(e, ex: InlineExecutor) -> int:
+    """Clips per task: `batch_clips` when set, else 4 per preparation process of a worker (at least 8),
+    so that every preparation process has clips to work on until the task's last micro-batch. The
+    processes per worker: `prep_workers` when set, else the worker's cores (in this process: its torch
+    threads; a local cluster's worker: its threads; a remote worker: unknown, 1)."""
+    if e.batch_clips:
+        return e.batch_clips
+    p = e.prep_workers
+    if p is None:
+        p = default_workers() if type(ex) is InlineExecutor else (ex.threads or 1)
+    return max(8, 4 * p)
 
 
 def parse_storage_options(items: Sequence[str]) -> dict:
@@ -304,11 +327,12 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
             plan = plan_clips(store, clips, keys)
         plan.fill(summary)
         todo = plan.todo
-        tasks = plan_tasks(todo, [source_size(Path(j.source)) for j in todo], e.batch_clips)
+        summary.batch_clips = task_clips(e, ex)
+        tasks = plan_tasks(todo, [source_size(Path(j.source)) for j in todo], summary.batch_clips)
         log.info("%d clip(s) to extract in %d task(s) on %s", len(todo), len(tasks), ex.name)
         bar = tqdm(total=len(todo), desc="extract", unit="clip", disable=not progress or not todo, dynamic_ncols=True)
         for jobs, result, error in ex.map_unordered(
-                run_batch, tasks, settings=settings, store_url=e.store, keys=keys,
+                run_batch, tasks, many=run_batches, settings=settings, store_url=e.store, keys=keys,
                 storage_options=e.storage_options or None, preview_dir=e.preview):
             if error is not None:
                 if is_storage_error(error):
@@ -324,6 +348,7 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
                 summary.no_face += result.no_face
                 summary.kept += result.kept
                 summary.preview_failed += result.preview_failed
+                summary.prep_workers = max(summary.prep_workers, result.prep_workers)
                 for k, v in result.seconds.items():
                     summary.seconds[k] = summary.seconds.get(k, 0.0) + v
             bar.update(len(jobs))

@@ -370,7 +370,8 @@ def bench_extract(args, sources: list[Path], device: str, work: Path, res: dict)
 def _summary(s, n: int) -> dict:
     return {"ok": len(s.ok), "failed": len(s.failed), "failures": s.failed[:5], "no_face": len(s.no_face),
             "wall_s": s.wall, "clips_per_s": len(s.ok) / max(s.wall, 1e-9), "seconds": dict(s.seconds),
-            "executor": s.executor}
+            "executor": s.executor, "prep_workers": s.prep_workers, "batch_clips": s.batch_clips,
+            "wait_share_of_wall": s.seconds.get("wait", 0.0) / max(s.wall, 1e-9)}
 
 
 def free_extract_models() -> None:
@@ -570,15 +571,17 @@ def table(env: dict, ex: dict, tr: dict, smoke: bool) -> list[str]:
         if not smoke:
             busy = ex.get("gpu_busy_nvml_pct")
             add(f"  GPU busy {'%.0f%% (NVML, %d samples)' % (busy, ex['gpu_busy_samples']) if busy is not None else 'n/a (' + str(ex.get('nvml_error')) + ')'}"
-                f"   encoders/wall {100 * ex.get('encoder_share_of_wall', 0):.0f}%")
+                f"   encoders/wall {100 * ex.get('encoder_share_of_wall', 0):.0f}%"
+                f"   waiting for prepared clips {100 * ex.get('wait_share_of_wall', 0):.0f}%")
+            add(f"  {ex.get('prep_workers')} preparation process(es), {ex.get('batch_clips')} clips per task")
             add(f"  peak GPU mem {ex.get('peak_gpu_alloc_gib', 0):.1f} GiB alloc / {ex.get('peak_gpu_reserved_gib', 0):.1f} GiB "
                 f"reserved   encoders built {ex.get('build_s', 0):.0f} s   warm-up {ex.get('warmup_s', 0):.0f} s")
         else:
             add(f"  peak RSS {ex.get('peak_rss_gib', 0):.1f} GiB   encoders built {ex.get('build_s', 0):.0f} s")
-        secs = ex.get("seconds", {})
+        secs = {k: v for k, v in ex.get("seconds", {}).items() if k != "wait"}
         total = sum(secs.values()) or 1.0
         n = max(ex.get("ok", 0), 1)
-        add(f"  {'stage':<10} {'seconds':>8} {'share':>6} {'s/clip':>7}   (decode+faces overlap encoding)")
+        add(f"  {'stage':<10} {'seconds':>8} {'share':>6} {'s/clip':>7}   (decode, faces: summed over the preparation processes)")
         for stage, sec in sorted(secs.items(), key=lambda kv: -kv[1]):
             add(f"  {stage:<10} {sec:8.2f} {100 * sec / total:5.0f}% {sec / n:7.3f}")
         for cid, why in ex.get("failures", [])[:3]:
@@ -619,7 +622,8 @@ def main() -> int:
     ap.add_argument("--extract-budget-s", type=float, default=180.0,
                     help="cap --n so the timed extraction takes about this long (from the calibration run)")
     ap.add_argument("--micro-batch", type=int, default=4, help="clips encoded together (project default 4)")
-    ap.add_argument("--batch-clips", type=int, default=8, help="clips per task / store commit (default 8)")
+    ap.add_argument("--batch-clips", type=int, default=None,
+                    help="clips per task / store commit (default: 4 per preparation process, at least 8)")
     ap.add_argument("--batch-size", type=int, default=32, help="images per encoder forward (default 32)")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps")
     ap.add_argument("--warmup-steps", type=int, default=3)

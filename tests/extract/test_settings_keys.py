@@ -101,7 +101,7 @@ AFFECTS = {
         "detector", "crop_size", "margin", "min_face_size", "thresholds", "detect_side", "detect_every", "track_by",
         "appearance_min")},
     "sample_rate": {WAVEFORM}, "dtype": ALL, "missing_audio": set(), "offline": set(), "device": set(),
-    "batch_size": set(), "micro_batch": set(), "max_pixels": set(),
+    "batch_size": set(), "micro_batch": set(), "prep_workers": set(), "max_pixels": set(),
 }
 
 

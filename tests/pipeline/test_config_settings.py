@@ -20,7 +20,8 @@ def _cfg(tmp_path, extract: dict):
 
 def test_the_runtime_fields_are_those_eval_always_set_itself():
     assert set(RUNTIME_FIELDS) == {"store", "workers", "scheduler", "preview", "compact", "storage_options",
-                                   "device", "batch_clips", "micro_batch", "batch_size", "max_pixels"}
+                                   "device", "batch_clips", "micro_batch", "prep_workers", "batch_size",
+                                   "max_pixels"}
 
 
 def test_sections_and_the_flat_names_of_earlier_versions_give_the_same_config(tmp_path):
@@ -45,7 +46,7 @@ def test_settings_from_copies_every_step_setting(tmp_path):
                "faces": {"crop_size": 100, "margin": 0.1, "min_face_size": 12, "thresholds": [0.5, 0.6, 0.6],
                          "detect_side": 320, "detect_every": 2, "track_by": "position", "appearance_min": 0.5},
                "dtype": "float32", "missing_audio": "silence", "offline": True, "device": "cpu", "batch_size": 3,
-               "micro_batch": 2, "max_pixels": 1000}
+               "micro_batch": 2, "prep_workers": 3, "max_pixels": 1000}
     cfg = _cfg(tmp_path, {"profile": "tiny", **changes})
     settings = settings_from(cfg)
     for path, f, _ in S.walk(StepSettings()):

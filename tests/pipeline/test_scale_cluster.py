@@ -112,10 +112,11 @@ def test_a_local_cluster_gets_one_worker_per_visible_gpu(monkeypatch):
 # --------------------------------------------------------------------------------------- local cluster
 
 @pytest.mark.slow
-def test_two_local_workers_write_one_store_bit_identical_to_one_process(sample_data, tmp_path, monkeypatch):
-    """2 worker processes into one store: every clip complete, the values equal bit for bit to an
-    in-process run. Both sides run torch on 1 thread: a different thread count changes the order
-    of float sums, which fp16 storage can turn into a one-step difference."""
+def test_stores_are_bit_identical_across_preparation_processes_and_executors(sample_data, tmp_path, monkeypatch):
+    """The same clips, extracted in process with 1 and with 2 preparation processes, and by 2 local dask
+    workers into one store: every clip complete, the values equal bit for bit. Every side runs torch
+    on 1 thread: a different thread count changes the order of float sums in the encoders, which fp16
+    storage can turn into a one-step difference (a preparation process always runs on 1 thread)."""
     import torch
 
     import emollama.pipeline.executors as executors
@@ -124,24 +125,31 @@ def test_two_local_workers_write_one_store_bit_identical_to_one_process(sample_d
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        inline = summary_of(extract(sample_data, tmp_path / "one.zarr", "--workers", "0", "--batch-clips", "2",
-                                    config=cfg))
+        one = summary_of(extract(sample_data, tmp_path / "p1.zarr", "--workers", "0", "--prep-workers", "1",
+                                 "--batch-clips", "2", config=cfg))
+        two_prep = summary_of(extract(sample_data, tmp_path / "p2.zarr", "--workers", "0", "--prep-workers", "2",
+                                      "--batch-clips", "4", config=cfg))
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr(executors, "available_cores", lambda: 2)   # 2 workers x 1 torch thread on any machine
     two = summary_of(extract(sample_data, tmp_path / "two.zarr", "--workers", "2", "--batch-clips", "2",
                              config=cfg))
-    ids = sorted(inline["ok"])
-    assert len(ids) == 6 and sorted(two["ok"]) == ids and two["failed"] == [] and two["keys"] == inline["keys"]
-    a, b = FeatureStore.open(tmp_path / "one.zarr"), FeatureStore.open(tmp_path / "two.zarr")
-    for key in b.sets():
-        assert b.complete(key) == set(ids)
-    assert_same_values(a, b, ids)
-    rep = b.verify()
-    assert rep.ok, rep.problems
-    # two processes, neither of them this one, committed the segments
+    ids = sorted(one["ok"])
+    assert len(ids) == 6 and sorted(two_prep["ok"]) == ids and sorted(two["ok"]) == ids
+    assert two["failed"] == [] and two["keys"] == one["keys"] == two_prep["keys"]
+    a = FeatureStore.open(tmp_path / "p1.zarr")
+    for other in ("p2.zarr", "two.zarr"):
+        b = FeatureStore.open(tmp_path / other)
+        for key in b.sets():
+            assert b.complete(key) == set(ids)
+        assert_same_values(a, b, ids)
+        rep = b.verify()
+        assert rep.ok, rep.problems
+    # two processes, neither of them this one, committed the segments; each prepared its clips in
+    # preparation processes of its own (non-daemonic dask workers may start them)
     pids = writer_pids(tmp_path / "two.zarr")
     assert len(pids) == 2 and os.getpid() not in pids
+    assert (one["prep_workers"], two_prep["prep_workers"], two["prep_workers"]) == (1, 2, 1)
 
 
 # --------------------------------------------------------------------------------------- a user's cluster
