@@ -66,7 +66,7 @@ train: venv ## Stage two, curriculum: STAGE1 then STAGE2 from it (default: the d
 bench-store: venv ## Benchmark the feature store against npy-per-clip and HDF5 (not a test)
 	$(BIN)/python scripts/bench_store.py $(ARGS)
 
-bench-extract: venv ## Benchmark extraction on the sample (tiny); ARGS=--real-size adds a real clip at real sizes
+bench-extract: venv ## Extraction on the sample (tiny): pipeline vs a clip-by-clip loop, P=1 vs P=2 preparation processes on a slow device; ARGS=--real-size adds real sizes
 	$(BIN)/python scripts/bench_extract.py $(ARGS)
 
 bench-faces: venv ## Face detection settings against full detection on the ten real clips: IoU, moved crops, speed-up
