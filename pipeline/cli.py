@@ -105,6 +105,9 @@ def extract(
 
     Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed, 2 for a
     configuration or usage error, 4 when the store cannot be written, 130 when interrupted."""
+    from emollama.extract.prep import sleeping_idle_threads
+
+    sleeping_idle_threads()   # before torch loads: idle encoder threads must not spin on the preparers' cores
     from emollama.corpora import parse_options
     from emollama.pipeline.config import ConfigError, load_config
     from emollama.pipeline.extraction import is_storage_error, parse_storage_options, run_extract

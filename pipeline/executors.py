@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 log = logging.getLogger(__name__)
 
 # what a worker process needs from this environment to find models offline
-FORWARDED_ENV = ("HF_HUB_OFFLINE", "EMOLLAMA_HOME", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME",
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "EMOLLAMA_HOME", "HF_HOME", "HF_HUB_CACHE", "TORCH_HOME", "OMP_WAIT_POLICY",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
                  "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
 GPU = "GPU"   # the dask worker resource name: `dask worker ADDRESS --resources GPU=1`

@@ -60,6 +60,8 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# as `emollama extract` does before torch loads (extract.prep.sleeping_idle_threads)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _namespace() -> None:
