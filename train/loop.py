@@ -41,7 +41,7 @@ from .config import TrainConfig, TrainSetupError
 from .data import (Batch, FeatureBatcher, PromptEncoder, StepLoader, TrainData, epoch_plan, fit_statistics,
                    resolve_labels)
 from .evaluate import evaluate_closed_set, format_metrics
-from .tiny import TINY_WARNING
+from .tiny import TINY_WARNING, is_tiny_fixture
 from .model import (EmoModel, build_model, count_parameters, format_parameters, pick_device, projector_meta,
                     resolve_precision)
 
@@ -205,7 +205,7 @@ class Recipe:
             load_projectors(model.projectors, src, by_role=True)
             self.say(f"initialised adapter and projectors from {src}")
         self.params = count_parameters(model)
-        self.note = "NOTE: " + TINY_WARNING if cfg.model.profile == "tiny" and not cfg.model.llm else ""
+        self.note = "NOTE: " + TINY_WARNING if is_tiny_fixture(cfg.model) else ""
         for line in format_parameters(self.params, self.note):
             self.say(line)
 

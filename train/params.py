@@ -16,7 +16,7 @@ import torch
 from .config import PAPER_FEATURES, TrainConfig, TrainSetupError, load_train_config
 from .modalities import MODALITIES
 from .model import EmoModel, assemble, count_parameters, llm_source
-from .tiny import TINY_LLM, TINY_VOCAB
+from .tiny import TINY_LLM, TINY_VOCAB, is_tiny_fixture
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
@@ -76,7 +76,7 @@ def count_for_run(path: str | Path) -> dict[str, Any]:
                   lora_config={"r": cfg.lora.r, "alpha": cfg.lora.alpha, "dropout": cfg.lora.dropout,
                                "target_modules": cfg.lora.target_modules},
                   note="counted on the meta device (no weights)" + (
-                      "; tiny = a random test fixture" if cfg.model.profile == "tiny" and not cfg.model.llm else ""))
+                      "; tiny = a random test fixture" if is_tiny_fixture(cfg.model) else ""))
     return counts
 
 

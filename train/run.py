@@ -24,7 +24,7 @@ import torch
 from .checkpoint import CheckpointError, latest_checkpoint, load_adapter, load_projectors
 from .config import TrainConfig, from_dict
 from .data import PromptEncoder
-from .tiny import TINY_WARNING
+from .tiny import TINY_WARNING, is_tiny_fixture
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class LoadedRun:
     @property
     def tiny(self) -> bool:
         """True when the LM is the random tiny fixture (numbers from it mean nothing)."""
-        return self.config.model.profile == "tiny" and not self.config.model.llm
+        return is_tiny_fixture(self.config.model)
 
     @property
     def store_url(self) -> str:

@@ -299,6 +299,15 @@ def ensure_tiny_chat_llm(home: Path, family: str) -> Path:
     return _ensure(Path(home) / "models" / "tiny" / family, CHAT_RECIPE, build, f"the tiny {family} chat model")
 
 
+def is_tiny_fixture(model_cfg) -> bool:
+    """True when a run's LM is a random fixture built here: the tiny profile's own LM (no `llm` given),
+    or an `llm` folder holding the tiny marker (the chat fixtures, `ensure_tiny_chat_llm`)."""
+    llm = getattr(model_cfg, "llm", None)
+    if not llm:
+        return getattr(model_cfg, "profile", None) == "tiny"
+    return "://" not in str(llm) and (Path(str(llm)).expanduser() / TINY_MARKER).is_file()
+
+
 def default_home() -> Path:
     """The project's cache folder: env EMOLLAMA_HOME, else ~/.cache/emollama (same rule as stage one)."""
     env = os.environ.get("EMOLLAMA_HOME")

@@ -220,6 +220,8 @@ def test_training_a_chat_lm_lowers_the_loss_and_records_style_and_lm(small_store
     from emollama.train.run import load_run
 
     loaded = load_run(run, device="cpu")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert loaded.tiny and "tiny profile" in metrics["note"]   # a random fixture: flagged as one
     prompts = loaded.prompt_encoder()
     assert prompts.style == "chat" and prompts.stop_ids == [loaded.tokenizer.convert_tokens_to_ids(EOT[family])]
     clips = load_corpus("merr", data).split("test")[:2]
@@ -242,3 +244,17 @@ def test_chat_fixtures_are_deterministic_and_load_with_transformers_alone(folder
     text = "Zebras quickly jumped over the naïve café: 5€!"
     ids = toks[family](text, add_special_tokens=False)["input_ids"]
     assert toks[family].unk_token_id not in ids and toks[family].decode(ids) == text
+
+
+def test_a_run_on_a_chat_fixture_counts_as_tiny_and_a_real_lm_folder_does_not(folders, tmp_path):
+    from types import SimpleNamespace as NS
+
+    from emollama.train.tiny import is_tiny_fixture
+
+    assert is_tiny_fixture(NS(profile="tiny", llm=None)) and not is_tiny_fixture(NS(profile="paper", llm=None))
+    assert is_tiny_fixture(NS(profile="paper", llm=str(folders["qwen2"])))   # the marker, whatever the profile
+    real = tmp_path / "some-lm"
+    real.mkdir()
+    (real / "config.json").write_text("{}")
+    assert not is_tiny_fixture(NS(profile="tiny", llm=str(real)))
+    assert not is_tiny_fixture(NS(profile="tiny", llm="meta-llama/Llama-2-7b-chat-hf"))
