@@ -388,12 +388,11 @@ def run_batch(jobs: Sequence[ClipJob], settings: ExtractSettings, store_url: str
     until the new ones are committed: they are superseded in the same commit, never removed first. If
     it fails, nothing of it is written: the earlier features and record stay, and a rerun tries again.
     A preview that cannot be written is reported in `preview_failed`; it never fails its clip."""
-    for _, result, error in run_batches([jobs], settings, store_url, keys, storage_options=storage_options,
-                                        preview_dir=preview_dir, writer_id=writer_id):
-        if error is not None:
-            raise error
-        return result
-    raise AssertionError("unreachable: run_batches yields once per task")
+    [(_, result, error)] = list(run_batches([jobs], settings, store_url, keys, storage_options=storage_options,
+                                            preview_dir=preview_dir, writer_id=writer_id))
+    if error is not None:
+        raise error
+    return result
 
 
 def run_batches(tasks: Sequence[Sequence[ClipJob]], settings: ExtractSettings, store_url: str, keys: dict[str, str],
