@@ -337,11 +337,12 @@ def prep_processes(settings: StepSettings) -> int:
     return prep.usable_workers(n)
 
 
-def prepared_clips(jobs: Sequence[ClipJob], settings: ExtractSettings, m: Models) -> Iterator[Prepared]:
-    """Each job prepared, in order: by `prep_processes(settings)` processes, or one thread (0). The
-    processes may read up to two micro-batches ahead, so the next one is ready when encoding ends."""
+def prepared_clips(jobs: Sequence[ClipJob], settings: ExtractSettings, m: Models,
+                   n: int | None = None) -> Iterator[Prepared]:
+    """Each job prepared, in order: by `n` processes (default `prep_processes(settings)`), or one thread
+    (0). The processes may read up to two micro-batches ahead, so the next one is ready when encoding ends."""
     ahead = 2 * max(1, settings.micro_batch)
-    n = prep_processes(settings)
+    n = prep_processes(settings) if n is None else n
     if n == 0:
         yield from prep.thread_map(_prepare_here, (settings, m.detector), jobs, ahead)
         return
@@ -406,14 +407,16 @@ def run_batches(tasks: Sequence[Sequence[ClipJob]], settings: ExtractSettings, s
     tasks = [list(t) for t in tasks]
     m = models(settings)
     store = FeatureStore.open(store_url, storage_options=storage_options)
+    n = prep_processes(settings)
     i = 0
     while i < len(tasks):
-        stream = prepared_clips([j for t in tasks[i:] for j in t], settings, m)
+        stream = prepared_clips([j for t in tasks[i:] for j in t], settings, m, n)
         try:
             while i < len(tasks):
                 jobs, i = tasks[i], i + 1
                 try:
                     result = _run_task(jobs, stream, m, store, keys, settings, preview_dir, writer_id)
+                    result.prep_workers = n
                 except Exception as e:  # noqa: BLE001 - the caller records the task as failed
                     log.debug("task failed", exc_info=True)
                     yield jobs, None, e
@@ -425,7 +428,7 @@ def run_batches(tasks: Sequence[Sequence[ClipJob]], settings: ExtractSettings, s
 
 def _run_task(jobs: list[ClipJob], stream: Iterator[Prepared], m: Models, store: FeatureStore, keys: dict[str, str],
               settings: ExtractSettings, preview_dir: str | None, writer_id: str | None) -> BatchResult:
-    result = BatchResult(prep_workers=prep_processes(settings))
+    result = BatchResult()
     with store.writer(writer_id) as writer:
         _encode_groups(jobs, stream, max(1, settings.micro_batch), m, keys, writer, result, preview_dir)
         t = time.perf_counter()
