@@ -1,10 +1,12 @@
 """Face detection, tracking and cropping with facenet-pytorch's MTCNN.
 
 MTCNN runs on every ``detect_every``-th frame of a clip (the first and last always), downscaled to
-``detect_side``, all in one batched call on the detector's device (a GPU when the encoders use one;
-`FaceDetector.track_many` batches the frames of several clips, grouped by detection size); a second
-call takes the frames next to one where the track was lost or moved too far to interpolate
-(`refine_positions`). The main face is then followed frame to frame:
+``detect_side``, all in one batched call on the detector's device; a second call takes the frames next
+to one where the track was lost or moved too far to interpolate (`refine_positions`).
+`FaceDetector.track_many` batches the frames of several clips, grouped by detection size: the
+extraction step uses it on the encoding device for each micro-batch when ``detect_on`` says so (the
+default on a GPU), and tracks clip by clip in its preparation processes otherwise. The main face is
+then followed frame to frame:
 
 - ``track_by = "position"``: the main face is the largest confident face of the clip, followed by
   overlap and centre distance, so a second person who is briefly larger does not steal the track.
@@ -46,6 +48,7 @@ APPEARANCE_CHROMA = 4.0  # ... the weight of its colour (R - G, B - G) beside it
 REFINE_CHANGE = 0.2  # detect_every > 1: detect the frames between two whose boxes differ more than this (of the size)
 DETECT_CHUNK = 256  # at most this many frames per MTCNN call (bounds GPU memory when clips are batched)
 TRACK_BY = ("position", "appearance")
+DETECT_ON = ("auto", "prep", "encoder")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class FaceSettings:
     # track_by = appearance: the least similarity (cosine) of a face's look to the track's last face for it to
     # continue the track
     appearance_min: float = value(0.7, inputs=FACE_INPUTS, min=-1.0, max=1.0)
+    # where MTCNN runs. prep: each clip alone, on the CPU of a preparation process (values do not depend on
+    # batching) | encoder: the frames of each micro-batch of clips together, on the encoders' device (a GPU's
+    # speed; values can differ slightly with the batch) | auto: encoder when the encoders run on a GPU, else prep
+    detect_on: str = value("auto", inputs=FACE_INPUTS, choices=DETECT_ON)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -88,6 +88,23 @@ class EncoderInfo:
         return info
 
 
+def gpu_visible() -> bool:
+    """Whether this host has a CUDA GPU to use, asked of the driver (libcuda) without importing torch, so
+    that settings that depend on it (`extract.step.detect_on`) resolve the same in any process and a rerun
+    with nothing to do loads no model machinery. (A CPU-only torch build on a GPU host still answers True.)"""
+    import ctypes
+    import os
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+
+
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
     if device != "auto":

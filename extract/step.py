@@ -3,11 +3,15 @@
 This module knows nothing about executors: `pipeline` hands batches of clips to `run_batch`
 in-process or on dask workers. Each worker process loads its models once (`models()` keeps them)
 and encodes micro-batches of clips while `prep_workers` preparation processes (`extract.prep`)
-decode, track faces and cut the crops of the clips after them.
+decode the clips after them. Faces are tracked where `faces.detect_on` says (`detect_on`): clip by
+clip in the preparation processes, which then also cut the crops ("prep", the default on a CPU), or
+for a whole micro-batch in one MTCNN pass on the encoders' device (`track_faces`; "encoder", the
+default on a GPU).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -22,7 +26,8 @@ import numpy as np
 from emollama.corpora import source_has_sound
 from emollama.extract import decode, faces, prep
 from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
-from emollama.extract.registry import FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, EncoderInfo, resolve_device
+from emollama.extract.registry import (FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, EncoderInfo, gpu_visible,
+                                      resolve_device)
 from emollama.extract.settings import policy, runtime, section, spec_attrs, spec_params, value
 from emollama.store import FeatureSpec, FeatureStore
 
@@ -96,9 +101,37 @@ def input_params(settings: StepSettings, kind: str) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in INPUT_FIXED[kind].items()}
     for k, v in spec_params(settings, kind).items():
         out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    if isinstance(out.get("faces"), dict):
+        # where MTCNN ran, resolved: absent for clip by clip in the preparation processes, so the keys made
+        # before the setting existed (which all detected clip by clip) still name those sets
+        where = detect_on(settings)
+        out["faces"] = {k: v for k, v in out["faces"].items() if k != "detect_on"} | \
+            ({"detect_on": where} if where != "prep" else {})
     if kind == FRAME and settings.frames.global_frame != "peak":
         out["faces"] = None   # the first / middle frame does not depend on the faces
     return out
+
+
+def detect_on(settings: StepSettings) -> str:
+    """Where MTCNN runs for these settings: "prep" (each clip alone, on a preparation process's CPU) or
+    "encoder" (each micro-batch's frames together, on the encoders' device). `faces.detect_on = "auto"`
+    is "encoder" when the encoders' device is a GPU, as seen from this process (`device = "auto"`: the
+    driver shows a GPU here, `registry.gpu_visible`); the pipeline resolves it once, before the keys are
+    made, and sends it resolved to the workers."""
+    where = settings.faces.detect_on
+    if where != "auto":
+        return where
+    gpu = gpu_visible() if settings.device == "auto" else settings.device.startswith("cuda")
+    return "encoder" if gpu else "prep"
+
+
+def resolved(settings: ExtractSettings) -> ExtractSettings:
+    """`settings` with `faces.detect_on` resolved (`detect_on`): what workers get, so that none resolves
+    "auto" against its own device."""
+    where = detect_on(settings)
+    if where == settings.faces.detect_on:
+        return settings
+    return dataclasses.replace(settings, faces=dataclasses.replace(settings.faces, detect_on=where))
 
 
 @dataclass(frozen=True)
@@ -195,9 +228,13 @@ class Prepared:
     # input kind -> this clip's input (extract.registry.INPUTS): the waveform, the face crops of the
     # local frames [N, crop, crop, 3], of the temporal frames [16, crop, crop, 3], the whole frame [H, W, 3]
     inputs: dict[str, Any] = field(default_factory=dict)
-    crops: np.ndarray | None = None       # every decoded frame's face crop (for previews)
+    crops: np.ndarray | None = None       # every tracked frame's face crop (for previews)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # faces tracked on the encoding side (detect_on = "encoder"): the decoded frames and their plan, until
+    # `track_faces` turns them into the face inputs
+    frames: np.ndarray | None = None
+    plan: FramePlan | None = None
 
     def to_tensors(self) -> "Prepared":
         """The arrays as torch tensors (zero-copy), so a preparation process sends them through shared
@@ -208,14 +245,32 @@ class Prepared:
             return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
         self.inputs = {k: t(v) for k, v in self.inputs.items()}
-        self.crops = t(self.crops)
+        self.crops, self.frames = t(self.crops), t(self.frames)
         return self
 
     def to_arrays(self) -> "Prepared":
         """Back to numpy (views of the shared memory, no copy)."""
         self.inputs = {k: v.numpy() for k, v in self.inputs.items()}
         self.crops = None if self.crops is None else self.crops.numpy()
+        self.frames = None if self.frames is None else self.frames.numpy()
         return self
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Which frames of a clip were decoded and what each input is made of (`frame_plan`)."""
+
+    n_frames: int          # the clip's frames
+    wanted: list[int]      # the decoded frames' indices, sorted
+    local: list[int]       # positions into `wanted` of the face frames
+    temporal: list[int]    # ... of the face clip's 16 frames
+    global_mode: str       # FrameSettings.global_frame
+
+    @property
+    def anchors(self) -> list[int]:
+        """The positions the face track runs over: the face frames and the first frame of each temporal
+        segment (a segment's next frame is cropped with its anchor's box)."""
+        return sorted(set(self.local) | set(self.temporal[::TEMPORAL_PER_SEGMENT]))
 
 
 def source_record(path: Path) -> dict:
@@ -238,7 +293,9 @@ def frame_plan(n_total: int, fr: FrameSettings) -> tuple[list[int], list[int], l
     return wanted, [pos[i] for i in local], [pos[i] for i in temporal]
 
 
-def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetector) -> Prepared:
+def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetector | None) -> Prepared:
+    """Decode a clip and make its inputs. With a `detector`, the face inputs too; without one (faces
+    tracked on the encoding side), the decoded frames wait in `Prepared.frames` for `track_faces`."""
     prep = Prepared(job, {"id": job.id})
     t0 = time.perf_counter()
     try:
@@ -258,6 +315,7 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         if info.duration <= 0 or info.n_frames <= 0:
             raise decode.DecodeError("zero length")
         wanted, local_pos, temporal_pos = frame_plan(info.n_frames, settings.frames)
+        plan = FramePlan(info.n_frames, wanted, local_pos, temporal_pos, settings.frames.global_frame)
         frames = decode.read_frames(path, wanted, max_side=settings.frames.max_side, info=info)
         audio = decode.read_audio(path, sample_rate=settings.sample_rate) if info.has_audio else np.zeros(0, np.float32)
         if audio.size == 0:
@@ -273,30 +331,16 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
             if st.st_size != prep.record["size"] or st.st_mtime != prep.record["mtime"]:
                 raise decode.DecodeError("the file changed while it was read (still being written?): "
                                          "rerun once it is complete")
+        prep.inputs[WAVEFORM] = audio
         t1 = time.perf_counter()
         prep.seconds["decode"] = t1 - t0
-
-        # Faces are tracked over the anchor frames (the local view's frames and the first frame of each
-        # temporal segment): MTCNN sees every faces.detect_every-th of them, boxes between are interpolated
-        # in time (their frame indices); a segment's next consecutive frame is cropped with its anchor's box.
-        per = TEMPORAL_PER_SEGMENT
-        anchors = sorted(set(local_pos) | set(temporal_pos[::per]))
-        track = detector.track(frames[anchors], times=[wanted[a] for a in anchors])
-        crop_at = dict(zip(anchors, track.crops))
-        for i, p in enumerate(temporal_pos):
-            if p not in crop_at:
-                a = anchors.index(temporal_pos[i - i % per])
-                crop_at[p] = faces.crop(frames[p], track.boxes[a], settings.faces.crop_size)
-        mode = settings.frames.global_frame
-        if mode == "peak":
-            g = anchors[faces.peak_frame_index(track)]
-        else:   # the clip's own first / middle frame, which frame_plan put among the decoded ones
-            g = wanted.index(0 if mode == "first" else max(0, (info.n_frames - 1) // 2))
-        prep.inputs = {WAVEFORM: audio, FACE_FRAMES: np.stack([crop_at[p] for p in local_pos]),
-                       FACE_CLIP: np.stack([crop_at[p] for p in temporal_pos]), FRAME: frames[g]}
-        prep.record.update(face_found=bool(track.found), face_frames=int(track.detected.sum()),
-                           sampled_frames=len(anchors), global_index=int(wanted[g]))
-        prep.crops = track.crops
+        if detector is None:
+            prep.frames, prep.plan = frames, plan
+            return prep
+        # MTCNN sees every faces.detect_every-th anchor frame; boxes between are interpolated in time
+        # (their frame indices)
+        track = detector.track(frames[plan.anchors], times=[wanted[a] for a in plan.anchors])
+        use_track(prep, frames, plan, track, settings.faces.crop_size)
         prep.seconds["faces"] = time.perf_counter() - t1
     except decode.DecodeError as e:
         prep.error = str(e)
@@ -306,14 +350,63 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
     return prep
 
 
+def use_track(prep: Prepared, frames: np.ndarray, plan: FramePlan, track: faces.FaceTrack, crop_size: int) -> None:
+    """The face inputs and the whole frame of a clip from its face track over `plan.anchors`."""
+    anchors, per = plan.anchors, TEMPORAL_PER_SEGMENT
+    crop_at = dict(zip(anchors, track.crops))
+    for i, p in enumerate(plan.temporal):
+        if p not in crop_at:
+            a = anchors.index(plan.temporal[i - i % per])
+            crop_at[p] = faces.crop(frames[p], track.boxes[a], crop_size)
+    if plan.global_mode == "peak":
+        g = anchors[faces.peak_frame_index(track)]
+    else:   # the clip's own first / middle frame, which frame_plan put among the decoded ones
+        g = plan.wanted.index(0 if plan.global_mode == "first" else max(0, (plan.n_frames - 1) // 2))
+    prep.inputs.update({FACE_FRAMES: np.stack([crop_at[p] for p in plan.local]),
+                        FACE_CLIP: np.stack([crop_at[p] for p in plan.temporal]), FRAME: frames[g]})
+    prep.record.update(face_found=bool(track.found), face_frames=int(track.detected.sum()),
+                       sampled_frames=len(anchors), global_index=int(plan.wanted[g]))
+    prep.crops = track.crops
+
+
+def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector, crop_size: int) -> None:
+    """The face inputs of the prepared clips whose frames wait (detect_on = "encoder"): one batched
+    `track_many` for all of them on the detector's device. A clip that cannot be finished gets an error;
+    if MTCNN itself fails, they all do."""
+    todo = [p for p in prepared if p.error is None and p.frames is not None]
+    if not todo:
+        return
+    t = time.perf_counter()
+    try:
+        tracks = detector.track_many([p.frames[p.plan.anchors] for p in todo],
+                                     [[p.plan.wanted[a] for a in p.plan.anchors] for p in todo])
+    except Exception as e:  # noqa: BLE001 - the micro-batch's clips fail with the reason; the run goes on
+        log.debug("face detection failed", exc_info=True)
+        tracks = [e] * len(todo)
+    for p, track in zip(todo, tracks):
+        try:
+            if isinstance(track, Exception):
+                raise track
+            use_track(p, p.frames, p.plan, track, crop_size)
+        except Exception as e:  # noqa: BLE001 - one bad clip must never stop a run; the reason is kept
+            p.error = f"face detection error: {type(e).__name__}: {e}"
+        p.frames = None
+    share = (time.perf_counter() - t) / len(todo)
+    for p in todo:
+        p.seconds["faces"] = p.seconds.get("faces", 0.0) + share
+
+
 _PREP_DETECTORS: dict[faces.FaceSettings, faces.FaceDetector] = {}
 
 
 def prepare_in_process(job: ClipJob, settings: ExtractSettings) -> Prepared:
     """`prepare` in a preparation process: MTCNN on the CPU (forked workers never touch CUDA), one
-    detector per process (a forked worker inherits the parent's when that one is on the CPU)."""
+    detector per process (a forked worker inherits the parent's when that one is on the CPU); none when
+    the encoding side tracks the faces (detect_on = "encoder")."""
     det = _PREP_DETECTORS.get(settings.faces)
-    if det is None:
+    if detect_on(settings) == "encoder":
+        det = None
+    elif det is None:
         loaded = _MODELS.get(settings)
         det = loaded.detector if loaded is not None and loaded.detector.device == "cpu" else \
             faces.FaceDetector(settings.faces, device="cpu")
@@ -327,7 +420,7 @@ def _init_prep_process(worker_id: int) -> None:
     decode.set_decoder_threads(1)
 
 
-def _prepare_here(job: ClipJob, ctx: tuple[ExtractSettings, faces.FaceDetector]) -> Prepared:
+def _prepare_here(job: ClipJob, ctx: tuple[ExtractSettings, faces.FaceDetector | None]) -> Prepared:
     return prepare(job, ctx[0], ctx[1])
 
 
@@ -344,7 +437,8 @@ def prepared_clips(jobs: Sequence[ClipJob], settings: ExtractSettings, m: Models
     ahead = 2 * max(1, settings.micro_batch)
     n = prep_processes(settings) if n is None else n
     if n == 0:
-        yield from prep.thread_map(_prepare_here, (settings, m.detector), jobs, ahead)
+        det = m.detector if detect_on(settings) == "prep" else None
+        yield from prep.thread_map(_prepare_here, (settings, det), jobs, ahead)
         return
     key = (settings, n)
     pool = prep.pool_for(key, prepare_in_process, settings, n, ahead=-(-ahead // n), init=_init_prep_process)
@@ -405,6 +499,7 @@ def run_batches(tasks: Sequence[Sequence[ClipJob]], settings: ExtractSettings, s
     while this one's last micro-batch is encoded and committed. A task that raises is reported with its
     error (nothing of it committed) and the stream restarts at the next task."""
     tasks = [list(t) for t in tasks]
+    settings = resolved(settings)   # the pipeline sends them resolved; a library caller may not
     m = models(settings)
     store = FeatureStore.open(store_url, storage_options=storage_options)
     n = prep_processes(settings)
@@ -430,23 +525,25 @@ def _run_task(jobs: list[ClipJob], stream: Iterator[Prepared], m: Models, store:
               settings: ExtractSettings, preview_dir: str | None, writer_id: str | None) -> BatchResult:
     result = BatchResult()
     with store.writer(writer_id) as writer:
-        _encode_groups(jobs, stream, max(1, settings.micro_batch), m, keys, writer, result, preview_dir)
+        _encode_groups(jobs, stream, settings, m, keys, writer, result, preview_dir)
         t = time.perf_counter()
         writer.commit()
         result.seconds["write"] = result.seconds.get("write", 0.0) + time.perf_counter() - t
     return result
 
 
-def _encode_groups(jobs: Sequence[ClipJob], stream: Iterator[Prepared], micro: int, m: Models, keys: dict[str, str],
-                   writer, result: BatchResult, preview_dir: str | None) -> None:
-    """Encode, then add to the writer, the prepared clips of `stream`, micro-batch by micro-batch (the
-    groups are the jobs cut in order, so the batches, hence the values, are the same for any P)."""
+def _encode_groups(jobs: Sequence[ClipJob], stream: Iterator[Prepared], settings: ExtractSettings, m: Models,
+                   keys: dict[str, str], writer, result: BatchResult, preview_dir: str | None) -> None:
+    """Track faces (detect_on = "encoder"), encode, then add to the writer, the prepared clips of `stream`,
+    micro-batch by micro-batch (the groups are the jobs cut in order, so the batches, hence the values,
+    are the same for any P)."""
     sec = result.seconds
-    for group in _chunks(list(jobs), micro):
+    for group in _chunks(list(jobs), max(1, settings.micro_batch)):
         good = []
         t = time.perf_counter()
         prepared = [next(stream) for _ in group]
         sec["wait"] = sec.get("wait", 0.0) + time.perf_counter() - t   # the encoding side idle
+        track_faces(prepared, m.detector, settings.faces.crop_size)
         for p in prepared:
             for stage, s in p.seconds.items():
                 sec[stage] = sec.get(stage, 0.0) + s

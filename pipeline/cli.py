@@ -83,6 +83,10 @@ def extract(
     prep_workers: Optional[int] = typer.Option(None, "--prep-workers", "-P",
                                                help="Processes that decode and crop faces for each encoding worker "
                                                     "(default: its cores; 0: a thread)."),
+    detect_on: Optional[str] = typer.Option(None, "--detect-on",
+                                            help="Where MTCNN runs: prep (each clip on a preparation process's "
+                                                 "CPU), encoder (a micro-batch at once on the encoders' device) "
+                                                 "or auto (default: encoder on a GPU, else prep)."),
     fold: Optional[int] = typer.Option(None, help="DFEW fold (1-5)."),
     labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label,sentence."),
     option: Optional[List[str]] = typer.Option(
@@ -117,7 +121,7 @@ def extract(
         "extract": {"store": store, "profile": profile, "workers": workers, "scheduler": scheduler,
                     "device": device, "local_frames": local_frames, "global_frame": global_frame,
                     "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline,
-                    "prep_workers": prep_workers},
+                    "prep_workers": prep_workers, "detect_on": detect_on},
     }
     if max_pixels is not None:
         overrides["extract"]["max_pixels"] = max_pixels
@@ -161,6 +165,7 @@ def extract(
                                "unchanged": summary.unchanged, "preview_failed": summary.preview_failed,
                                "seconds": summary.seconds, "wall": summary.wall, "executor": summary.executor,
                                "batch_clips": summary.batch_clips, "prep_workers": summary.prep_workers,
+                               "detect_on": summary.detect_on,
                                "compact_error": summary.compact_error}, indent=2))
     else:
         for line in summary.lines():

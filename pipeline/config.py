@@ -31,7 +31,8 @@ runs (`extract.settings`): the feature-set keys follow from that, never from a h
     input = "waveform"
 
 The flat names of earlier versions (`local_frames`, `global_frame`, `max_side`, `crop_size`,
-`face_margin`, `face_min_size` in `[extract]`, as the command-line flags set them) still work.
+`face_margin`, `face_min_size` in `[extract]`, as the command-line flags set them) still work, and so
+does `detect_on` (the flag `--detect-on`, for `[extract.faces] detect_on`).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class DatasetConfig:
 # flat [extract] names of earlier versions (and of the command-line flags) -> (table, field)
 LEGACY_KEYS = {"local_frames": ("frames", "local_frames"), "global_frame": ("frames", "global_frame"),
                "max_side": ("frames", "max_side"), "crop_size": ("faces", "crop_size"),
-               "face_margin": ("faces", "margin"), "face_min_size": ("faces", "min_face_size")}
+               "face_margin": ("faces", "margin"), "face_min_size": ("faces", "min_face_size"),
+               "detect_on": ("faces", "detect_on")}
 
 
 @dataclass(frozen=True, kw_only=True)

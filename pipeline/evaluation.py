@@ -105,6 +105,9 @@ def extraction_config(store: FeatureStore, keys: Sequence[str], *, dataset: str 
         if not cfg:
             raise EvalError(f"feature set {k} in {store.url} records no extraction config (imported with "
                             "`store import`?): extract the missing clips yourself with the settings that made it")
+        faces = cfg.get("faces") if isinstance(cfg.get("faces"), dict) else {}
+        if "detect_on" not in faces:   # recorded before the setting existed: every such set detected clip by clip
+            cfg = {**cfg, "faces": {**faces, "detect_on": "prep"}}
         try:
             recorded.append((k, cfg, job_settings(cfg)))
         except ConfigError as e:

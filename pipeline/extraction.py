@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from emollama.extract.encoders import (EncodersConfig, KnownOutputs, check_available, file_sha256, known_outputs,
                                        remember_outputs, resolve_encoders)
-from emollama.extract.step import (ClipJob, ExtractSettings, StepSettings, build_specs, describe_encoders, run_batch,
-                                   run_batches)
+from emollama.extract.step import (ClipJob, ExtractSettings, StepSettings, build_specs, describe_encoders, resolved,
+                                   run_batch, run_batches)
 from emollama.pipeline.config import Config
 from emollama.extract.prep import default_workers
 from emollama.pipeline.executors import InlineExecutor, make_executor
@@ -54,6 +54,7 @@ class ExtractSummary:
     executor: str = ""
     batch_clips: int = 0               # clips per task (one store commit) this run used
     prep_workers: int = 0              # preparation processes per encoding worker (the most any reported; 0: a thread)
+    detect_on: str = ""                # where MTCNN ran: prep (each clip on a preparation process's CPU) | encoder
     compact_error: str | None = None   # the end-of-run compaction failed (the clips are committed)
 
     @property
@@ -67,11 +68,13 @@ class ExtractSummary:
         if self.ok:
             out.append(f"throughput: {len(self.ok) / max(self.wall, 1e-9):.2f} clips/s over {self.wall:.1f} s "
                        f"({self.prep_workers or 'no'} preparation process(es) per encoding worker, "
-                       f"{self.batch_clips} clips per task)")
+                       f"{self.batch_clips} clips per task, faces detected "
+                       f"{'on the encoding side' if self.detect_on == 'encoder' else 'clip by clip'})")
             work = {k: v for k, v in self.seconds.items() if k != "wait"}
             spent = sum(work.values()) or 1.0
             out.append("time: " + ", ".join(f"{k} {v:.1f}s ({100 * v / spent:.0f}%)" for k, v in work.items())
-                       + " (decode and faces: summed over the preparation processes)")
+                       + (" (decode: summed over the preparation processes)" if self.detect_on == "encoder"
+                          else " (decode and faces: summed over the preparation processes)"))
             if "wait" in self.seconds:
                 out.append(f"encoders waited for prepared clips {self.seconds['wait']:.1f} s of {self.wall:.1f} s")
         if self.no_face:
@@ -99,12 +102,13 @@ def encoders_config(cfg: Config, home: Path | None = None) -> EncodersConfig:
 
 
 def settings_from(cfg: Config) -> ExtractSettings:
-    """The step's settings: the StepSettings fields of [extract], as they are, plus the encoders."""
+    """The step's settings: the StepSettings fields of [extract], as they are, plus the encoders, with
+    `faces.detect_on = "auto"` resolved here (`extract.step.resolved`), so every worker does the same."""
     e = cfg.extract
     step = {f.name: getattr(e, f.name) for f in fields(StepSettings)}
     if e.offline is None and e.profile == "tiny" and not e.encoders:
         step["offline"] = True   # the tiny profile is built locally: never ask a hub
-    return ExtractSettings(**step, encoders=encoders_config(cfg))
+    return resolved(ExtractSettings(**step, encoders=encoders_config(cfg)))
 
 
 def source_change(clip: Clip, record: dict | None) -> str | None:
@@ -296,6 +300,7 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
     store.check_writable()   # a read-only store or a full disk stops here, before any model is loaded
     t0 = time.perf_counter()
     config = cfg.to_dict()
+    config["extract"]["faces"]["detect_on"] = settings.faces.detect_on   # resolved: eval redoes what ran here
     # The keys from the cache of encoder descriptions (no model): a rerun with nothing to do ends here,
     # with no model loaded and no worker started.
     known = known_outputs(settings.encoders, device=settings.device, offline=settings.offline)
@@ -305,7 +310,7 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
         if not plan.todo:
             keys = {name: store.ensure_set(spec, config=config) for name, spec in guess.items()}
             summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected,
-                                     executor=NOTHING_TO_DO)
+                                     executor=NOTHING_TO_DO, detect_on=settings.faces.detect_on)
             plan.fill(summary)
             summary.wall = time.perf_counter() - t0
             return summary
@@ -322,7 +327,8 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
                 f"{sorted(spec.key for spec in specs.values())}): the encoder weights or code changed since "
                 "those features were made. Extract with the original models, or use only clips already stored.")
         keys = {name: store.ensure_set(spec, config=config) for name, spec in specs.items()}
-        summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected, executor=ex.name)
+        summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected, executor=ex.name,
+                                 detect_on=settings.faces.detect_on)
         if plan is None or plan.keys != keys:   # the cached guess was wrong (or absent): plan again
             plan = plan_clips(store, clips, keys)
         plan.fill(summary)

@@ -9,7 +9,8 @@ $OUT (or --out) when set.
 Part 1, extraction: the four encoders at paper size (HuBERT-large, ViT-MAE-large, VideoMAE-large,
 EVA ViT-g/14 at 448, 40 blocks) with RANDOM weights built from their configs, fp16 on the GPU, over
 the real clips repeated to --n ids, through the project's real path: `pipeline.extraction.run_extract`
-with the in-process executor (workers 0), MTCNN faces, a Zarr store on local disk (/tmp). After a
+with the in-process executor (workers 0), MTCNN faces (by default batched per micro-batch on the GPU:
+--detect-on), a Zarr store on local disk (/tmp). After a
 warm-up (4 clips) and a short calibration run (8 clips), --n is capped so the timed run fits
 --extract-budget-s. Reported: clips/s, GPU busy % (NVML; else encoder time over wall), peak GPU
 memory, and the time split per stage as scripts/bench_extract.py prints it.
@@ -288,7 +289,8 @@ def extract_config(root: Path, store: Path, args):
         "dataset": {"kind": "folder", "root": str(root)},
         "extract": {"store": str(store), "profile": "paper", "offline": False, "workers": 0,
                     "compact": False, "device": args.device, "batch_size": args.batch_size,
-                    "micro_batch": args.micro_batch, "batch_clips": args.batch_clips},
+                    "micro_batch": args.micro_batch, "batch_clips": args.batch_clips,
+                    "faces": {"detect_on": args.detect_on}},
     })
 
 
@@ -373,6 +375,7 @@ def _summary(s, n: int) -> dict:
     return {"ok": len(s.ok), "failed": len(s.failed), "failures": s.failed[:5], "no_face": len(s.no_face),
             "wall_s": s.wall, "clips_per_s": len(s.ok) / max(s.wall, 1e-9), "seconds": dict(s.seconds),
             "executor": s.executor, "prep_workers": s.prep_workers, "batch_clips": s.batch_clips,
+            "detect_on": s.detect_on,
             "wait_share_of_wall": s.seconds.get("wait", 0.0) / max(s.wall, 1e-9)}
 
 
@@ -562,7 +565,8 @@ def table(env: dict, ex: dict, tr: dict, smoke: bool) -> list[str]:
     elif ex:
         src = f"{env.get('n_sources')} real clips"
         if smoke:
-            add("part 1 extraction (CPU fp32, paper-size random encoders, 1 real clip, in-process), stored:")
+            add(f"part 1 extraction (CPU fp32, paper-size random encoders, 1 real clip, in-process, MTCNN "
+                f"{'on the encoding side' if ex.get('detect_on') == 'encoder' else 'per clip'}), stored:")
             for name, (shape, dt) in ex.get("shapes", {}).items():
                 add(f"  {name:<26} {str(shape):<14} {dt}")
         else:
@@ -575,7 +579,8 @@ def table(env: dict, ex: dict, tr: dict, smoke: bool) -> list[str]:
             add(f"  GPU busy {'%.0f%% (NVML, %d samples)' % (busy, ex['gpu_busy_samples']) if busy is not None else 'n/a (' + str(ex.get('nvml_error')) + ')'}"
                 f"   encoders/wall {100 * ex.get('encoder_share_of_wall', 0):.0f}%"
                 f"   waiting for prepared clips {100 * ex.get('wait_share_of_wall', 0):.0f}%")
-            add(f"  {ex.get('prep_workers')} preparation process(es), {ex.get('batch_clips')} clips per task")
+            add(f"  {ex.get('prep_workers')} preparation process(es), {ex.get('batch_clips')} clips per task, "
+                f"MTCNN {'per micro-batch on the GPU' if ex.get('detect_on') == 'encoder' else 'per clip on CPU'}")
             add(f"  peak GPU mem {ex.get('peak_gpu_alloc_gib', 0):.1f} GiB alloc / {ex.get('peak_gpu_reserved_gib', 0):.1f} GiB "
                 f"reserved   encoders built {ex.get('build_s', 0):.0f} s   warm-up {ex.get('warmup_s', 0):.0f} s")
         else:
@@ -583,7 +588,8 @@ def table(env: dict, ex: dict, tr: dict, smoke: bool) -> list[str]:
         secs = {k: v for k, v in ex.get("seconds", {}).items() if k != "wait"}
         total = sum(secs.values()) or 1.0
         n = max(ex.get("ok", 0), 1)
-        add(f"  {'stage':<10} {'seconds':>8} {'share':>6} {'s/clip':>7}   (decode, faces: summed over the preparation processes)")
+        summed = "decode" if ex.get("detect_on") == "encoder" else "decode, faces"
+        add(f"  {'stage':<10} {'seconds':>8} {'share':>6} {'s/clip':>7}   ({summed}: summed over the preparation processes)")
         for stage, sec in sorted(secs.items(), key=lambda kv: -kv[1]):
             add(f"  {stage:<10} {sec:8.2f} {100 * sec / total:5.0f}% {sec / n:7.3f}")
         for cid, why in ex.get("failures", [])[:3]:
@@ -632,6 +638,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=4, help="training batch size")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, for MFU")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--detect-on", default="auto", choices=("auto", "prep", "encoder"),
+                    help="where MTCNN runs (auto: per micro-batch on the GPU when there is one, else per clip)")
     ap.add_argument("--cpu-smoke", action="store_true", help="one clip and a tiny LM on the CPU (automatic without CUDA)")
     ap.add_argument("--skip-extract", action="store_true")
     ap.add_argument("--skip-train", action="store_true")

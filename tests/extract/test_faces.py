@@ -54,7 +54,7 @@ def test_settings_to_dict_is_json():
     assert json.loads(json.dumps(d)) == d
     assert d == {"detector": "mtcnn", "crop_size": 224, "margin": 0.2, "min_face_size": 20,
                  "thresholds": [0.6, 0.7, 0.7], "detect_side": 640, "detect_every": 3, "track_by": "appearance",
-                 "appearance_min": 0.7}
+                 "appearance_min": 0.7, "detect_on": "auto"}
 
 
 def test_square_box_adds_margin_and_squares():

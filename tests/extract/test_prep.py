@@ -116,6 +116,76 @@ def test_prepared_clips_are_the_same_from_processes_and_from_a_thread(clips, set
     prep.close_pools()
 
 
+def _on_encoder(settings, **kw):
+    import dataclasses
+
+    return dataclasses.replace(settings, faces=dataclasses.replace(settings.faces, detect_on="encoder"), **kw)
+
+
+def test_faces_tracked_on_the_encoding_side_equal_those_of_the_preparation_processes(clips, settings):
+    """detect_on = "encoder": the processes only decode (the frames come through shared memory) and one
+    batched MTCNN pass per micro-batch gives the crops the processes give clip by clip (on this CPU)."""
+    import dataclasses
+
+    m = step.models(settings)
+    base = list(step.prepared_clips(clips, dataclasses.replace(settings, prep_workers=2), m))
+    waiting = list(step.prepared_clips(clips, _on_encoder(settings, prep_workers=2), m))
+    for p in waiting:
+        assert p.error is None and set(p.inputs) == {WAVEFORM} and "faces" not in p.seconds
+        assert isinstance(p.frames, np.ndarray) and p.frames.shape[0] == len(p.plan.wanted)
+    calls = []
+    real = m.detector.track_many
+    m.detector.track_many = lambda frames, times: calls.append(len(frames)) or real(frames, times)
+    try:
+        step.track_faces(waiting, m.detector, settings.faces.crop_size)
+    finally:
+        del m.detector.track_many
+    assert calls == [len(clips)]                                      # one pass for all the clips
+    for a, b in zip(base, waiting):
+        assert b.error is None and b.frames is None and b.seconds["faces"] > 0
+        assert a.record == b.record
+        for kind in (WAVEFORM, FACE_FRAMES, FACE_CLIP, FRAME):
+            np.testing.assert_array_equal(a.inputs[kind], b.inputs[kind], err_msg=kind)
+        np.testing.assert_array_equal(a.crops, b.crops)
+    prep.close_pools()
+
+
+def test_a_face_detection_error_on_the_encoding_side_fails_its_micro_batch_only(clips, settings, tmp_path):
+    from emollama.store import FeatureStore
+
+    s = _on_encoder(settings, prep_workers=2)                         # micro_batch 2
+    m = step.models(s)
+    calls = []
+    real = m.detector.track_many
+
+    def flaky(frames, times):
+        calls.append(len(frames))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return real(frames, times)
+
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    specs = step.describe(s)
+    keys = {name: store.ensure_set(spec) for name, spec in specs.items()}
+    m.detector.track_many = flaky
+    try:
+        [(jobs, result, error)] = list(step.run_batches([clips], s, str(tmp_path / "s.zarr"), keys))
+    finally:
+        del m.detector.track_many
+    assert error is None and calls == [2, 2]
+    assert result.ok == [c.id for c in clips[2:]]
+    assert result.failed == [(c.id, "face detection error: RuntimeError: CUDA out of memory") for c in clips[:2]]
+    st = FeatureStore.open(tmp_path / "s.zarr")
+    for key in keys.values():
+        assert st.complete(key) == {c.id for c in clips[2:]}
+    assert st.records()[clips[0].id]["status"] == "failed"
+    # the face sets say where MTCNN ran; the audio set does not depend on it
+    assert specs["local.vit_mae.mean"].params["faces"]["detect_on"] == "encoder"
+    assert "detect_on" not in step.describe(settings)["local.vit_mae.mean"].params["faces"]
+    assert specs["audio.hubert.mean"].key == step.describe(settings)["audio.hubert.mean"].key
+    prep.close_pools()
+
+
 _PREPARE = step.prepare_in_process
 
 

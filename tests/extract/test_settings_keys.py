@@ -99,10 +99,14 @@ AFFECTS = {
     "frames.max_side": {FACE_FRAMES, FACE_CLIP, FRAME}, "frames.folder_fps": set(),
     **{f"faces.{name}": set(FACE_INPUTS) for name in (
         "detector", "crop_size", "margin", "min_face_size", "thresholds", "detect_side", "detect_every", "track_by",
-        "appearance_min")},
+        "appearance_min", "detect_on")},
     "sample_rate": {WAVEFORM}, "dtype": ALL, "missing_audio": set(), "offline": set(), "device": set(),
     "batch_size": set(), "micro_batch": set(), "prep_workers": set(), "max_pixels": set(),
 }
+
+
+# "auto" is "prep" where no GPU is seen, so the other value that changes keys here is "encoder"
+OTHER = {"faces.detect_on": "encoder"}
 
 
 def test_every_step_setting_changes_exactly_the_keys_of_the_sets_it_affects(encs):
@@ -115,7 +119,7 @@ def test_every_step_setting_changes_exactly_the_keys_of_the_sets_it_affects(encs
         if name == "encoders":
             continue   # the encoders' weights and options: the tests below
         assert name in AFFECTS, f"{name}: a new setting; list the inputs it affects in AFFECTS"
-        after = _keys(encs, _replace(base, path, _other(v, f)))
+        after = _keys(encs, _replace(base, path, OTHER.get(name, _other(v, f))))
         changed = {n for n in before if after[n] != before[n]}
         expected = {n for n in before if inputs[n.split(".")[0]] in AFFECTS[name]}
         assert changed == expected, f"{name}: changed {sorted(changed)}, expected {sorted(expected)}"
@@ -167,3 +171,64 @@ def test_the_paper_views_keep_their_names_inputs_and_the_entries_their_modality(
     # the HF sets' keys hold the input's settings like the paper views' do
     assert specs["clip.hf.mean"].params["faces"] == specs["local.vit_mae.mean"].params["faces"]
     assert specs["wav2vec2.hf.mean"].params["sample_rate"] == 16000
+
+
+def test_detect_on_is_resolved_before_the_keys_are_made_and_prep_keeps_the_earlier_keys(encs):
+    """faces.detect_on = "auto" becomes "encoder" for a GPU device and "prep" otherwise, in the process that
+    makes the keys (the pipeline sends it resolved); "prep" is left out of the key, so sets made before the
+    setting existed (all detected clip by clip) keep their keys."""
+    from emollama.extract.step import detect_on, resolved
+
+    def with_(**kw):
+        faces = FaceSettings(**{k: v for k, v in kw.items() if k == "detect_on"})
+        return ExtractSettings(encoders=None, faces=faces, **{k: v for k, v in kw.items() if k != "detect_on"})
+
+    assert detect_on(with_(device="cuda:1")) == "encoder" and detect_on(with_(device="cpu")) == "prep"
+    assert detect_on(with_(device="cuda", detect_on="prep")) == "prep"
+    assert detect_on(with_(device="cpu", detect_on="encoder")) == "encoder"
+    assert resolved(with_(device="cuda")).faces.detect_on == "encoder"
+    assert resolved(with_(device="cpu")).faces.detect_on == "prep"
+    auto_cpu, prep, on_gpu = (_keys(encs, s) for s in (with_(device="cpu"), with_(detect_on="prep"),
+                                                       with_(device="cuda")))
+    assert auto_cpu == prep
+    assert on_gpu == _keys(encs, with_(detect_on="encoder"))        # the device itself is not in the key
+    for name, spec in build_specs(encs, with_(detect_on="prep")).items():
+        faces = spec.params.get("faces")
+        assert faces is None or "detect_on" not in faces, name
+        assert (on_gpu[name] != prep[name]) == (faces is not None), name
+
+
+def test_auto_asks_the_driver_for_a_gpu_without_importing_torch(monkeypatch):
+    """device = "auto": faces.detect_on = "auto" follows what libcuda reports (no torch import, so a rerun
+    with nothing to do stays free of model machinery); CUDA_VISIBLE_DEVICES="" hides the GPUs."""
+    import ctypes
+
+    from emollama.extract.registry import gpu_visible
+    from emollama.extract.step import detect_on
+
+    class Driver:
+        def __init__(self, count):
+            self.count = count
+
+        def cuInit(self, flags):
+            return 0 if self.count else 100        # CUDA_ERROR_NO_DEVICE
+
+        def cuDeviceGetCount(self, ref):
+            ref._obj.value = self.count
+            return 0
+
+    auto = ExtractSettings(encoders=None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(2))
+    assert gpu_visible() and detect_on(auto) == "encoder"
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(0))
+    assert not gpu_visible() and detect_on(auto) == "prep"
+
+    def missing(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", missing)
+    assert not gpu_visible() and detect_on(auto) == "prep"
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(2))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not gpu_visible() and detect_on(auto) == "prep"

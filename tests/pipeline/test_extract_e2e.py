@@ -94,6 +94,36 @@ def test_bad_clips_are_recorded_and_the_run_goes_on(sample_data, tmp_path):
     assert out["ok"] == [names[0]] and [i for i, _ in out["failed"]] == [names[1]] and out["skipped"] == 1
 
 
+def test_faces_detected_on_the_encoding_side_are_keyed_recorded_and_rebuilt_by_eval(sample_data, tmp_path):
+    """--detect-on encoder: MTCNN runs per micro-batch in the encoding process. The face sets' keys and the
+    recorded config say so (eval re-extracts the same way); the audio set is the same set as by default."""
+    from emollama.pipeline.evaluation import extraction_config
+
+    runs = {}
+    for how in ("auto", "encoder"):
+        path = tmp_path / f"{how}.zarr"
+        out = summary_of(extract(sample_data, path, "--limit", "2", "--detect-on", how))
+        assert len(out["ok"]) == 2 and out["detect_on"] == ("prep" if how == "auto" else how)   # no GPU here
+        runs[how] = (FeatureStore.open(path), out["keys"])
+    (plain, kp), (enc, ke) = runs["auto"], runs["encoder"]
+    assert ke["audio.hubert.mean"] == kp["audio.hubert.mean"]
+    for name in ("local.vit_mae.mean", "temporal.videomae.mean", "global.eva.tokens"):
+        assert ke[name] != kp[name]
+        assert enc.sets()[ke[name]].params["faces"]["detect_on"] == "encoder"
+        assert "detect_on" not in plain.sets()[kp[name]].params["faces"]
+        ids = sorted(enc.complete(ke[name]))
+        for cid in ids:   # on this CPU the batched pass finds the same boxes as clip by clip
+            np.testing.assert_array_equal(enc.read(cid, [ke[name]])[ke[name]], plain.read(cid, [kp[name]])[kp[name]])
+    assert extraction_config(enc, [ke["local.vit_mae.mean"]]).extract.faces.detect_on == "encoder"
+    assert extraction_config(plain, [kp["local.vit_mae.mean"]]).extract.faces.detect_on == "prep"
+    # a set recorded before the setting existed detected clip by clip
+    key = kp["local.vit_mae.mean"]
+    attrs = plain.set_attrs(key)
+    del attrs["config"]["extract"]["faces"]["detect_on"]
+    plain.set_attrs = lambda k: attrs
+    assert extraction_config(plain, [key]).extract.faces.detect_on == "prep"
+
+
 def test_invalid_config_lists_every_problem(tmp_path):
     cfg = tmp_path / "bad.toml"
     cfg.write_text('[dataset]\nkind = "nope"\n[extract]\nglobal_frame = "last"\nworkers = -1\nbogus = 1\n')
