@@ -29,8 +29,9 @@ False so the caller can record it.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -313,7 +314,7 @@ class FaceDetector:
     """MTCNN, loaded once on ``device``; ``track`` turns the frames of one clip into face crops,
     ``track_many`` those of several clips with one batched MTCNN pass (worth it on a GPU)."""
 
-    def __init__(self, settings: FaceSettings = FaceSettings(), device: str = "cpu"):
+    def __init__(self, settings: FaceSettings = FaceSettings(), device: str = "cpu", threads: int = 1):
         if settings.detector != "mtcnn":
             raise ValueError(f"unknown face detector {settings.detector!r}: only 'mtcnn' is available")
         if settings.track_by not in TRACK_BY:
@@ -328,6 +329,7 @@ class FaceDetector:
             ) from e
         self.settings = settings
         self.device = device
+        self.threads = max(1, threads)   # for the CPU work of several clips at once (`each`)
         self.work = DetectWork()
         self.mtcnn = MTCNN(
             keep_all=True, min_face_size=settings.min_face_size, thresholds=list(settings.thresholds),
@@ -354,7 +356,7 @@ class FaceDetector:
         """`detect` for several clips (each [N, H, W, 3] uint8) in as few MTCNN calls as their
         detection sizes allow: clips whose downscaled frames share a size go through together, up to
         DETECT_CHUNK frames a call. (A frame's result can differ slightly with the batch: `track_many`.)"""
-        smalls = [self._small(f) for f in clips]
+        smalls = self.each(self._small, clips)
         out: list[Detections] = [([], []) for _ in clips]
         groups: dict[tuple[int, int], list[int]] = {}
         for ci, (small, _, _) in enumerate(smalls):
@@ -392,6 +394,15 @@ class FaceDetector:
         frames; default: evenly spaced."""
         return self.track_many([frames], [times])[0]
 
+    def each(self, fn: Callable[[Any], Any], items: Sequence) -> list:
+        """`[fn(x) for x in items]`, on `threads` threads when there are several items: the CPU work
+        around MTCNN (downscaling, looks, crops) of a batch of clips, while MTCNN itself is one call
+        (PIL releases the GIL while it resizes; each item's result does not depend on the others)."""
+        if self.threads <= 1 or len(items) <= 1:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(min(self.threads, len(items)), thread_name_prefix="faces") as pool:
+            return list(pool.map(fn, items))
+
     def track_many(self, clips: Sequence[np.ndarray],
                    times: Sequence[Sequence[float] | None] | None = None) -> list[FaceTrack]:
         """`track` for several clips, their MTCNN work batched across clips (`detect_many`: on a GPU,
@@ -417,12 +428,13 @@ class FaceDetector:
         todo = [detect_positions(len(f), st.detect_every) for f in clips]
         result: list[tuple[list[int], np.ndarray | None, np.ndarray | None]] = [([], None, None)] * len(clips)
         for pass_ in range(2):
-            for ci, (per_frame, probs) in enumerate(self.detect_many([f[p] for f, p in zip(clips, todo)])):
-                for pos, b, pr in zip(todo[ci], per_frame, probs):
+            dets = self.detect_many([f[p] for f, p in zip(clips, todo)])
+
+            def follow(ci: int) -> list[int]:
+                """Clip ci's track from its detections so far; the positions still to detect (pass 0)."""
+                for pos, b, pr in zip(todo[ci], *dets[ci]):
                     looks = [appearance(clips[ci][pos], x) for x in b] if st.track_by == "appearance" else None
                     found[ci][pos] = (b, pr, looks)
-            todo = [[] for _ in clips]
-            for ci in range(len(clips)):
                 pos = sorted(found[ci])
                 try:
                     raw, detected = track_boxes([found[ci][p][0] for p in pos], [found[ci][p][1] for p in pos],
@@ -431,11 +443,12 @@ class FaceDetector:
                 except ValueError:   # no face in any detected frame
                     raw, detected = np.zeros((len(pos), 4)), np.zeros(len(pos), bool)
                 result[ci] = (pos, raw, detected)
-                if pass_ == 0:
-                    todo[ci] = refine_positions(pos, raw, detected)
+                return refine_positions(pos, raw, detected) if pass_ == 0 else []
+
+            todo = self.each(follow, range(len(clips)))
             if not any(todo):
                 break
-        return [self._crops(f, t, *r) for f, t, r in zip(clips, times, result)]
+        return self.each(lambda ci: self._crops(clips[ci], times[ci], *result[ci]), range(len(clips)))
 
     def _crops(self, frames: np.ndarray, times: list, pos: list[int], raw: np.ndarray,
                detected: np.ndarray) -> FaceTrack:

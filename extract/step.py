@@ -38,6 +38,7 @@ GLOBAL_FRAMES = ("first", "middle", "peak")
 # Fixed, not a setting: its anchor frames also seed the face track that every face input is cropped with.
 TEMPORAL_SEGMENTS = 8
 TEMPORAL_PER_SEGMENT = 2
+FACE_THREADS = 8   # at most this many threads for the CPU work around a micro-batch's MTCNN pass (detect_on = encoder)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,8 @@ def _load_models(settings: ExtractSettings) -> Models:
     if settings not in _MODELS:
         encs = load_encoders(settings.encoders, device=settings.device, offline=settings.offline,
                              batch_size=settings.batch_size)
-        det = faces.FaceDetector(settings.faces, device=resolve_device(settings.device))
+        det = faces.FaceDetector(settings.faces, device=resolve_device(settings.device),
+                                 threads=min(FACE_THREADS, prep.default_workers()))
         _MODELS.clear()   # one settings set per process at a time: free the previous models
         _MODELS[settings] = Models(encs, det, build_specs(encs, settings))
     return _MODELS[settings]
@@ -383,7 +385,9 @@ def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector, crop
     except Exception as e:  # noqa: BLE001 - the micro-batch's clips fail with the reason; the run goes on
         log.debug("face detection failed", exc_info=True)
         tracks = [e] * len(todo)
-    for p, track in zip(todo, tracks):
+
+    def finish(i: int) -> None:
+        p, track = todo[i], tracks[i]
         try:
             if isinstance(track, Exception):
                 raise track
@@ -391,6 +395,8 @@ def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector, crop
         except Exception as e:  # noqa: BLE001 - one bad clip must never stop a run; the reason is kept
             p.error = f"face detection error: {type(e).__name__}: {e}"
         p.frames = None
+
+    detector.each(finish, range(len(todo)))
     share = (time.perf_counter() - t) / len(todo)
     for p in todo:
         p.seconds["faces"] = p.seconds.get("faces", 0.0) + share

@@ -6,6 +6,7 @@ boxes, drawn coloured faces), so they are exact and fast; MTCNN itself on drawn 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -270,6 +271,15 @@ def test_track_many_batches_clips_and_equals_one_clip_at_a_time():
         want = alone.track(frames, times)
         assert np.array_equal(got.boxes, want.boxes) and np.array_equal(got.crops, want.crops)
     assert np.allclose(raw_boxes(tracks[1])[3], [150, 67, 210, 127])   # t = 5: 3/4 of the way from t = 2 to 6
+    # the CPU work around MTCNN on threads, one clip each: the same calls and the same tracks
+    threaded = FaceDetector(FaceSettings(detect_every=2), threads=3)
+    threaded.mtcnn = FakeMTCNN(table)
+    assert {n.split("_")[0] for n in threaded.each(lambda _: threading.current_thread().name, range(3))} == {"faces"}
+    again = threaded.track_many([fa, fb, fc], [None, [0, 1, 2, 5, 6], None])
+    assert threaded.mtcnn.calls == det.mtcnn.calls
+    for got, want in zip(again, tracks):
+        for field in ("boxes", "crops", "detected"):
+            assert np.array_equal(getattr(got, field), getattr(want, field)), field
 
 
 # ---------------------------------------------------------------- appearance
