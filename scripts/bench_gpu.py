@@ -13,7 +13,8 @@ with the in-process executor (workers 0), MTCNN faces (by default batched per mi
 --detect-on), a Zarr store on local disk (/tmp). After a
 warm-up (4 clips) and a short calibration run (8 clips), --n is capped so the timed run fits
 --extract-budget-s. Reported: clips/s, GPU busy % (NVML; else encoder time over wall), peak GPU
-memory, and the time split per stage as scripts/bench_extract.py prints it.
+memory, and the time split per stage as scripts/bench_extract.py prints it. Then the same with faces
+tracked the other way (--detect-on prep <-> encoder) for about --compare-budget-s: its clips/s.
 
     How the random encoders get in (no project file is edited): `extract.step` loads encoders with
     `load_encoders(settings.encoders, ...)`, a name it imported from `extract.encoders`, so this script
@@ -369,6 +370,27 @@ def bench_extract(args, sources: list[Path], device: str, work: Path, res: dict)
     res["peak_rss_gib"] = rss_gib()
     for line in s.lines():
         print("  " + line)
+    if args.compare_budget_s > 0:
+        compare_detect_on(args, sources, work, s.detect_on, n, progress, res)
+
+
+def compare_detect_on(args, sources: list[Path], work: Path, ran: str, n: int, progress: bool, res: dict) -> None:
+    """The same extraction with faces tracked the other way (detect_on prep <-> encoder), sized by a
+    calibration of 8 clips to --compare-budget-s: which placement keeps this machine's GPU busier."""
+    from emollama.pipeline.extraction import run_extract
+
+    other = argparse.Namespace(**{**vars(args), "detect_on": "prep" if ran == "encoder" else "encoder"})
+    print(f"\n  the same with detect_on = {other.detect_on}:")
+    t = time.perf_counter()
+    cal = run_extract(extract_config(sources[0].parent, work / "cal-other.zarr", other), progress=False,
+                      clips=make_clips(sources, 8, "calo"))
+    rate = len(cal.ok) / max(time.perf_counter() - t, 1e-9)
+    m = min(n, max(16, int(rate * args.compare_budget_s)))
+    o = run_extract(extract_config(sources[0].parent, work / "other.zarr", other), progress=progress,
+                    clips=make_clips(sources, m, "other"))
+    res["other"] = _summary(o, m)
+    for line in o.lines():
+        print("  " + line)
 
 
 def _summary(s, n: int) -> dict:
@@ -594,6 +616,10 @@ def table(env: dict, ex: dict, tr: dict, smoke: bool) -> list[str]:
             add(f"  {stage:<10} {sec:8.2f} {100 * sec / total:5.0f}% {sec / n:7.3f}")
         for cid, why in ex.get("failures", [])[:3]:
             add(f"  FAILED {cid}: {why[:60]}")
+        other = ex.get("other")
+        if other:
+            add(f"  the same with detect_on = {other['detect_on']}: {other['clips_per_s']:.2f} clips/s over "
+                f"{other['ok']} ids, waiting for prepared clips {100 * other['wait_share_of_wall']:.0f}%")
     add("-" * 78)
     if tr.get("error"):
         add(f"part 2 training FAILED: {tr['error']}")
@@ -640,6 +666,8 @@ def main() -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--detect-on", default="auto", choices=("auto", "prep", "encoder"),
                     help="where MTCNN runs (auto: per micro-batch on the GPU when there is one, else per clip)")
+    ap.add_argument("--compare-budget-s", type=float, default=45.0,
+                    help="then extract with faces tracked the other way for about this long (0: skip)")
     ap.add_argument("--cpu-smoke", action="store_true", help="one clip and a tiny LM on the CPU (automatic without CUDA)")
     ap.add_argument("--skip-extract", action="store_true")
     ap.add_argument("--skip-train", action="store_true")
