@@ -371,7 +371,7 @@ def use_track(prep: Prepared, frames: np.ndarray, plan: FramePlan, track: faces.
     prep.crops = track.crops
 
 
-def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector, crop_size: int) -> None:
+def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector) -> None:
     """The face inputs of the prepared clips whose frames wait (detect_on = "encoder"): one batched
     `track_many` for all of them on the detector's device. A clip that cannot be finished gets an error;
     if MTCNN itself fails, they all do."""
@@ -384,14 +384,14 @@ def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector, crop
                                      [[p.plan.wanted[a] for a in p.plan.anchors] for p in todo])
     except Exception as e:  # noqa: BLE001 - the micro-batch's clips fail with the reason; the run goes on
         log.debug("face detection failed", exc_info=True)
-        tracks = [e] * len(todo)
+        for p in todo:
+            p.error, p.frames = f"face detection error: {type(e).__name__}: {e}", None
+        return
 
     def finish(i: int) -> None:
-        p, track = todo[i], tracks[i]
+        p = todo[i]
         try:
-            if isinstance(track, Exception):
-                raise track
-            use_track(p, p.frames, p.plan, track, crop_size)
+            use_track(p, p.frames, p.plan, tracks[i], detector.settings.crop_size)
         except Exception as e:  # noqa: BLE001 - one bad clip must never stop a run; the reason is kept
             p.error = f"face detection error: {type(e).__name__}: {e}"
         p.frames = None
@@ -549,7 +549,7 @@ def _encode_groups(jobs: Sequence[ClipJob], stream: Iterator[Prepared], settings
         t = time.perf_counter()
         prepared = [next(stream) for _ in group]
         sec["wait"] = sec.get("wait", 0.0) + time.perf_counter() - t   # the encoding side idle
-        track_faces(prepared, m.detector, settings.faces.crop_size)
+        track_faces(prepared, m.detector)
         for p in prepared:
             for stage, s in p.seconds.items():
                 sec[stage] = sec.get(stage, 0.0) + s

@@ -137,7 +137,7 @@ def test_faces_tracked_on_the_encoding_side_equal_those_of_the_preparation_proce
     real = m.detector.track_many
     m.detector.track_many = lambda frames, times: calls.append(len(frames)) or real(frames, times)
     try:
-        step.track_faces(waiting, m.detector, settings.faces.crop_size)
+        step.track_faces(waiting, m.detector)
     finally:
         del m.detector.track_many
     assert calls == [len(clips)]                                      # one pass for all the clips
