@@ -310,6 +310,23 @@ def centre_square(width: int, height: int) -> np.ndarray:
 Detections = tuple[list[np.ndarray], list[np.ndarray]]   # per frame: [k, 4] boxes in frame pixels, [k] probabilities
 
 
+Small = tuple[np.ndarray, float, float]   # frames downscaled for MTCNN, and the factors (x, y) back to frame pixels
+
+
+def detection_frames(frames: np.ndarray, side: int) -> Small:
+    """The frames ([N, H, W, 3] uint8) downscaled to `side` (longest side) for MTCNN, and the factors back
+    to frame pixels; frames no larger are returned as they are."""
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be [N, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
+    h, w = frames.shape[1:3]
+    scale = min(1.0, side / max(h, w))
+    if scale >= 1.0 or len(frames) == 0:
+        return frames, 1.0, 1.0
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    small = np.stack([np.asarray(Image.fromarray(f).resize((sw, sh), Image.BILINEAR)) for f in frames])
+    return small, w / sw, h / sh
+
+
 class FaceDetector:
     """MTCNN, loaded once on ``device``; ``track`` turns the frames of one clip into face crops,
     ``track_many`` those of several clips with one batched MTCNN pass (worth it on a GPU)."""
@@ -336,27 +353,19 @@ class FaceDetector:
             post_process=False, device=device,
         )
 
-    def _small(self, frames: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """The frames downscaled to detect_side (longest side), and the factors back to frame pixels."""
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-            raise ValueError(f"frames must be [N, H, W, 3] uint8, got {frames.shape} {frames.dtype}")
-        h, w = frames.shape[1:3]
-        scale = min(1.0, self.settings.detect_side / max(h, w))
-        if scale >= 1.0 or len(frames) == 0:
-            return frames, 1.0, 1.0
-        sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
-        small = np.stack([np.asarray(Image.fromarray(f).resize((sw, sh), Image.BILINEAR)) for f in frames])
-        return small, w / sw, h / sh
+    def _small(self, frames: np.ndarray) -> Small:
+        return detection_frames(frames, self.settings.detect_side)
 
     def detect(self, frames: np.ndarray) -> Detections:
         """Per-frame boxes ([k, 4] in frame pixels) and probabilities ([k]) for same-sized frames."""
         return self.detect_many([frames])[0]
 
-    def detect_many(self, clips: Sequence[np.ndarray]) -> list[Detections]:
+    def detect_many(self, clips: Sequence[np.ndarray], smalls: Sequence[Small] | None = None) -> list[Detections]:
         """`detect` for several clips (each [N, H, W, 3] uint8) in as few MTCNN calls as their
         detection sizes allow: clips whose downscaled frames share a size go through together, up to
-        DETECT_CHUNK frames a call. (A frame's result can differ slightly with the batch: `track_many`.)"""
-        smalls = self.each(self._small, clips)
+        DETECT_CHUNK frames a call. (A frame's result can differ slightly with the batch: `track_many`.)
+        ``smalls``: the clips' `detection_frames`, when they were made already."""
+        smalls = self.each(self._small, clips) if smalls is None else smalls
         out: list[Detections] = [([], []) for _ in clips]
         groups: dict[tuple[int, int], list[int]] = {}
         for ci, (small, _, _) in enumerate(smalls):
@@ -403,8 +412,8 @@ class FaceDetector:
         with ThreadPoolExecutor(min(self.threads, len(items)), thread_name_prefix="faces") as pool:
             return list(pool.map(fn, items))
 
-    def track_many(self, clips: Sequence[np.ndarray],
-                   times: Sequence[Sequence[float] | None] | None = None) -> list[FaceTrack]:
+    def track_many(self, clips: Sequence[np.ndarray], times: Sequence[Sequence[float] | None] | None = None,
+                   smalls: Sequence[Small] | None = None) -> list[FaceTrack]:
         """`track` for several clips, their MTCNN work batched across clips (`detect_many`: on a GPU,
         one pass for many clips). Each track is what `track` gives for its clip alone up to MTCNN's
         float differences between batch compositions, which can tip a detection: on the CPU, 1 box of
@@ -413,7 +422,10 @@ class FaceDetector:
 
         MTCNN runs on `detect_positions` (every ``detect_every``-th frame), then once more, for all the
         clips together, on the frames that `refine_positions` asks for: those between two detected
-        frames where the track was lost on either side or moved too much to interpolate."""
+        frames where the track was lost on either side or moved too much to interpolate.
+
+        ``smalls``: each clip's frames as `detection_frames` makes them for ``detect_side``, when the
+        process that decoded them made them too (the extraction step's preparation processes)."""
         st = self.settings
         times = [None] * len(clips) if times is None else list(times)
         if len(times) != len(clips):
@@ -424,11 +436,14 @@ class FaceDetector:
                 raise ValueError("track: no frames")
             if len(t) != len(f):
                 raise ValueError(f"track: {len(t)} times for {len(f)} frames")
+        if smalls is not None and [len(s[0]) for s in smalls] != [len(f) for f in clips]:
+            raise ValueError("track_many: the downscaled frames do not match the clips' frames")
         found: list[dict[int, tuple[np.ndarray, np.ndarray, list | None]]] = [{} for _ in clips]
         todo = [detect_positions(len(f), st.detect_every) for f in clips]
         result: list[tuple[list[int], np.ndarray | None, np.ndarray | None]] = [([], None, None)] * len(clips)
         for pass_ in range(2):
-            dets = self.detect_many([f[p] for f, p in zip(clips, todo)])
+            dets = self.detect_many([f[p] for f, p in zip(clips, todo)],
+                                    None if smalls is None else [(s[p], sx, sy) for (s, sx, sy), p in zip(smalls, todo)])
 
             def follow(ci: int) -> list[int]:
                 """Clip ci's track from its detections so far; the positions still to detect (pass 0)."""

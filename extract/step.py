@@ -233,10 +233,7 @@ class Prepared:
     crops: np.ndarray | None = None       # every tracked frame's face crop (for previews)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
-    # faces tracked on the encoding side (detect_on = "encoder"): the decoded frames and their plan, until
-    # `track_faces` turns them into the face inputs
-    frames: np.ndarray | None = None
-    plan: FramePlan | None = None
+    waiting: Waiting | None = None   # detect_on = "encoder": what `track_faces` makes the face inputs of
 
     def to_tensors(self) -> "Prepared":
         """The arrays as torch tensors (zero-copy), so a preparation process sends them through shared
@@ -247,15 +244,28 @@ class Prepared:
             return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
         self.inputs = {k: t(v) for k, v in self.inputs.items()}
-        self.crops, self.frames = t(self.crops), t(self.frames)
+        self.crops = t(self.crops)
+        if self.waiting is not None:
+            self.waiting.frames, self.waiting.small = t(self.waiting.frames), t(self.waiting.small)
         return self
 
     def to_arrays(self) -> "Prepared":
         """Back to numpy (views of the shared memory, no copy)."""
         self.inputs = {k: v.numpy() for k, v in self.inputs.items()}
         self.crops = None if self.crops is None else self.crops.numpy()
-        self.frames = None if self.frames is None else self.frames.numpy()
+        if self.waiting is not None:
+            self.waiting.frames, self.waiting.small = self.waiting.frames.numpy(), self.waiting.small.numpy()
         return self
+
+
+@dataclass
+class Waiting:
+    """A decoded clip whose faces the encoding side tracks (detect_on = "encoder")."""
+
+    frames: np.ndarray            # the decoded frames (FramePlan.wanted)
+    small: np.ndarray             # its anchor frames downscaled for MTCNN (faces.detection_frames) ...
+    scale: tuple[float, float]    # ... and the factors (x, y) back to frame pixels
+    plan: FramePlan
 
 
 @dataclass(frozen=True)
@@ -297,7 +307,7 @@ def frame_plan(n_total: int, fr: FrameSettings) -> tuple[list[int], list[int], l
 
 def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetector | None) -> Prepared:
     """Decode a clip and make its inputs. With a `detector`, the face inputs too; without one (faces
-    tracked on the encoding side), the decoded frames wait in `Prepared.frames` for `track_faces`."""
+    tracked on the encoding side), the decoded frames wait in `Prepared.waiting` for `track_faces`."""
     prep = Prepared(job, {"id": job.id})
     t0 = time.perf_counter()
     try:
@@ -336,8 +346,9 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         prep.inputs[WAVEFORM] = audio
         t1 = time.perf_counter()
         prep.seconds["decode"] = t1 - t0
-        if detector is None:
-            prep.frames, prep.plan = frames, plan
+        if detector is None:   # downscaled for MTCNN here, where the cores are
+            small, sx, sy = faces.detection_frames(frames[plan.anchors], settings.faces.detect_side)
+            prep.waiting = Waiting(frames, small, (sx, sy), plan)
             return prep
         # MTCNN sees every faces.detect_every-th anchor frame; boxes between are interpolated in time
         # (their frame indices)
@@ -375,26 +386,28 @@ def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector) -> N
     """The face inputs of the prepared clips whose frames wait (detect_on = "encoder"): one batched
     `track_many` for all of them on the detector's device. A clip that cannot be finished gets an error;
     if MTCNN itself fails, they all do."""
-    todo = [p for p in prepared if p.error is None and p.frames is not None]
+    todo = [p for p in prepared if p.error is None and p.waiting is not None]
     if not todo:
         return
     t = time.perf_counter()
+    ws = [p.waiting for p in todo]
     try:
-        tracks = detector.track_many([p.frames[p.plan.anchors] for p in todo],
-                                     [[p.plan.wanted[a] for a in p.plan.anchors] for p in todo])
+        tracks = detector.track_many([w.frames[w.plan.anchors] for w in ws],
+                                     [[w.plan.wanted[a] for a in w.plan.anchors] for w in ws],
+                                     smalls=[(w.small, *w.scale) for w in ws])
     except Exception as e:  # noqa: BLE001 - the micro-batch's clips fail with the reason; the run goes on
         log.debug("face detection failed", exc_info=True)
         for p in todo:
-            p.error, p.frames = f"face detection error: {type(e).__name__}: {e}", None
+            p.error, p.waiting = f"face detection error: {type(e).__name__}: {e}", None
         return
 
     def finish(i: int) -> None:
-        p = todo[i]
+        p, w = todo[i], ws[i]
         try:
-            use_track(p, p.frames, p.plan, tracks[i], detector.settings.crop_size)
+            use_track(p, w.frames, w.plan, tracks[i], detector.settings.crop_size)
         except Exception as e:  # noqa: BLE001 - one bad clip must never stop a run; the reason is kept
             p.error = f"face detection error: {type(e).__name__}: {e}"
-        p.frames = None
+        p.waiting = None
 
     detector.each(finish, range(len(todo)))
     share = (time.perf_counter() - t) / len(todo)

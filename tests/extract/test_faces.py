@@ -19,6 +19,7 @@ from emollama.extract.faces import (
     FaceSettings,
     FaceTrack,
     appearance,
+    detection_frames,
     crop,
     detect_positions,
     fill_boxes,
@@ -364,6 +365,22 @@ def test_detector_scales_boxes_back_to_frame_pixels(detector):
     big_boxes, _ = detector.detect(big)
     assert len(small_boxes[0]) >= 1 and len(big_boxes[0]) >= 1
     assert np.allclose(big_boxes[0][0], small_boxes[0][0] * 4, atol=24)
+
+
+def test_frames_downscaled_where_they_were_decoded_give_the_same_tracks():
+    """track_many(smalls=...): the preparation processes downscale for MTCNN; the tracks are the same."""
+    rng = np.random.default_rng(6)
+    clips = [np.repeat(np.repeat(render_frames(e, rng, 5, (320, 240), np.zeros(5), peak=2), 2, axis=1), 2, axis=2)
+             for e in ("happy", "angry")]   # 640 x 480: downscaled to 320 for detection
+    det = FaceDetector(FaceSettings(detect_side=320, detect_every=2))
+    here = det.track_many(clips)
+    small = [detection_frames(c, 320) for c in clips]
+    assert small[0][0].shape == (5, 240, 320, 3) and small[0][1:] == (2.0, 2.0)
+    given = det.track_many(clips, smalls=small)
+    for a, b in zip(here, given):
+        assert a.found and np.array_equal(a.boxes, b.boxes) and np.array_equal(a.crops, b.crops)
+    with pytest.raises(ValueError, match="do not match"):
+        det.track_many(clips, smalls=[small[0], (small[1][0][:3], 2.0, 2.0)])
 
 
 def test_no_face_gives_whole_frames(detector):

@@ -132,17 +132,19 @@ def test_faces_tracked_on_the_encoding_side_equal_those_of_the_preparation_proce
     waiting = list(step.prepared_clips(clips, _on_encoder(settings, prep_workers=2), m))
     for p in waiting:
         assert p.error is None and set(p.inputs) == {WAVEFORM} and "faces" not in p.seconds
-        assert isinstance(p.frames, np.ndarray) and p.frames.shape[0] == len(p.plan.wanted)
+        w = p.waiting
+        assert isinstance(w.frames, np.ndarray) and w.frames.shape[0] == len(w.plan.wanted)
+        assert isinstance(w.small, np.ndarray) and len(w.small) == len(w.plan.anchors)   # downscaled there
     calls = []
     real = m.detector.track_many
-    m.detector.track_many = lambda frames, times: calls.append(len(frames)) or real(frames, times)
+    m.detector.track_many = lambda frames, times, smalls: calls.append(len(frames)) or real(frames, times, smalls)
     try:
         step.track_faces(waiting, m.detector)
     finally:
         del m.detector.track_many
     assert calls == [len(clips)]                                      # one pass for all the clips
     for a, b in zip(base, waiting):
-        assert b.error is None and b.frames is None and b.seconds["faces"] > 0
+        assert b.error is None and b.waiting is None and b.seconds["faces"] > 0
         assert a.record == b.record
         for kind in (WAVEFORM, FACE_FRAMES, FACE_CLIP, FRAME):
             np.testing.assert_array_equal(a.inputs[kind], b.inputs[kind], err_msg=kind)
@@ -158,11 +160,11 @@ def test_a_face_detection_error_on_the_encoding_side_fails_its_micro_batch_only(
     calls = []
     real = m.detector.track_many
 
-    def flaky(frames, times):
+    def flaky(frames, times, smalls):
         calls.append(len(frames))
         if len(calls) == 1:
             raise RuntimeError("CUDA out of memory")
-        return real(frames, times)
+        return real(frames, times, smalls)
 
     store = FeatureStore.open(tmp_path / "s.zarr")
     specs = step.describe(s)
