@@ -113,11 +113,14 @@ class PrepPool:
             generator=torch.Generator().manual_seed(0))   # its own generator: the global RNG is not drawn on
 
     def map(self, items: Iterable) -> Iterator[Any]:
-        """fn of each item, in order. A worker that dies raises (RuntimeError): close this pool then."""
+        """fn of each item, in order. A worker that dies raises (RuntimeError): close this pool then.
+
+        The workers start (or, after the first pass, resume) here, in the calling thread; the results may
+        then be read from any thread. (Workers forked from another thread exit with status 1 when closed,
+        which torch reports as a dead worker: tests/extract/test_prep.py.)"""
         self._jobs.items = list(items)
-        if not self._jobs.items:
-            return
-        yield from self._loader
+        passing = iter(self._loader) if self._jobs.items else iter(())
+        return (x for x in passing)
 
     def close(self) -> None:
         it = getattr(self._loader, "_iterator", None)

@@ -53,6 +53,23 @@ def test_a_pass_left_half_way_does_not_leak_into_the_next():
         pool.close()
 
 
+def test_a_pass_read_from_another_thread_forks_in_the_calling_one_and_closes_cleanly():
+    """A pass may be read from another thread (a look-ahead); its workers are forked by `map`, in the
+    calling thread. (Workers forked from another thread exit with status 1 when closed, and torch reported
+    that as a dead worker in the next run.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(2):
+        pool = prep.PrepPool(_square, 1, workers=2)
+        passing = pool.map(range(4))                                  # the workers start here
+        workers = list(pool._loader._iterator._workers)
+        assert all(w.is_alive() for w in workers)
+        with ThreadPoolExecutor(1) as reader:
+            assert reader.submit(lambda: [r["item"] for r in passing]).result() == [0, 1, 2, 3]
+        pool.close()
+        assert [w.exitcode for w in workers] == [0, 0]
+
+
 def test_thread_map_keeps_order_and_reads_ahead():
     seen = []
 
@@ -102,8 +119,10 @@ def test_prepared_clips_are_the_same_from_processes_and_from_a_thread(clips, set
     import dataclasses
 
     m = step.models(settings)
-    by_thread = list(step.prepared_clips(clips, dataclasses.replace(settings, prep_workers=0), m))
+    # processes first: a process that has run torch on another thread (the preparation thread) may not
+    # fork safely afterwards (its OpenMP state: a forked worker spun in MTCNN's Linear)
     by_procs = list(step.prepared_clips(clips, dataclasses.replace(settings, prep_workers=2), m))
+    by_thread = list(step.prepared_clips(clips, dataclasses.replace(settings, prep_workers=0), m))
     assert [p.job.id for p in by_procs] == [c.id for c in clips]
     for a, b in zip(by_thread, by_procs):
         assert a.error is None and b.error is None
