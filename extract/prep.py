@@ -14,6 +14,11 @@ pool serves every task a worker process runs.
 Workers are forked: they start in milliseconds with the parent's imports and its CPU face detector,
 and never touch CUDA. A daemonic process (a default dask worker) may not start children: there the
 preparation falls back to a thread of the encoding process (`usable_workers` says why).
+
+Forking has one rule: start the processes before torch computes on a CPU in any thread but this one.
+A process that prepared clips in a thread (`prep_workers = 0`: MTCNN there) and then started a pool
+had a worker spin forever in MTCNN's first Linear layer (2 runs in 8 of tests/extract/test_prep.py).
+One run of `emollama extract` uses one or the other, never both.
 """
 
 from __future__ import annotations
