@@ -4,7 +4,7 @@ MTCNN runs on every ``detect_every``-th frame of a clip (the first and last alwa
 ``detect_side``, all in one batched call on the detector's device; a second call takes the frames next
 to one where the track was lost or moved too far to interpolate (`refine_positions`).
 `FaceDetector.track_many` batches the frames of several clips, grouped by detection size: the
-extraction step uses it on the encoding device for each micro-batch when ``detect_on`` says so (the
+extraction step uses it on the encoding device for a group of clips when ``detect_on`` says so (the
 default on a GPU), and tracks clip by clip in its preparation processes otherwise. The main face is
 then followed frame to frame:
 
@@ -73,8 +73,8 @@ class FaceSettings:
     # continue the track
     appearance_min: float = value(0.7, inputs=FACE_INPUTS, min=-1.0, max=1.0)
     # where MTCNN runs. prep: each clip alone, on the CPU of a preparation process (values do not depend on
-    # batching) | encoder: the frames of each micro-batch of clips together, on the encoders' device (a GPU's
-    # speed; values can differ slightly with the batch) | auto: encoder when the encoders run on a GPU, else prep
+    # batching) | encoder: the frames of 16 clips together, on the encoders' device (a GPU's speed; values
+    # can differ slightly with the batch) | auto: encoder when the encoders run on a GPU, else prep
     detect_on: str = value("auto", inputs=FACE_INPUTS, choices=DETECT_ON)
 
     def to_dict(self) -> dict:
@@ -356,6 +356,13 @@ class FaceDetector:
     def _small(self, frames: np.ndarray) -> Small:
         return detection_frames(frames, self.settings.detect_side)
 
+    def mtcnn_detect(self, frames: np.ndarray) -> tuple[list, list]:
+        """One MTCNN call on same-sized frames: what facenet-pytorch's ``MTCNN.detect`` returns, with its
+        candidate crops made in one batched operation (`extract.mtcnn`: same values, far fewer kernels)."""
+        from emollama.extract.mtcnn import detect as detect_batched   # imports torch
+
+        return detect_batched(self.mtcnn, frames)
+
     def detect(self, frames: np.ndarray) -> Detections:
         """Per-frame boxes ([k, 4] in frame pixels) and probabilities ([k]) for same-sized frames."""
         return self.detect_many([frames])[0]
@@ -377,7 +384,7 @@ class FaceDetector:
             probs: list = []
             for k in range(0, len(batch), DETECT_CHUNK):
                 chunk = batch[k:k + DETECT_CHUNK]
-                b, p = self.mtcnn.detect(chunk)
+                b, p = self.mtcnn_detect(chunk)
                 boxes += list(b)
                 probs += list(p)
                 self.work.calls += 1

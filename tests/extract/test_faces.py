@@ -205,8 +205,12 @@ def scene(faces_at: list[dict[str, list]], size=(240, 320)) -> tuple[np.ndarray,
 
 
 def fake_detector(table, **settings) -> FaceDetector:
-    det = FaceDetector(FaceSettings(**settings))
+    return use_fake(FaceDetector(FaceSettings(**settings)), table)
+
+
+def use_fake(det: FaceDetector, table) -> FaceDetector:
     det.mtcnn = FakeMTCNN(table)
+    det.mtcnn_detect = det.mtcnn.detect
     return det
 
 
@@ -274,7 +278,7 @@ def test_track_many_batches_clips_and_equals_one_clip_at_a_time():
     assert np.allclose(raw_boxes(tracks[1])[3], [150, 67, 210, 127])   # t = 5: 3/4 of the way from t = 2 to 6
     # the CPU work around MTCNN on threads, one clip each: the same calls and the same tracks
     threaded = FaceDetector(FaceSettings(detect_every=2), threads=3)
-    threaded.mtcnn = FakeMTCNN(table)
+    use_fake(threaded, table)
     assert {n.split("_")[0] for n in threaded.each(lambda _: threading.current_thread().name, range(3))} == {"faces"}
     again = threaded.track_many([fa, fb, fc], [None, [0, 1, 2, 5, 6], None])
     assert threaded.mtcnn.calls == det.mtcnn.calls
