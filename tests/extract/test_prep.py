@@ -4,6 +4,7 @@ fallback where a process may not have children."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -135,8 +136,6 @@ def test_prepared_clips_are_the_same_from_processes_and_from_a_thread(clips, set
 
 
 def _on_encoder(settings, **kw):
-    import dataclasses
-
     return dataclasses.replace(settings, faces=dataclasses.replace(settings.faces, detect_on="encoder"), **kw)
 
 
@@ -170,9 +169,18 @@ def test_faces_tracked_on_the_encoding_side_equal_those_of_the_preparation_proce
     prep.close_pools()
 
 
-def test_a_face_detection_error_on_the_encoding_side_fails_its_micro_batch_only(clips, settings, tmp_path):
+def test_the_encoding_side_finds_faces_for_whole_micro_batches_of_at_least_face_group_clips(settings):
+    assert step.FACE_GROUP == 16
+    assert step.face_group(_on_encoder(settings, micro_batch=4)) == 16
+    assert step.face_group(_on_encoder(settings, micro_batch=5)) == 20   # whole micro-batches
+    assert step.face_group(_on_encoder(settings, micro_batch=32)) == 32
+    assert step.face_group(dataclasses.replace(settings, micro_batch=4)) == 4   # prep: a micro-batch
+
+
+def test_a_face_detection_error_on_the_encoding_side_fails_its_group_only(clips, settings, tmp_path, monkeypatch):
     from emollama.store import FeatureStore
 
+    monkeypatch.setattr(step, "FACE_GROUP", 2)
     s = _on_encoder(settings, prep_workers=2)                         # micro_batch 2
     m = step.models(s)
     calls = []
