@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from facenet_pytorch.models.utils.detect_face import (
+    batched_nms, batched_nms_numpy, bbreg, fixed_batch_process, generateBoundingBox, imresample, pad, rerec,
+)
 
 BOX_CHUNK = 4096   # candidate boxes cropped at a time (bounds the gather's memory)
 
@@ -70,8 +73,6 @@ def _stage_input(sat: torch.Tensor, image_inds: torch.Tensor, boxes: torch.Tenso
                  size: int) -> torch.Tensor | None:
     """A stage's network input for its candidate boxes, or None where facenet-pytorch's loop would skip
     a box (an empty window after clipping), which this module does not imitate (`detect` falls back)."""
-    from facenet_pytorch.models.utils.detect_face import pad
-
     y, ey, x, ex = pad(boxes, w, h)
     if not ((ey > y - 1) & (ex > x - 1)).all():
         return None
@@ -85,10 +86,6 @@ class _Skipped(Exception):
 def _detect_face(imgs_u8: torch.Tensor, minsize: int, pnet, rnet, onet, threshold, factor: float):
     """facenet-pytorch's ``detect_face`` for uint8 images [B, H, W, 3] on the networks' device, with
     `area_crops` for the second and third stages. Returns per-image box arrays [k, 5] (x1, y1, x2, y2, p)."""
-    from facenet_pytorch.models.utils.detect_face import (
-        batched_nms, batched_nms_numpy, bbreg, fixed_batch_process, generateBoundingBox, imresample, rerec,
-    )
-
     u8 = imgs_u8.permute(0, 3, 1, 2)
     imgs = u8.type(next(pnet.parameters()).dtype)
     batch_size = len(imgs)
