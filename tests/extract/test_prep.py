@@ -117,8 +117,6 @@ def settings():
 
 
 def test_prepared_clips_are_the_same_from_processes_and_from_a_thread(clips, settings, tmp_path):
-    import dataclasses
-
     m = step.models(settings)
     # processes first: a process that has run torch on another thread (the preparation thread) may not
     # fork safely afterwards (its OpenMP state: a forked worker spun in MTCNN's Linear)
@@ -141,9 +139,7 @@ def _on_encoder(settings, **kw):
 
 def test_faces_tracked_on_the_encoding_side_equal_those_of_the_preparation_processes(clips, settings):
     """detect_on = "encoder": the processes only decode (the frames come through shared memory) and one
-    batched MTCNN pass per micro-batch gives the crops the processes give clip by clip (on this CPU)."""
-    import dataclasses
-
+    batched MTCNN pass per face group gives the crops the processes give clip by clip (on this CPU)."""
     m = step.models(settings)
     base = list(step.prepared_clips(clips, dataclasses.replace(settings, prep_workers=2), m))
     waiting = list(step.prepared_clips(clips, _on_encoder(settings, prep_workers=2), m))
@@ -226,8 +222,6 @@ def _dies_on(job, settings):
 def test_a_dead_preparation_process_fails_its_task_only(clips, settings, tmp_path, monkeypatch):
     """A process that dies (a segfault in a decoder) fails the task it was preparing: nothing of that
     task is committed, and the next task gets a fresh pool and completes."""
-    import dataclasses
-
     from emollama.store import FeatureStore
 
     s = dataclasses.replace(settings, prep_workers=2)
