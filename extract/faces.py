@@ -73,8 +73,9 @@ class FaceSettings:
     # continue the track
     appearance_min: float = value(0.7, inputs=FACE_INPUTS, min=-1.0, max=1.0)
     # where MTCNN runs. prep: each clip alone, on the CPU of a preparation process (values do not depend on
-    # batching) | encoder: the frames of 16 clips together, on the encoders' device (a GPU's speed; values
-    # can differ slightly with the batch) | auto: encoder when the encoders run on a GPU, else prep
+    # batching) | encoder: the frames of several clips together (extract.step.FACE_GROUP), on the encoders'
+    # device (a GPU's speed; values can differ slightly with the batch) | auto: encoder when the encoders run
+    # on a GPU, else prep
     detect_on: str = value("auto", inputs=FACE_INPUTS, choices=DETECT_ON)
 
     def to_dict(self) -> dict:

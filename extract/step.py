@@ -399,7 +399,7 @@ def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector) -> N
         tracks = detector.track_many([w.frames[w.plan.anchors] for w in ws],
                                      [[w.plan.wanted[a] for a in w.plan.anchors] for w in ws],
                                      smalls=[(w.small, *w.scale) for w in ws])
-    except Exception as e:  # noqa: BLE001 - the micro-batch's clips fail with the reason; the run goes on
+    except Exception as e:  # noqa: BLE001 - the group's clips fail with the reason; the run goes on
         log.debug("face detection failed", exc_info=True)
         for p in todo:
             p.error, p.waiting = f"face detection error: {type(e).__name__}: {e}", None
