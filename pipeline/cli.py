@@ -16,8 +16,10 @@ def on_terminal() -> bool:
     """Whether someone watches stderr: progress bars default to on there and to off in logs and pipes."""
     return sys.stderr.isatty()
 
+# Plain help text: Rich markup would eat every "[...]" of it ([extract.encoders.*], [dataset]).
 app = typer.Typer(
     no_args_is_help=True,
+    rich_markup_mode=None,
     add_completion=False,
     help="emollama: multimodal emotion recognition with an instruction-tuned LLM, in two stages "
          "(extract frozen features once into a Zarr store; train projectors + LoRA over them).",

@@ -1,4 +1,5 @@
-"""`emollama score`: the project's metrics for any predictions file (other systems included)."""
+"""`emollama eval`, `infer` and `score` on the command line: thin layers over `pipeline.evaluation`,
+`pipeline.inference` and `train.scoring`."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def register(app: typer.Typer) -> None:
 
 
 def _fail(e: Exception, code: int = 2) -> None:
-    from emollama.pipeline.evaluation import EvalStorageError
+    from emollama.pipeline.features import EvalStorageError
 
     if isinstance(e, EvalStorageError):
         code = 4          # a storage error: the eval store cannot be written
@@ -60,22 +61,58 @@ def _fail(e: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What eval and infer print as one line (exit 2): everything a user can fix; the rest is a bug."""
+    from emollama.corpora import DatasetError
+    from emollama.pipeline.features import EvalError
+    from emollama.train.checkpoint import CheckpointError
+    from emollama.train.emer import JudgeError
+    from emollama.train.model import MissingModelError
+    from emollama.train.prompt import ChatTemplateError
+    from emollama.train.run import RunError
+
+    return (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, JudgeError, ChatTemplateError,
+            FileNotFoundError, KeyError)
+
+
 CACHE_HELP = ("Where clips missing from the training store are extracted (default: <run>/eval-store.zarr). "
               "The training store (--store, default the run's) is only read, never written; reruns reuse "
               "what this store holds.")
 
 
+def _progress(progress: Optional[bool]) -> bool:
+    from emollama.pipeline.cli import on_terminal
+
+    return on_terminal() if progress is None else progress
+
+
+def _dataset_options(option: Optional[List[str]], labels_csv: Optional[str]) -> Optional[dict]:
+    """--option KEY=VALUE items and --labels-csv as a dataset's options (None: none given, the run's stay)."""
+    from emollama.corpora import parse_options
+
+    opts = parse_options(option or [], labels_csv=labels_csv)
+    return opts or None
+
+
 def eval_cmd(
-    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train`)."),
-    dataset: str = typer.Option(..., "--dataset", "-d", help="mer2023 | merr | dfew | emer"),
-    data: str = typer.Option(..., "--data", help="The corpus folder (emer: the CSV name,chinese,english or its folder)."),
+    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train` or `import-checkpoint`)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Any dataset `emollama datasets` lists "
+                                          "(mer2023, merr, dfew, folder, emer, ...); default: the run's."),
+    data: Optional[str] = typer.Option(None, "--data", help="The corpus folder (emer: the CSV name,chinese,english "
+                                       "or its folder); default: the run's."),
+    labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label[,sentence,split] "
+                                             "(the labels of your own videos)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="A dataset option KEY=VALUE (repeatable; "
+                                               "`emollama datasets` lists them); default: the run's."),
     store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); "
                                         "never written."),
     cache_store: Optional[str] = typer.Option(None, "--cache-store", help=CACHE_HELP),
-    split: str = typer.Option("test", "--split", help="The split to evaluate."),
+    split: Optional[str] = typer.Option(None, "--split", help="The split to evaluate, or `all` (default: test where "
+                                        "the dataset has it, else every labelled clip)."),
     fold: Optional[int] = typer.Option(None, "--fold", help="DFEW fold 1-5."),
     all_folds: bool = typer.Option(False, "--all-folds", help="DFEW: each of the five folds, then their mean."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N labelled clips of the split."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N labelled clips of the split "
+                                        "(reported in its own folder)."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label set to evaluate over "
                                          "(default: the corpus labels the run knows or the clips carry)."),
     label_map: Optional[List[str]] = typer.Option(None, "--label-map", help="FROM=TO: the model's label FROM counts "
@@ -88,7 +125,11 @@ def eval_cmd(
                                  "(into --cache-store)."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate answers and parse them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Reports here instead of <run>/eval/."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a report of another scope (dataset, split, "
+                                   "limit, labels, ...) in the report folder."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="The base LM (a local folder or hub id) instead of the "
+                                      "run's: e.g. your copy of Llama-2-7b-chat-hf for an imported run."),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="EMER judge: OpenAI-compatible base URL "
                                             "(env EMOLLAMA_JUDGE_URL)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="EMER judge model (env EMOLLAMA_JUDGE_MODEL)."),
@@ -96,92 +137,121 @@ def eval_cmd(
                                "public evaluation script's: all feature embeddings at <video>; emotion-llama runs)."),
     feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET: which store set feeds an imported "
                                                 "run's ROLE (local, temporal, audio, global) where several could."),
-    progress: bool = typer.Option(False, "--progress/--no-progress"),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Progress bars (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
-    """Evaluate a trained run: MER2023 / MERR (weighted F1, accuracy, per class, confusion matrix),
-    DFEW (UAR and WAR per fold and averaged), EMER (Clue / Label Overlap by an LLM judge, else a
-    lexical proxy). Labels come three ways: closed set (label likelihoods), the parsed generated
-    answer, and the public scorer on the generated answer (last word; outside the labels -> neutral). Reports go to <run>/eval/<dataset>[-fold<k>]/ (metrics.json, report.md, figures).
-    Clips missing from the run's store are extracted with the settings of its feature sets into
-    --cache-store (default <run>/eval-store.zarr); the run's store is only read. Exit status 4 when
-    that store cannot be written."""
-    from emollama.pipeline.evaluation import EvalError, EvalOptions, evaluate
-    from emollama.corpora import DatasetError
-    from emollama.train.checkpoint import CheckpointError
-    from emollama.train.emer import JudgeError
-    from emollama.train.model import MissingModelError
-    from emollama.train.run import RunError
+    """Evaluate a run on any dataset: MER2023 / MERR / a folder of your own labelled videos (weighted F1,
+    accuracy, per class, confusion matrix), DFEW (UAR and WAR per fold and averaged), EMER (Clue / Label
+    Overlap by an LLM judge, else a lexical proxy). Labels come three ways: closed set (label
+    likelihoods), the parsed generated answer, and the public scorer on the generated answer (last word;
+    outside the labels -> neutral). Reports go to <run>/eval/<dataset>[-fold<k>][-<split>][-first<N>]/
+    (metrics.json, report.md, figures, predictions). Clips missing from the run's store are extracted with
+    the settings of its feature sets into --cache-store (default <run>/eval-store.zarr); the run's store
+    is only read. Exit status 2 for a usage error, 4 when the eval store cannot be written."""
+    from emollama.corpora import DFEW_FOLDS, DatasetError
+    from emollama.pipeline.evaluation import EvalOptions, evaluate
 
     if fold is not None and all_folds:
         _fail(ValueError("--fold and --all-folds exclude each other"))
     if fold is not None and fold not in DFEW_FOLDS:
         _fail(ValueError(f"--fold {fold}: DFEW folds are 1..5"))
-    if dataset in ADAPTERS and ADAPTERS[dataset].folds and fold is None and not all_folds:
+    if dataset is not None and dataset in ADAPTERS and ADAPTERS[dataset].folds and fold is None and not all_folds:
         fold = ADAPTERS[dataset].folds[0]
+    try:
+        options = _dataset_options(option, labels_csv)
+    except DatasetError as e:
+        _fail(e)
     opts = EvalOptions(run=str(run), dataset=dataset, data=data, store=store, split=split, fold=fold, limit=limit,
-                       labels=[x for x in labels.split(",") if x.strip()] if labels else None,
+                       options=options, labels=[x for x in labels.split(",") if x.strip()] if labels else None,
                        label_map=list(label_map or []), max_new_tokens=max_new_tokens, reason_tokens=reason_tokens,
                        batch_size=batch_size, workers=workers, extract=extract, generate=generate,
-                       out=str(out) if out else None, device=device, progress=progress,
-                       judge_url=judge_url, judge_model=judge_model, layout=layout, features=list(feature or []),
-                       cache_store=cache_store)
+                       out=str(out) if out else None, overwrite=overwrite, device=device,
+                       progress=_progress(progress), judge_url=judge_url, judge_model=judge_model, layout=layout,
+                       features=list(feature or []), cache_store=cache_store)
     say = (lambda s: None) if as_json else typer.echo
     try:
-        res = evaluate(opts, say=say)
-    except (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, JudgeError,
-            FileNotFoundError, KeyError) as e:
+        res = evaluate(opts, say=say, run=_load_run(run, device, llm))
+    except _user_errors() as e:
         _fail(e)
     if as_json:
         typer.echo(json.dumps(res, indent=2, default=str))
 
 
+def _load_run(run: Path, device: str, llm: Optional[str]):
+    """The run folder loaded quietly (no library loading bars), with ``llm`` instead of its LM if given."""
+    from emollama.pipeline.inference import quiet_loading
+    from emollama.train.run import load_run
+
+    try:
+        with quiet_loading():
+            return load_run(run, device=device, llm=llm)
+    except _user_errors() as e:
+        _fail(e)
+
+
 def infer_cmd(
-    clips: List[Path] = typer.Argument(..., help="Video files."),
-    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train`)."),
+    clips: List[Path] = typer.Argument(..., help="Video files, frame folders, folders of videos (searched "
+                                       "recursively) and list files (.txt: one path a line)."),
+    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train` or `import-checkpoint`)."),
     store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); "
                                         "never written."),
     cache_store: Optional[str] = typer.Option(None, "--cache-store", help=CACHE_HELP),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label set (default: the run's)."),
-    subtitle: Optional[str] = typer.Option(None, "--subtitle", help="What the person says (same for every clip)."),
+    subtitles: Optional[Path] = typer.Option(None, "--subtitles", help="A CSV name,sentence: what each person says "
+                                             "(name: the clip id, its relative path or its file name)."),
+    subtitle: Optional[str] = typer.Option(None, "--subtitle", help="What the person says (the same for every clip)."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", help="Tokens of the reasoning text."),
     reason: bool = typer.Option(True, "--reason/--no-reason", help="Generate the reasoning text."),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Clips per forward pass."),
     workers: int = typer.Option(0, "--workers", "-w", help="Extraction: 0 = in this process."),
     device: str = typer.Option("auto", "--device"),
+    llm: Optional[str] = typer.Option(None, "--llm", help="The base LM (a local folder or hub id) instead of the run's."),
     layout: str = typer.Option("trained", "--layout", help="trained | public-eval (see `emollama eval --help`)."),
     feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET for an imported run (repeat)."),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Write each clip's contact sheet (face crops, "
+                                           "then the global frame) into this folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results to FILE.csv or FILE.jsonl."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Progress bars (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Label, probability of every label and reasoning text for any video, through exactly the
-    features the run was trained on (extracted with its feature sets' settings into --cache-store,
-    default <run>/eval-store.zarr; the run's store is only read). A path that is not a video file (a
-    FIFO, a device, a folder without frames) fails on its own line; exit status 1 when any clip failed."""
-    from emollama.pipeline.evaluation import EvalError, infer
-    from emollama.corpora import DatasetError
-    from emollama.train.checkpoint import CheckpointError
-    from emollama.train.model import MissingModelError
-    from emollama.train.run import RunError
+    """Label, probability of every label, reasoning text and face information for any videos, through
+    exactly the features the run was trained on: a clip a store already holds (found by its content) is
+    read, any other is extracted with the run's feature-set settings into --cache-store (default
+    <run>/eval-store.zarr; the run's store is only read). A clip with no face or a weak face track gets a
+    warning line. Exit status 1 when any clip failed, 2 for a usage error, 4 when the eval store cannot be
+    written."""
+    from emollama.pipeline.inference import Predictor, table_lines, write_predictions
 
+    if out is not None and out.suffix.lower() not in (".csv", ".jsonl"):
+        _fail(ValueError(f"--out {out}: write a .csv or a .jsonl file"))
+    say = (lambda s: None) if as_json else (lambda s: typer.echo(s, err=True))
+    loaded = _load_run(run, device, llm)
     try:
-        results = infer(run, clips, store=store, labels=[x for x in labels.split(",") if x.strip()] if labels else None,
-                        subtitle=subtitle, max_new_tokens=max_new_tokens, workers=workers, device=device,
-                        reason=reason, layout=layout, features=list(feature or []), cache_store=cache_store)
-    except (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, FileNotFoundError, KeyError) as e:
+        from emollama.pipeline.features import run_stores
+
+        predictor = Predictor(loaded, run_stores(loaded, store, cache_store, list(feature or []), say),
+                              layout=layout, say=say)
+        results = predictor.predict(clips, subtitles=subtitles, subtitle=subtitle,
+                                    labels=[x for x in labels.split(",") if x.strip()] if labels else None,
+                                    reason=reason, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    workers=workers, progress=_progress(progress), preview=preview)
+        if out is not None:
+            written = write_predictions(results, out, predictor.run.labels if not labels else
+                                        [x.strip().lower() for x in labels.split(",") if x.strip()])
+    except _user_errors() as e:
         _fail(e)
     if as_json:
-        typer.echo(json.dumps(results, indent=2))
+        typer.echo(json.dumps([r.to_dict() for r in results], indent=2))
     else:
-        if results and results[0].get("note"):
-            typer.echo("NOTE: " + results[0]["note"])
-        for r in results:
-            typer.echo(f"{r['file']}  [{r['id']}]")
-            if r["label"] is None:
-                typer.echo(f"  failed: {r.get('error')}")
-                continue
-            typer.echo(f"  label: {r['label']}")
-            typer.echo("  " + "  ".join(f"{k} {v:.3f}" for k, v in
-                                        sorted(r["probabilities"].items(), key=lambda kv: -kv[1])))
-            if r["reasoning"] is not None:
-                typer.echo(f"  reasoning: {r['reasoning']}")
-    if any(r["label"] is None for r in results):
+        if loaded.tiny:
+            from emollama.train.tiny import TINY_WARNING
+
+            typer.echo("NOTE: " + TINY_WARNING)
+        for line in table_lines(results):
+            typer.echo(line)
+        if out is not None:
+            typer.echo(f"results: {written}")
+    if any(r.error for r in results):
         raise typer.Exit(1)

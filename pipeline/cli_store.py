@@ -17,6 +17,7 @@ import typer
 store_app = typer.Typer(
     help="Inspect and manage a feature store (a local directory or an fsspec URL such as s3://bucket/prefix).",
     no_args_is_help=True,
+    rich_markup_mode=None,   # plain help: Rich markup would eat "[...]"
 )
 
 STORE = typer.Argument(..., help="Store location: a directory or an fsspec URL (s3://bucket/prefix).")

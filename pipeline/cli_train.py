@@ -58,7 +58,12 @@ def import_checkpoint_cmd(
 def train_cmd(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A training TOML (configs/stage1.toml ...)."),
     data: Optional[str] = typer.Option(None, "--data", help="The corpus folder (data.root)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="merr | mer2023 | dfew | folder"),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Any dataset `emollama datasets` lists "
+                                          "(merr, mer2023, dfew, folder, ...)."),
+    labels_csv: Optional[str] = typer.Option(None, "--labels-csv", help="folder: a CSV name,label[,sentence,split] "
+                                             "(the labels of your own videos)."),
+    option: Optional[List[str]] = typer.Option(None, "--option", help="A dataset option KEY=VALUE (repeatable; "
+                                               "`emollama datasets` lists them), e.g. fold=2."),
     store: Optional[str] = typer.Option(None, "--store", "-s", help="The feature store of stage one."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="The run folder."),
     features: Optional[List[str]] = typer.Option(None, "--feature", "-f",
@@ -87,24 +92,36 @@ def train_cmd(
     Under torchrun every process runs this same command (DDP; rank 0 writes the run folder).
     Exit status: 2 a configuration error, 3 the loss diverged, 4 the run folder cannot be written
     (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it."""
-    from emollama.corpora import DatasetError
+    from emollama.corpora import DatasetError, parse_options
     from emollama.store import UnknownSetError
     from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
-    from emollama.train.config import TrainConfigError, TrainSetupError, load_train_config
+    from emollama.train.config import TrainConfigError, TrainSetupError, data_from_run, load_train_config, read_toml
     from emollama.train.loop import TrainingDiverged, train
     from emollama.train.model import MissingModelError
     from emollama.train.prompt import ChatTemplateError
     from emollama.train.run import RunError
 
+    try:
+        options = parse_options(option or [], labels_csv=labels_csv) or None
+    except DatasetError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
     overrides = {
         "data": {"root": data, "dataset": dataset, "store": store, "features": list(features) if features else None,
-                 "tasks": list(tasks) if tasks else None},
+                 "tasks": list(tasks) if tasks else None, "options": options},
         "model": {"profile": profile, "llm": llm, "gradient_checkpointing": gradient_checkpointing},
         "optim": {"lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum},
         "run": {"out": out, "init_from": init_from, "seed": seed, "device": device},
     }
     try:
-        cfg = load_train_config(config, overrides)
+        # the data of the run this one continues (--resume) or starts from (--init-from), where not given
+        given = read_toml(config, overrides, TrainConfigError)
+        lender = given.get("run", {}).get("out" if resume else "init_from")
+        lent = data_from_run(lender) if lender else {}
+        mine = given.get("data", {})
+        if "root" not in lent or "dataset" in mine or "root" in mine:   # the corpus is lent whole, or not at all
+            lent = {k: v for k, v in lent.items() if k == "store"}
+        cfg = load_train_config(config, overrides, defaults={"data": lent})
     except TrainConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2)

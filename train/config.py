@@ -307,11 +307,31 @@ def read_toml(path: str | Path | None, overrides: Mapping[str, Mapping[str, Any]
     return data
 
 
+DATA_FROM_RUN = ("dataset", "root", "store", "options")   # what a run continued or started from lends a new config
+
+
+def data_from_run(run: str | Path) -> dict[str, Any]:
+    """The data section (dataset, root, store, options) of a run folder's saved config, for a run that
+    continues it (``--resume``) or starts from it (``--init-from``); {} when it has none."""
+    import json
+
+    try:
+        saved = json.loads((Path(run) / "config.json").read_text()).get("data") or {}
+    except (OSError, ValueError):
+        return {}
+    return {k: saved[k] for k in DATA_FROM_RUN if saved.get(k)}
+
+
 def load_train_config(path: str | Path | None = None,
-                      overrides: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
-    """Read a TOML file (if any), apply overrides ({section: {key: value}}, None = keep), validate."""
+                      overrides: Mapping[str, Mapping[str, Any]] | None = None,
+                      defaults: Mapping[str, Mapping[str, Any]] | None = None) -> TrainConfig:
+    """Read a TOML file (if any) over ``defaults``, apply overrides ({section: {key: value}}, None = keep),
+    validate."""
     problems: list[str] = []
     data = read_toml(path, overrides, TrainConfigError)
+    for section, values in (defaults or {}).items():
+        for key, value in values.items():
+            data.setdefault(section, {}).setdefault(key, value)
     cfg = from_dict(data, problems)
     problems += cfg.problems()
     if problems:

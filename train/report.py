@@ -98,6 +98,7 @@ def write_report(result: dict, out_dir: Path, predictions: Sequence[Mapping[str,
         confusion_png(m["confusion"], m["labels"], out_dir / fig, f"{result['dataset']}: {title}{note}")
         figures[key] = fig
     result["figures"] = figures
+    result["has_predictions"] = bool(predictions)
     if predictions:
         for key, col in (("closed_set", "closed_set"), ("generated", "answer"), ("public", "public")):
             if key not in result:
@@ -136,13 +137,12 @@ def report_markdown(result: Mapping[str, Any]) -> str:
     if result.get("public"):
         md.append("- public scorer: the public evaluation script's rule (the last space-separated word of the "
                   "answer; anything outside the labels counts as neutral), for comparison with published numbers")
-    md += ["", "| method | accuracy (WAR) | UAR | weighted F1 | macro F1 | answers outside the label set |",
-           "|---|---|---|---|---|---|"]
-    for key, title in METHODS.items():
-        m = result.get(key)
-        if m:
-            md.append(f"| {title} | {m['accuracy']:.4f} | {m['uar']:.4f} | {m['weighted_f1']:.4f} | "
-                      f"{m['macro_f1']:.4f} | {m['unparsed']} |")
+    methods = [(key, title, result[key]) for key, title in METHODS.items() if result.get(key)]
+    if methods:
+        md += ["", "| method | accuracy (WAR) | UAR | weighted F1 | macro F1 | answers outside the label set |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {title} | {m['accuracy']:.4f} | {m['uar']:.4f} | {m['weighted_f1']:.4f} | {m['macro_f1']:.4f} | "
+               f"{m['unparsed']} |" for _, title, m in methods]
     for key, title in METHODS.items():
         m = result.get(key)
         if not m:
@@ -160,8 +160,13 @@ def report_markdown(result: Mapping[str, Any]) -> str:
                f"{e['n']} clips; invalid judgements: {len(e['invalid'])}."]
         if e["method"] == "lexical-proxy":
             md.append("These are lexical-proxy scores (word overlap), not the EMER judge's metric.")
-    md += ["", f"Files: metrics.json, {', '.join(result.get('figures', {}).values()) or 'no figures'}, "
-           "predictions-*.csv (rescore with `emollama score --pred FILE`).", ""]
+    if result.get("files"):
+        md += ["", f"Files: {', '.join(result['files'])}.", ""]
+    else:
+        preds = [f"predictions-{key.replace('_', '-')}.csv" for key, _, _ in methods]
+        md += ["", f"Files: metrics.json, {', '.join(result.get('figures', {}).values()) or 'no figures'}, "
+               + (f"{', '.join(preds)} (rescore with `emollama score --pred FILE`), predictions.jsonl."
+                  if preds and result.get("has_predictions") else "no predictions."), ""]
     return "\n".join(md)
 
 

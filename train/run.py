@@ -141,10 +141,11 @@ def read_run(path: Path) -> tuple[TrainConfig, dict[str, dict], list[str]]:
     return cfg, sets, order_keys(cfg, sets)
 
 
-def load_run(path: str | Path, *, device: str = "auto", store: str | None = None) -> LoadedRun:
+def load_run(path: str | Path, *, device: str = "auto", store: str | None = None, llm: str | None = None) -> LoadedRun:
     """Rebuild a run's model (base LM + LoRA + projectors) and tokenizer from its folder.
 
-    ``store`` overrides the run's feature store (``config.data.store``) for reading features."""
+    ``store`` overrides the run's feature store (``config.data.store``) for reading features; ``llm`` its
+    base LM (``config.model.llm``: a local folder or hub id of the same architecture)."""
     from emollama.store.spec import FeatureSpec
 
     from .model import build_model, pick_device
@@ -153,6 +154,8 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
     cfg, sets, keys = read_run(path)
     if store:
         cfg.data.store = store
+    if llm:
+        cfg.model.llm = llm
     specs = {k: FeatureSpec.from_dict(sets[k]["spec"]) for k in keys}
     for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
         if not (path / name).is_file():

@@ -1,7 +1,9 @@
 """Classification metrics and answer parsing, with no dependency beyond numpy.
 
 - `classification_metrics`: accuracy (= DFEW's WAR), weighted F1 (MER2023's metric, as sklearn's
-  `f1_score(average="weighted")`), macro F1, UAR (mean recall over the classes present in the
+  `f1_score(average="weighted")`), macro F1 (over the classes that occur in the truth or the predictions,
+  as sklearn's default: a label of the set that no clip has and no answer names does not count, so the
+  number is the same whether the set lists it or not), UAR (mean recall over the classes present in the
   truth, as sklearn's `balanced_accuracy_score`), per-class precision / recall / F1 / support, and
   the confusion matrix. Conventions follow sklearn's with `zero_division=0`.
 - `parse_label`: the label an answer names (case, punctuation and common synonyms handled), or
@@ -131,7 +133,7 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
         labels=labels, n=n,
         accuracy=float(tp.sum() / n) if n else 0.0,
         weighted_f1=float((f1 * support).sum() / support.sum()) if support.sum() else 0.0,
-        macro_f1=float(f1.mean()) if k else 0.0,
+        macro_f1=float(f1[present | (predicted > 0)].mean()) if (present | (predicted > 0)).any() else 0.0,
         uar=float(recall[present].mean()) if present.any() else 0.0,
         per_class=per_class, confusion=cm.tolist(), unparsed=unparsed,
     )
@@ -150,6 +152,14 @@ def read_predictions(path_or_text, *, labels: Sequence[str], synonyms=None) -> t
     missing = {"name", "label", "prediction"} - {(k or "").strip().lower() for k in rows[0]}
     if missing:
         raise ValueError(f"the predictions file needs columns name,label,prediction; missing {sorted(missing)}")
+    names = [(r.get("name") or "").strip() for r in ({(k or "").strip().lower(): v for k, v in r.items()}
+                                                      for r in rows)]
+    seen: set[str] = set()
+    twice = sorted({n for n in names if n in seen or seen.add(n)})
+    if twice:
+        raise ValueError(f"clips listed more than once: {', '.join(twice[:10])}"
+                         + (f" and {len(twice) - 10} more" if len(twice) > 10 else "")
+                         + " (each clip must have one row: which prediction counts is ambiguous)")
     ids, truth, pred, raw = [], [], [], []
     for r in rows:
         r = {(k or "").strip().lower(): (v or "").strip() for k, v in r.items()}

@@ -37,8 +37,8 @@ def test_infer_a_real_clip_and_two_files_with_the_same_name(run_dir, tmp_path):
 
     run, store, data = run_dir
     real = sorted(SAMPLES.glob("*.mp4"))[0]
-    twin = tmp_path / real.name                        # another file with the same name (a synthetic clip)
-    shutil.copyfile(sorted((data / "video").glob("*.mp4"))[0], twin)
+    twin = tmp_path / real.name                        # another file with the same name (another real clip)
+    shutil.copyfile(sorted(SAMPLES.glob("*.mp4"))[1], twin)
     res = runner.invoke(app, ["infer", "--run", str(run), str(real), str(twin), "--max-new-tokens", "6", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output[res.output.index("[\n"):])
@@ -57,10 +57,13 @@ def test_infer_a_real_clip_and_two_files_with_the_same_name(run_dir, tmp_path):
     assert all({out[0]["id"], out[1]["id"]} <= st.complete(k) for k in keys)
     assert not {out[0]["id"], out[1]["id"]} & FeatureStore.open(store).clips()
     assert st.records()[out[0]["id"]]["source"] == str(real.resolve())
-    # a second call reuses the store's features; the text output names the label and probabilities
+    # a second call reuses the store's features; the text output's table names the clip, its label and
+    # its probability, read from the store
     again = runner.invoke(app, ["infer", "--run", str(run), str(real), "--no-reason"])
     assert again.exit_code == 0, again.output
-    assert f"label: {out[0]['label']}" in again.output and "random tiny fixture" in again.output
+    [row] = [ln.split() for ln in again.output.splitlines() if ln.startswith(out[0]["id"])]
+    assert row[1] == out[0]["label"] and float(row[2]) == pytest.approx(max(out[0]["probabilities"].values()), abs=1e-3)
+    assert row[-1] == "store" and "random tiny fixture" in again.output
     j = runner.invoke(app, ["infer", "--run", str(run), str(real), "--no-reason", "--json"])
     assert json.loads(j.output[j.output.index("[\n"):])[0]["extracted"] is False
 

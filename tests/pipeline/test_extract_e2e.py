@@ -97,7 +97,7 @@ def test_bad_clips_are_recorded_and_the_run_goes_on(sample_data, tmp_path):
 def test_faces_detected_on_the_encoding_side_are_keyed_recorded_and_rebuilt_by_eval(sample_data, tmp_path):
     """--detect-on encoder: MTCNN runs per face group in the encoding process. The face sets' keys and the
     recorded config say so (eval re-extracts the same way); the audio set is the same set as by default."""
-    from emollama.pipeline.evaluation import extraction_config
+    from emollama.pipeline.features import extraction_config
 
     runs = {}
     for how in ("auto", "encoder"):

@@ -87,7 +87,7 @@ def test_generation_is_the_plain_greedy_loop_and_batching_does_not_change_it(tin
     from emollama.train.data import Batch
     from emollama.train.generate import generate
     from emollama.train.run import load_run
-    from emollama.pipeline.evaluation import feature_batcher
+    from emollama.pipeline.features import feature_batcher
 
     data, store, run_dir, _ = tiny_run
     run = load_run(run_dir, device="cpu")
