@@ -137,6 +137,9 @@ def eval_cmd(
                                "public evaluation script's: all feature embeddings at <video>; emotion-llama runs)."),
     feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET: which store set feeds an imported "
                                                 "run's ROLE (local, temporal, audio, global) where several could."),
+    missing_audio: Optional[str] = typer.Option(None, "--missing-audio", help="A clip without sound: fail, silence "
+                                                "(one second of silence is encoded) or auto; default: as the run's "
+                                                "sets were extracted."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bars (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -168,7 +171,7 @@ def eval_cmd(
                        batch_size=batch_size, workers=workers, extract=extract, generate=generate,
                        out=str(out) if out else None, overwrite=overwrite, device=device,
                        progress=_progress(progress), judge_url=judge_url, judge_model=judge_model, layout=layout,
-                       features=list(feature or []), cache_store=cache_store)
+                       features=list(feature or []), cache_store=cache_store, missing_audio=missing_audio)
     say = (lambda s: None) if as_json else typer.echo
     try:
         res = evaluate(opts, say=say, run=_load_run(run, device, llm))
@@ -212,6 +215,9 @@ def infer_cmd(
     preview: Optional[Path] = typer.Option(None, "--preview", help="Write each clip's contact sheet (face crops, "
                                            "then the global frame) into this folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results to FILE.csv or FILE.jsonl."),
+    missing_audio: Optional[str] = typer.Option(None, "--missing-audio", help="A clip without sound: fail, silence "
+                                                "(one second of silence is encoded) or auto; default: as the run's "
+                                                "sets were extracted."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bars (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -236,7 +242,8 @@ def infer_cmd(
         results = predictor.predict(clips, subtitles=subtitles, subtitle=subtitle,
                                     labels=[x for x in labels.split(",") if x.strip()] if labels else None,
                                     reason=reason, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                    workers=workers, progress=_progress(progress), preview=preview)
+                                    workers=workers, progress=_progress(progress), preview=preview,
+                                    missing_audio=missing_audio)
         if out is not None:
             written = write_predictions(results, out, predictor.run.labels if not labels else
                                         [x.strip().lower() for x in labels.split(",") if x.strip()])

@@ -120,6 +120,7 @@ class EvalOptions:
     layout: str = "trained"                  # trained | public-eval (the public evaluation script's layout)
     features: list[str] = field(default_factory=list)   # ROLE=SET bindings for imported runs
     cache_store: str | None = None           # the eval store for clips missing from the training store
+    missing_audio: str | None = None         # a clip without sound: fail | silence | auto (default: as recorded)
 
 
 def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
@@ -233,7 +234,7 @@ def evaluate_corpus(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
     if opts.extract:
         rep = extract_missing(stores, run.feature_keys, clips, run=run, workers=opts.workers, progress=opts.progress,
                               dataset=corpus.name if corpus.name in ADAPTERS else "folder",
-                              root=corpus.root, say=say)
+                              root=corpus.root, missing_audio=opts.missing_audio, say=say)
         if rep.extracted:
             say(f"extracted {len(rep.extracted)} clip(s) missing from the training store into the eval store "
                 f"{rep.cache} ({rep.seconds:.1f} s)")
@@ -382,7 +383,7 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
     if opts.extract:
         todo = [c for c in clips if c.id not in absent]
         extract_missing(stores, run.feature_keys, todo, run=run, workers=opts.workers, progress=opts.progress,
-                        root=video_dir, say=say)
+                        root=video_dir, missing_audio=opts.missing_audio, say=say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")

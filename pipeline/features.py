@@ -159,9 +159,12 @@ def default_extraction(run, target: str, *, dataset: str = "folder", root: str |
                        target_options: dict | None = None) -> Config:
     """The extraction an imported run without a store starts its eval store with: its profile's encoders
     (``paper``: the paper's four; ``tiny``: the test fixtures) at their default settings, which give the
-    sets the run binds by name (``train.released.RELEASED_SETS``)."""
+    sets the run binds by name (``train.released.RELEASED_SETS``). A run in the released prompt style takes
+    the clip's first frame as the global frame, as the released model was trained and evaluated."""
     ext = {"store": target, "profile": run.config.model.profile, "workers": workers, "compact": False,
            "storage_options": target_options or {}}
+    if run.config.data.prompt == "emotion-llama":
+        ext["frames"] = {"global_frame": "first"}
     try:
         return load_config(None, {"dataset": {"kind": dataset, "root": str(root)}, "extract": ext})
     except ValueError as e:
@@ -197,14 +200,16 @@ def _storage_error(stores: EvalStores, e: OSError, what: str) -> EvalStorageErro
 
 def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Clip], *, run=None,
                     workers: int = 0, progress: bool = False, dataset: str = "folder", root: str | Path = ".",
-                    preview: str | None = None, say: Callable[[str], None] = log.info) -> ExtractReport:
+                    preview: str | None = None, missing_audio: str | None = None,
+                    say: Callable[[str], None] = log.info) -> ExtractReport:
     """Extract the clips complete neither in the training store nor in the eval store, with the settings
     that made ``keys``, into the eval store (``stores.cache_url``); the training store is only read.
 
     Sets that record no extraction config (imported, e.g. the released MER2023 features) are never
     re-extracted with other encoders: the clips they lack are reported by name in ``not_extractable``.
     A run without a training store (``run`` given, its eval store empty) starts the eval store with
-    ``default_extraction`` and binds its sets to what that made."""
+    ``default_extraction`` and binds its sets to what that made. ``preview`` (a folder for contact sheets) and
+    ``missing_audio`` (fail | silence | auto, for a clip without sound) change no value of any set."""
     from emollama.pipeline.extraction import SettingsChanged, run_extract
 
     if isinstance(stores, FeatureStore):
@@ -215,8 +220,7 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
             raise EvalError("no store holds the run's feature sets yet")
         cfg = default_extraction(run, stores.cache_url, dataset=dataset, root=root, workers=workers,
                                  target_options=stores.cache_options)
-        if preview:
-            cfg.extract = _with_preview(cfg.extract, preview)
+        cfg.extract = _adjusted(cfg.extract, preview, missing_audio)
         say(f"the run has no feature store: extracting with its {run.config.model.profile} profile's encoders "
             f"into {stores.cache_url}")
         summary = _run(stores, lambda: run_extract(cfg, progress=progress, clips=list(clips)), SettingsChanged)
@@ -248,8 +252,7 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
         return rep
     cfg = extraction_config(reader, made, dataset=dataset, root=root, workers=workers, target=stores.cache_url,
                             target_options=stores.cache_options)
-    if preview:
-        cfg.extract = _with_preview(cfg.extract, preview)
+    cfg.extract = _adjusted(cfg.extract, preview, missing_audio)
     if stores.train is not None:
         try:
             stores.cache(create=True)
@@ -268,10 +271,14 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
     return rep
 
 
-def _with_preview(extract, preview: str):
+def _adjusted(extract, preview: str | None, missing_audio: str | None):
+    """The extraction's runtime and policy settings for this call (they change no value of any set)."""
     from dataclasses import replace
 
-    return replace(extract, preview=str(preview))
+    if missing_audio is not None and missing_audio not in ("auto", "fail", "silence"):
+        raise EvalError(f"--missing-audio {missing_audio!r}: choose fail, silence or auto")
+    return replace(extract, **({"preview": str(preview)} if preview else {}),
+                   **({"missing_audio": missing_audio} if missing_audio else {}))
 
 
 def _run(stores: EvalStores, call, settings_changed: type[Exception]):
@@ -291,8 +298,10 @@ def not_computable(run, stores: EvalStores, rep: ExtractReport) -> dict[str, str
     reader = stores.reader
     sets = reader.sets() if reader is not None else {}
     for name, ids in rep.not_extractable.items():
-        modality = next((s.modality for s in sets.values() if s.name == name), "the view")
-        made = sorted(s.name for k, s in sets.items() if s.modality == modality and s.name != name
+        mine = next((s for s in sets.values() if s.name == name), None)
+        modality = mine.modality if mine is not None else "the view"
+        made = sorted(s.name for k, s in sets.items() if mine is not None and s.modality == modality
+                      and tuple(s.shape) == tuple(mine.shape) and s.name != name
                       and (reader.set_attrs(k).get("config") or {}).get("extract"))
         other = (f"pass --feature {modality}={made[0]} (a set this store can extract)" if made else
                  f"pass --feature {modality}=SET with a {modality} set extracted by emollama "

@@ -313,11 +313,12 @@ class Predictor:
     def predict(self, paths: Sequence[str | Path], *, subtitles: str | Path | Mapping[str, str] | None = None,
                 subtitle: str | None = None, labels: Sequence[str] | None = None, reason: bool = True,
                 max_new_tokens: int = 96, batch_size: int = 8, workers: int = 0, progress: bool = False,
-                preview: str | Path | None = None) -> list[Prediction]:
+                preview: str | Path | None = None, missing_audio: str | None = None) -> list[Prediction]:
         """One ``Prediction`` per clip of ``paths`` (see the module docstring), in order. ``subtitles``: a
         ``name,sentence`` CSV (or a mapping); ``subtitle``: one text for every clip. ``labels``: the label
-        set to score (default: the run's). A clip that cannot be read or extracted gets its ``error``; the
-        others go on."""
+        set to score (default: the run's). ``missing_audio``: how a clip without sound is extracted (fail,
+        silence, auto; default: as the run's sets were). A clip that cannot be read or extracted gets its
+        ``error``; the others go on."""
         from emollama.train.evaluate import score_labels
         from emollama.train.generate import generate
         from emollama.train.tiny import TINY_WARNING
@@ -339,7 +340,7 @@ class Predictor:
         if todo:
             rep = extract_missing(stores, run.feature_keys, todo, run=run, workers=workers, progress=progress,
                                   root=todo[0].source.parent, preview=str(preview) if preview else None,
-                                  say=self.say)
+                                  missing_audio=missing_audio, say=self.say)
         failed = dict(rep.failed)
         failed.update(not_computable(run, stores, rep))
         batcher, usable, _ = feature_batcher(run, stores, todo)

@@ -192,3 +192,65 @@ def test_an_imported_run_infers_with_nothing_but_run(tmp_path, samples_dir):
     [again] = _json(res.output)
     assert again["extracted"] is False and again["label"] == r["label"]
     assert again["probabilities"] == pytest.approx(r["probabilities"])
+
+
+def _video_only(src: Path, dst: Path, seconds: float = 1.5) -> Path:
+    """The first seconds of a real clip's picture, re-encoded without its sound."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        vin = inp.streams.video[0]
+        rate = vin.average_rate or 25
+        vs = out.add_stream("mpeg4", rate=rate)
+        vs.width, vs.height, vs.pix_fmt = vin.codec_context.width, vin.codec_context.height, "yuv420p"
+        for frame in inp.decode(vin):
+            if frame.time is not None and frame.time > seconds:
+                break
+            for packet in vs.encode(frame.reformat(format="yuv420p")):
+                out.mux(packet)
+        for packet in vs.encode():
+            out.mux(packet)
+    return dst
+
+
+def test_infer_a_clip_without_sound_takes_the_missing_audio_the_message_suggests(own, samples_dir):
+    run, tmp = own["run"], own["tmp"]
+    mute = _video_only(samples_dir / "sample_00004136.mp4", tmp / "mute.mp4")
+    res = runner.invoke(app, ["infer", "--run", str(run), str(mute), "--no-reason", "--json"])
+    assert res.exit_code == 1, res.output
+    [r] = _json(res.output)
+    assert r["label"] is None and "--missing-audio silence" in r["error"]
+    res = runner.invoke(app, ["infer", "--run", str(run), str(mute), "--no-reason", "--missing-audio", "silence",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    [r] = _json(res.output)
+    assert r["label"] is not None and r["extracted"] is True
+
+
+def test_an_imported_set_that_cannot_be_computed_names_both_ways_on(own, samples_dir, tmp_path):
+    """A run reading released (imported) local features: a new clip lacks them, and the message names the
+    set, the encoder settings that would compute the view, and --feature with a set the store can extract."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from test_released import released_state, write_released
+
+    store = tmp_path / "mixed.zarr"
+    shutil.copytree(own["store"], store)
+    released = tmp_path / "MER2023" / "mae_340_UTT"
+    released.mkdir(parents=True)
+    for cid in ("sample_00000338", "sample_00003462"):
+        np.save(released / f"{cid}.npy", np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32))
+    res = runner.invoke(app, ["store", "import", str(store), str(released)])
+    assert res.exit_code == 0, res.output
+    ck = write_released(tmp_path / "Emotion_LLaMA.pth", released_state(dims=(1024, 24, 32)))
+    run = tmp_path / "released"
+    assert runner.invoke(app, ["import-checkpoint", str(ck), "--out", str(run), "--profile", "tiny"]).exit_code == 0
+    new = samples_dir / "sample_00004671.mp4"
+    res = runner.invoke(app, ["infer", "--run", str(run), "--store", str(store), str(new), "--no-reason",
+                              "--feature", "local=local.mae_340_utt.released", "--json"])
+    assert res.exit_code == 1, res.output
+    [r] = _json(res.output)
+    assert "local.mae_340_utt.released" in r["error"] and "[extract.encoders.local]" in r["error"]
+    # the tiny local set is 40-d, so no set of the store can stand in: the message says what to extract
+    assert "--feature local=SET" in r["error"]

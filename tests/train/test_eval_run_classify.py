@@ -252,4 +252,9 @@ def test_emer_through_the_cli_with_a_loopback_judge_then_cached_then_proxy(tiny_
     assert "lexical-proxy" in proxy.output and "not the EMER judge metric" in proxy.output
     pm = json.loads((tmp_path / "px" / "emer" / "metrics.json").read_text())
     assert pm["proxy"] and pm["emer"]["method"] == "lexical-proxy" and 1 <= pm["emer"]["clue_overlap"] <= 10
-    assert "lexical-proxy" in (tmp_path / "px" / "emer" / "report.md").read_text()
+    report = (tmp_path / "px" / "emer" / "report.md").read_text()
+    assert "lexical-proxy" in report
+    # the report has no (empty) classification table and names only the files it wrote
+    assert "| method |" not in report and "predictions-" not in report
+    assert "Files: metrics.json, report.md, emer-rows.jsonl." in report
+    assert all((tmp_path / "px" / "emer" / f).is_file() for f in ("metrics.json", "report.md", "emer-rows.jsonl"))
