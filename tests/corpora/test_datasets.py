@@ -29,7 +29,8 @@ def test_merr_lists_captions_transcripts_and_split(tmp_path):
         "sample_00000001": {"smp_reason_caption": "Frown and raised voice: angry."}}))
     (tmp_path / "transcription_en_all.csv").write_text(
         'name,sentence\nsample_00000001,"No, stop it, now!"\nsample_00000002,\n')
-    (tmp_path / "split.csv").write_text("name,split\nsample_00000002,test\n")
+    (tmp_path / "split.csv").write_text("name,split\nsample_00000001,train\nsample_00000002,test\n"
+                                        "sample_00000004,train\n")
 
     corpus = load_merr(tmp_path)
     by_id = {c.id: c for c in corpus.clips}
@@ -53,10 +54,9 @@ def test_mer2023_splits_and_labels(tmp_path):
     (tmp_path / "train.txt").write_text("a 10 Happy 1.0\nb 10 worried -0.3\n")
     (tmp_path / "test.txt").write_text("c 10 neutral -10\nb 10 sad -10\n")
     corpus = load_corpus("mer2023", tmp_path)
-    assert [(c.id, c.label, c.split) for c in corpus.clips] == [
-        ("a", "happy", "train"), ("b", "worried", "train"), ("c", "neutral", "test")]
+    assert [(c.id, c.label, c.split) for c in corpus.clips] == [("a", "happy", "train"), ("c", "neutral", "test")]
     assert corpus.labels == ("neutral", "angry", "happy", "sad", "worried", "surprise")
-    assert dict(corpus.rejected)["b"].startswith("listed twice")
+    assert dict(corpus.rejected)["b"] == "listed in two splits: train.txt:2, test.txt:2 (a clip belongs to one)"
 
 
 def test_dfew_folds_map_numeric_labels(tmp_path):
