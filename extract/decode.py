@@ -354,28 +354,24 @@ def probe(source: str | Path, *, folder_fps: float = 25.0, max_pixels: int | Non
             raise DecodeError("zero length: no decodable video frames")
         check_pixels(first.width, first.height, max_pixels)
         rotation = _norm_rotation(first.rotation)
-        n_frames, parts = int(vs.frames or 0), 1
-        if n_frames > 0:   # the stream's own count (MP4/MOV sample tables, AVI): no pass needed
-            frames_from = "header"
-            dur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else 0.0
-        else:
-            # no frame count of the video stream: count its packets, never trust the container's
-            # duration (the longest stream's: an mkv's audio may outlast its video by an hour)
-            count = count_packets(path)
-            n_frames, dur, parts, frames_from = count.frames, count.seconds, count.parts, "packets"
-            if n_frames <= 0:
-                raise DecodeError("zero length: no video packets")
-            if not fps and dur > 0:
-                fps = n_frames / dur
-        if dur <= 0:
-            dur = n_frames / fps if fps else 0.0
-        w, h = first.width, first.height
-        if rotation in (90, 270):
-            w, h = h, w
-        return MediaInfo(str(path), dur, fps, n_frames, w, h, rotation, True, as_ is not None, audio_rate,
-                         frames_from, parts)
+        w, h = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        n_frames = int(vs.frames or 0)   # the stream's own count (MP4/MOV sample tables, AVI)
+        dur = float(vs.duration * vs.time_base) if n_frames > 0 and vs.duration and vs.time_base else 0.0
+        info = MediaInfo(str(path), dur, fps, n_frames, w, h, rotation, True, as_ is not None, audio_rate)
     finally:
-        container.close()
+        container.close()   # first: no decoder thread alive while count_packets listens to the log
+    if n_frames <= 0:
+        # no frame count of the video stream: count its packets, never trust the container's duration
+        # (the longest stream's: an mkv's audio may outlast its video by an hour)
+        count = count_packets(path)
+        if count.frames <= 0:
+            raise DecodeError("zero length: no video packets")
+        info.n_frames, info.duration, info.parts, info.frames_from = count.frames, count.seconds, count.parts, "packets"
+        if not info.fps and count.seconds > 0:
+            info.fps = count.frames / count.seconds
+    if info.duration <= 0:
+        info.duration = info.n_frames / info.fps if info.fps else 0.0
+    return info
 
 
 class _Picker:
