@@ -3,9 +3,9 @@
 Every file under the folder ends as a clip or as a rejected entry with its reason, so the summary's
 counts add up to the files there. A file is a video by its extension (`VIDEO_EXTENSIONS`); a file of
 a kind that is no video (`NOT_VIDEO`: images, audio, text) is listed as such; any other file is
-opened with PyAV (its headers only) and taken when it holds a video stream. Hidden files and folders
-(".name") are not searched, nor is a Zarr store inside the folder (listed once), nor a folder reached
-through a symbolic link (listed). The labels CSV itself is the dataset's own file, not an entry."""
+opened with PyAV (its headers only) and taken when it holds a video stream. A hidden folder
+(".git", ".cache"), a Zarr store inside the folder and a folder reached through a symbolic link are
+listed once, not searched. The labels CSV itself is the dataset's own file, not an entry."""
 
 from __future__ import annotations
 
@@ -55,11 +55,13 @@ def walk(root: Path, skip: Path | None) -> Iterator[tuple[Path, str | None]]:
         return
     for entry in entries:
         p = Path(entry.path)
-        if entry.name.startswith(".") or (skip is not None and entry.name == skip.name and p.resolve() == skip):
+        if skip is not None and entry.name == skip.name and p.resolve() == skip:
             continue
         if entry.is_dir(follow_symlinks=False):
             if (p / "zarr.json").exists() or (p / ".zgroup").exists():
                 yield p, "a Zarr store (not searched)"
+            elif entry.name.startswith(".") and p.suffix.lower() not in VIDEO_EXTENSIONS:
+                yield p, "a hidden folder (not searched)"
             elif p.suffix.lower() in VIDEO_EXTENSIONS:
                 yield p, unusable_entry(p)
             else:

@@ -135,3 +135,28 @@ def test_missing_layout_errors_say_what_to_do(tmp_path):
         load_merr(tmp_path)
     with pytest.raises(DatasetError, match="unknown dataset 'nope'; choose one of: merr, mer2023, dfew, folder"):
         load_corpus("nope", tmp_path)
+
+
+def test_folder_lists_every_file_it_does_not_take_and_every_folder_it_does_not_search(tmp_path):
+    for rel in ("a.mp4", "b.ts", "sub/c.3gp", ".hidden.mp4", ".git/objects/x.mp4", "feats.zarr/c/0/0", "notes.txt",
+                "still.png", "odd.bin", "no_ext"):
+        touch(tmp_path / rel)
+    (tmp_path / "feats.zarr" / "zarr.json").write_text("{}")
+    (tmp_path / "linked").symlink_to(tmp_path / "sub")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("name,label,sentence\na,happy,hi\nb,sad,oh\nb,sad,oh\nsub/c,sad,x\nsub/c,happy,x\ngone,sad,x\n")
+    corpus = load_folder(tmp_path, labels_csv=str(labels))          # absolute: still the dataset's own file
+    assert sorted(c.id for c in corpus.clips) == [".hidden", "a", "b"]
+    why = dict(corpus.rejected)
+    assert why == {
+        ".git": ".git: a hidden folder (not searched)",
+        "feats": "feats.zarr: a Zarr store (not searched)",
+        "linked": "linked: a symbolic link to a folder (not followed: link the videos themselves)",
+        "notes": "notes.txt: a text file, not a video",
+        "still": "still.png: an image, not a video",
+        "odd": why["odd"], "no_ext": why["no_ext"],
+        "sub%2Fc": "labels.csv gives it rows that differ: lines 5, 6",
+        "gone": "labels.csv:7: no video file gone.* in the folder"}
+    assert why["odd"].startswith("odd.bin: not a video PyAV can open (")
+    assert why["no_ext"].startswith("no_ext: not a video PyAV can open (")
+    assert dict(corpus.notes) == {"b": "labels.csv lists it 2 times, the same each time (lines 3, 4); kept once"}
