@@ -42,6 +42,8 @@ NOT_VIDEO = {
                      ".vtt", ".ass", ".ssa", ".log", ".html", ".pdf", ".nfo"), "a text file"),
 }
 
+MAX_FIELD = 1 << 24   # the longest CSV field read (the csv module's default, 131,072 characters, is too low)
+
 # The split names; the spellings on the left are read as the names on the right.
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
@@ -128,6 +130,7 @@ def read_rows(path: Path, columns: tuple[str, ...] = ()) -> tuple[list[str], lis
 
     A header without every one of `columns`, a row with more fields than the header, or text the csv
     module cannot parse is a `DatasetError` naming the file and the line."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
     reader = csv.reader(io.StringIO(read_text(path)))
     rows: list[tuple[int, dict[str, str]]] = []
     header: list[str] | None = None
@@ -166,7 +169,7 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+        raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
 def csv_header(path: Path) -> list[str]:
