@@ -1,9 +1,14 @@
-"""What every adapter shares: the `Clip` and `Corpus` records, `DatasetError`, clip-id rules and the
-small text readers (UTF-8 or not, CSV, transcripts, label spellings).
+"""What every adapter shares: the `Clip` and `Corpus` records, `DatasetError`, clip-id rules, split
+names and the small text readers (UTF-8 or not, CSV, JSON, transcripts, label spellings).
 
-Adapters only read text files (lists, CSV, JSON): no decoding happens here, so both stages (extraction
-and training) use them cheaply. A corpus lists the clips it accepted and the entries it rejected, each
-with its reason (a missing video, an unknown label, an id that tries to leave the data folder, ...).
+Adapters read text files (lists, CSV, JSON) and never decode a video, so both stages (extraction and
+training) use them cheaply; only the folder adapter opens a file of unknown extension with PyAV, to
+read its headers. A corpus lists the clips it accepted and the entries it rejected, each with its
+reason (a missing video, an unknown label or split, an id that tries to leave the data folder, two
+entries that disagree, ...), and the notes on what it kept (an identical entry listed twice).
+
+A file the adapter cannot parse at all (a CSV without its columns, a row with more fields than its
+header, JSON that does not parse) is a `DatasetError` naming the file and the row.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import logging
 import os
 import stat
@@ -20,8 +26,27 @@ from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".wmv")
+# Files taken as videos by their extension (PyAV opens each of them). A folder dataset probes a file of
+# any other extension with PyAV, except the kinds in NOT_VIDEO, which FFmpeg would open as a one-frame
+# "video" (images, text as ANSI art) or which hold no video (audio with cover art).
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".qt", ".3gp", ".3g2", ".mkv", ".webm", ".avi", ".flv", ".f4v",
+                    ".wmv", ".asf", ".mpg", ".mpeg", ".m1v", ".m2v", ".vob", ".ts", ".mts", ".m2ts", ".m2t",
+                    ".ogv", ".mxf", ".dv", ".nut", ".y4m", ".gif", ".divx", ".rm", ".rmvb")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
+NOT_VIDEO = {
+    **dict.fromkeys(FRAME_EXTENSIONS + (".tif", ".tiff", ".webp", ".heic", ".heif", ".avif", ".svg", ".ico"),
+                    "an image"),
+    **dict.fromkeys((".wav", ".mp3", ".flac", ".m4a", ".aac", ".opus", ".wma", ".aif", ".aiff", ".amr", ".mka"),
+                    "an audio file"),
+    **dict.fromkeys((".txt", ".csv", ".tsv", ".json", ".jsonl", ".md", ".xml", ".yaml", ".yml", ".toml", ".srt",
+                     ".vtt", ".ass", ".ssa", ".log", ".html", ".pdf", ".nfo"), "a text file"),
+}
+
+MAX_FIELD = 1 << 24   # the longest CSV field read (the csv module's default, 131,072 characters, is too low)
+
+# The split names; the spellings on the left are read as the names on the right.
+SPLITS = ("train", "val", "test")
+SPLIT_ALIASES = {"training": "train", "valid": "val", "validation": "val", "dev": "val", "testing": "test"}
 
 # Spellings seen in corpora, mapped to the project's label names.
 LABEL_ALIASES = {
@@ -52,8 +77,11 @@ class Corpus:
     labels: tuple[str, ...]
     clips: list[Clip]
     rejected: list[tuple[str, str]] = field(default_factory=list)   # (id, reason)
+    notes: list[tuple[str, str]] = field(default_factory=list)      # (id, what was kept and why)
 
     def split(self, name: str) -> list[Clip]:
+        """The clips of split `name` (any spelling `split_name` reads: "Test" is "test")."""
+        name = split_name(name) or name
         return [c for c in self.clips if c.split == name]
 
     def splits(self) -> dict[str, int]:
@@ -97,9 +125,51 @@ def read_text(path: Path) -> str:
     raise DatasetError(f"{path}: cannot decode as UTF-8")  # pragma: no cover (latin-1 never fails)
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    rows = list(csv.DictReader(io.StringIO(read_text(path))))
-    return [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in rows]
+def read_rows(path: Path, columns: tuple[str, ...] = ()) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """A CSV file's lower-cased header and its rows as (line number, {column: stripped value}).
+
+    A header without every one of `columns`, a row with more fields than the header, or text the csv
+    module cannot parse is a `DatasetError` naming the file and the line."""
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD))
+    reader = csv.reader(io.StringIO(read_text(path)))
+    rows: list[tuple[int, dict[str, str]]] = []
+    header: list[str] | None = None
+    try:
+        for fields in reader:
+            if header is None:
+                if not fields:
+                    continue
+                header = [h.strip().lower() for h in fields]
+                missing = [c for c in columns if c not in header]
+                if missing:
+                    raise DatasetError(f"{path}:{reader.line_num}: the header is {','.join(header) or '(empty)'}; "
+                                       f"expected the columns {','.join(columns)} (missing {', '.join(missing)})")
+                continue
+            if not any(f.strip() for f in fields):
+                continue
+            if len(fields) > len(header):
+                raise DatasetError(f"{path}:{reader.line_num}: {len(fields)} fields, but the header has "
+                                   f"{len(header)} ({','.join(header)}); quote values that hold a comma")
+            rows.append((reader.line_num, {k: (fields[i].strip() if i < len(fields) else "")
+                                           for i, k in enumerate(header)}))
+    except csv.Error as e:
+        raise DatasetError(f"{path}:{reader.line_num}: not readable as CSV ({e})") from None
+    if header is None and columns:
+        raise DatasetError(f"{path}: empty; expected a header with the columns {','.join(columns)}")
+    return header or [], rows
+
+
+def read_csv(path: Path, columns: tuple[str, ...] = ()) -> list[dict[str, str]]:
+    """A CSV file's rows as {lower-cased column: stripped value} (see `read_rows`)."""
+    return [r for _, r in read_rows(path, columns)[1]]
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file; one that does not parse is a `DatasetError` naming the line and column."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
 
 
 def csv_header(path: Path) -> list[str]:
@@ -115,10 +185,7 @@ def read_transcripts(path: Path | None) -> dict[str, str]:
     """`name,sentence` CSV -> {name: sentence}; empty sentences are dropped (no subtitle)."""
     if path is None or not path.exists():
         return {}
-    rows = read_csv(path)
-    if rows and ("name" not in rows[0] or "sentence" not in rows[0]):
-        raise DatasetError(f"{path}: expected columns name,sentence; found {', '.join(rows[0])}")
-    return {r["name"]: r["sentence"] for r in rows if r.get("sentence")}
+    return {r["name"]: r["sentence"] for r in read_csv(path, ("name", "sentence")) if r.get("sentence")}
 
 
 def normalize_label(label: str | None) -> str | None:
@@ -126,6 +193,19 @@ def normalize_label(label: str | None) -> str | None:
         return None
     key = label.strip().lower()
     return LABEL_ALIASES.get(key, key) or None
+
+
+def split_name(value: str) -> str | None:
+    """The split a value names (case and surrounding space ignored, `SPLIT_ALIASES` read: " Test " and
+    "testing" are "test", "validation" is "val"), or None when it names none of `SPLITS`."""
+    key = " ".join(value.split()).lower()
+    key = SPLIT_ALIASES.get(key, key)
+    return key if key in SPLITS else None
+
+
+def unknown_split(value: str, where: str) -> str:
+    """The rejection reason of an entry whose split value names no split."""
+    return f"{where}: split {value!r} is not one of {', '.join(SPLITS)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +286,8 @@ def check_dir(path: Path, what: str, hint: str) -> None:
         raise DatasetError(f"{what} not found: {path}. {hint}")
 
 
-def log_rejected(rejected: list[tuple[str, str]]) -> None:
+def log_rejected(rejected: list[tuple[str, str]], notes: list[tuple[str, str]] = ()) -> None:
     for cid, why in rejected:
         log.info("rejected %s: %s", cid, why)
+    for cid, note in notes:
+        log.warning("%s: %s", cid, note)

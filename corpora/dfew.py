@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter, Sound
-from .base import Clip, Corpus, DatasetError, check_dir, read_csv, safe_id
+from .base import Clip, Corpus, DatasetError, check_dir, log_rejected, read_rows, safe_id
 
 # DFEW numbers its classes; 0 means "not single-labelled" and is never used for the single-label task.
 DFEW_LABELS = {1: "happy", 2: "sad", 3: "neutral", 4: "angry", 5: "surprise", 6: "disgust", 7: "fear"}
@@ -32,22 +32,25 @@ def read_dfew(root: Path, o: DfewOptions) -> Corpus:
     check_dir(frames, "DFEW frame folder", f"Expected {o.frames_dir}/<id>/*.jpg; pass frames_dir=... "
               "(e.g. Clip/clip_224x224_16f for the 16-frame version)")
     labels = tuple(DFEW_LABELS[i] for i in sorted(DFEW_LABELS))
-    clips: list[Clip] = []
     rejected: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    rows: dict[str, list[tuple[str, str, int, Path]]] = {}   # id -> (split, where, label code, frame folder)
     for split in ("train", "test"):
         csv_path = root / o.split_dir / f"{split}(single-labeled)" / f"set_{fold}.csv"
         if not csv_path.exists():
             raise DatasetError(f"DFEW split file not found: {csv_path}")
-        for row in read_csv(csv_path):
-            name = row.get("video_name") or row.get("name") or ""
+        header, table = read_rows(csv_path, ("label",))
+        column = next((c for c in ("video_name", "name") if c in header), None)
+        if column is None:
+            raise DatasetError(f"{csv_path}:1: the header is {','.join(header)}; expected the columns video_name,label")
+        for line, row in table:
+            name, where = row[column], f"{csv_path.parent.name}/{csv_path.name}:{line}"
             try:
-                code = int(float(row.get("label", "")))
+                code = int(float(row["label"]))
             except ValueError:
-                rejected.append((name, f"{csv_path.name}: label {row.get('label')!r} is not a number 1-7"))
+                rejected.append((name, f"{where}: label {row['label']!r} is not a number 1-7"))
                 continue
             if code not in DFEW_LABELS:
-                rejected.append((name, f"label {code} is not single-labelled (1-7)"))
+                rejected.append((name, f"{where}: label {code} is not single-labelled (1-7)"))
                 continue
             if why := safe_id(name):
                 rejected.append((name, why))
@@ -57,12 +60,22 @@ def read_dfew(root: Path, o: DfewOptions) -> Corpus:
             if src is None:
                 rejected.append((name, f"no frame folder {frames / cid}"))
                 continue
-            if cid in seen:
-                rejected.append((cid, "duplicate id"))
-                continue
-            seen.add(cid)
+            rows.setdefault(cid, []).append((split, where, code, src))
+    clips: list[Clip] = []
+    notes: list[tuple[str, str]] = []
+    for cid, got in rows.items():
+        places = ", ".join(f"{DFEW_LABELS[code]} ({where})" for _, where, code, _ in got)
+        if len({split for split, _, _, _ in got}) > 1:
+            rejected.append((cid, f"listed in both splits of fold {fold}: {places}"))
+        elif len({code for _, _, code, _ in got}) > 1:
+            rejected.append((cid, f"conflicting labels: {places}"))
+        else:
+            if len(got) > 1:
+                notes.append((cid, f"listed {len(got)} times with the same label: {places}; kept once"))
+            split, _, code, src = got[0]
             clips.append(Clip(cid, src, None, DFEW_LABELS[code], None, split, {}, {"fold": fold}, has_sound=False))
-    return Corpus("dfew", root, labels, clips, rejected)
+    log_rejected(rejected, notes)
+    return Corpus("dfew", root, labels, clips, rejected, notes)
 
 
 DFEW = Adapter(

@@ -4,8 +4,16 @@ A *source* is either a video file or a folder of JPEG/PNG frames (read in natura
 name order, at ``folder_fps``). Frame indices are positions on the clip's nominal
 frame grid: index ``k`` is the frame shown at time ``k / fps`` after the first frame,
 found from the decoded frames' timestamps, so variable frame rate clips sample
-evenly in time and container frame counts are never trusted (indices past the real
-end clamp to the last frame).
+evenly in time (indices past the real end clamp to the last frame).
+
+A clip's duration and frame count are the video stream's own, never the container's:
+a container's duration is its longest stream's, so an hour of audio beside 5 s of
+video would spread every sampled frame past the video's end. The stream's frame
+count from the header is used where the container keeps one (MP4/MOV sample tables,
+AVI); elsewhere (Matroska, WebM, MPEG-TS, ...) the video packets are counted, a
+demuxing pass that decodes nothing. Counting also finds where the timestamps
+restart (two transport streams joined with ``cat``): each such part adds its own
+span, and ``read_frames`` lays the parts end to end on one clock.
 
 Frames come back upright (display-matrix rotation applied) as RGB uint8.
 """
@@ -28,6 +36,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 LONG_CLIP_SECONDS = 120.0  # longer clips are read by seeking to each target
 DEFAULT_MAX_PIXELS = 8192 * 8192  # a decoded frame larger than this fails the clip (extract.max_pixels)
 SEEK_GAP_SECONDS = 5.0  # in seek mode, decode forward instead of seeking when the next target is this close
+# In a format that allows timestamp discontinuities (MPEG-TS, MPEG-PS), a forward jump of the video
+# timestamps larger than this starts a new part, as FFmpeg's own dts_delta_threshold does; a jump
+# backwards starts one in any format.
+DISCONTINUITY_SECONDS = 10.0
 
 # Decoder and RGB-conversion threads: 0 lets FFmpeg use every core (one decoding process); a
 # preparation process (extract.prep) decodes on one, since P of them share the cores. The frames are
@@ -59,14 +71,23 @@ class MediaInfo:
     path: str
     duration: float  # seconds
     fps: float | None  # average frame rate (folder: folder_fps)
-    n_frames: int  # container count, else round(duration * fps), else packets counted (no duration in the header)
+    n_frames: int  # the video stream's frame count: from its header, else its packets counted
     width: int  # as displayed (after rotation)
     height: int
     rotation: int  # degrees counter-clockwise applied for display: 0, 90, 180 or 270
     has_video: bool
     has_audio: bool
     audio_rate: int | None
-    frames_from: str = "header"  # where n_frames came from: header | duration | packets (counted) | folder
+    frames_from: str = "header"  # where n_frames came from: header | packets (counted) | folder
+    parts: int = 1  # runs of continuous video timestamps (2: two transport streams joined end to end)
+
+    def frames_note(self) -> str | None:
+        """Where the frame count came from, for the clip's record (None: the stream's header)."""
+        if self.frames_from != "packets":
+            return None
+        if self.parts > 1:
+            return f"packets ({self.parts} parts joined end to end, each restarting its timestamps)"
+        return "packets (the video stream's header gives no frame count)"
 
 
 # ---------------------------------------------------------------- index helpers
@@ -226,10 +247,23 @@ def _frames(container, stream) -> Iterator[av.VideoFrame]:
         log.warning("video decoding stopped early after %d frames: %s", n, e)
 
 
-def count_packets(path: Path) -> tuple[int, float]:
+@dataclass
+class PacketCount:
+    """The first video stream's packets, counted by `count_packets`."""
+
+    frames: int
+    seconds: float  # the span of their timestamps, summed over the parts
+    parts: int  # runs of continuous timestamps
+
+
+def count_packets(path: Path) -> PacketCount:
     """Frames of the first video stream counted from its packets (a demuxing pass: nothing is decoded),
-    and the duration they span. For containers whose header holds no duration or frame count
-    (Matroska/WebM written through a pipe, browser and streaming recordings).
+    and the time they span. For containers whose header holds no frame count of the video stream
+    (Matroska/WebM, MPEG-TS, streaming recordings), or whose duration is another stream's.
+
+    Where the decoding timestamps go back (or, in MPEG-TS/PS, jump forward by more than
+    ``DISCONTINUITY_SECONDS``) a new part begins: files joined with ``cat`` are counted whole, and
+    the span is the sum of the parts' spans.
 
     Raises DecodeError when the container ends in the middle of a record: the file is truncated, or
     still being written, and must not be stored as a complete clip."""
@@ -239,8 +273,18 @@ def count_packets(path: Path) -> tuple[int, float]:
     previous = avlog.get_level()
     try:
         vs = container.streams.video[0]
-        tb = float(vs.time_base) if vs.time_base else None
-        n, lo, hi, last_dur = 0, None, None, 0
+        tb = float(vs.time_base) if vs.time_base else 0.0
+        rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+        step = round(1 / (float(rate) * tb)) if rate and tb else 0   # one frame, in time_base units
+        jumps = bool(container.format.flags & av.format.Flags.ts_discont.value)
+        n, parts, seconds = 0, 0, 0.0
+        lo = hi = last_dur = last_dts = None
+
+        def close_part() -> float:
+            if lo is None or hi is None:
+                return 0.0
+            return (hi - lo + (last_dur or step)) * tb
+
         # libav reports a record cut short only in its log ("File ended prematurely"): listen to it
         if previous is None or previous < avlog.ERROR:
             avlog.set_level(avlog.ERROR)
@@ -250,6 +294,14 @@ def count_packets(path: Path) -> tuple[int, float]:
                     if not pkt.size:
                         continue
                     n += 1
+                    dts = pkt.dts
+                    if dts is not None and last_dts is not None and (
+                            dts < last_dts or (jumps and (dts - last_dts) * tb > DISCONTINUITY_SECONDS)):
+                        seconds += close_part()   # the timestamps restart: a new part
+                        lo = hi = last_dur = None
+                        parts += 1
+                    if dts is not None:
+                        last_dts = dts
                     if pkt.pts is not None:
                         lo = pkt.pts if lo is None else min(lo, pkt.pts)
                         if hi is None or pkt.pts >= hi:
@@ -262,8 +314,7 @@ def count_packets(path: Path) -> tuple[int, float]:
         if cut:
             raise DecodeError(f"incomplete file: the container ends in the middle of a record after {n} frames "
                               f"({cut[0]}); truncated, or still being written: rerun once it is complete")
-        span = (hi - lo + last_dur) * tb if tb and lo is not None and hi is not None else 0.0
-        return n, float(span)
+        return PacketCount(n, float(seconds + close_part()), parts + 1 if n else 0)
     finally:
         avlog.set_level(previous)
         container.close()
@@ -273,8 +324,10 @@ def probe(source: str | Path, *, folder_fps: float = 25.0, max_pixels: int | Non
     """Duration, frame rate, size, rotation and streams of a video file or frame folder.
 
     Decodes the first video frame (to read rotation and to prove the clip decodes), after checking
-    the declared frame size against ``max_pixels``. When the header gives neither a frame count nor
-    a duration (a stream written through a pipe), the frames are counted from the packets.
+    the declared frame size against ``max_pixels``. The duration and frame count are the video
+    stream's: its header's frame count where it has one (then its duration, else count / fps),
+    else its packets counted (`count_packets`); never the container's duration, which may be
+    the audio's.
     A file with audio but no video is returned with ``has_video=False``;
     ``read_frames`` on it raises ``DecodeError("no video stream")``.
     """
@@ -293,7 +346,6 @@ def probe(source: str | Path, *, folder_fps: float = 25.0, max_pixels: int | Non
             return MediaInfo(str(path), container_dur, None, 0, 0, 0, 0, False, True, audio_rate)
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         fps = float(rate) if rate else None
-        dur = float(vs.duration * vs.time_base) if vs.duration and vs.time_base else container_dur
         cc = vs.codec_context
         check_pixels(int(cc.width or 0), int(cc.height or 0), max_pixels)
         _threading(vs)
@@ -302,28 +354,24 @@ def probe(source: str | Path, *, folder_fps: float = 25.0, max_pixels: int | Non
             raise DecodeError("zero length: no decodable video frames")
         check_pixels(first.width, first.height, max_pixels)
         rotation = _norm_rotation(first.rotation)
-        n_frames = int(vs.frames or 0)
-        frames_from = "header"
-        if n_frames <= 0 and fps and dur > 0:
-            n_frames, frames_from = max(1, round(dur * fps)), "duration"
-        elif n_frames <= 0:
-            # no frame count and no duration in the header: count the packets, never guess one frame
-            n_frames, span = count_packets(path)
-            frames_from = "packets"
-            if n_frames <= 0:
-                raise DecodeError("zero length: no video packets")
-            if not fps and span > 0:
-                fps = n_frames / span
-            dur = span if span > 0 else (n_frames / fps if fps else 0.0)
-        if dur <= 0:
-            dur = n_frames / fps if fps else 0.0
-        w, h = first.width, first.height
-        if rotation in (90, 270):
-            w, h = h, w
-        return MediaInfo(str(path), dur, fps, n_frames, w, h, rotation, True, as_ is not None, audio_rate,
-                         frames_from)
+        w, h = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        n_frames = int(vs.frames or 0)   # the stream's own count (MP4/MOV sample tables, AVI)
+        dur = float(vs.duration * vs.time_base) if n_frames > 0 and vs.duration and vs.time_base else 0.0
+        info = MediaInfo(str(path), dur, fps, n_frames, w, h, rotation, True, as_ is not None, audio_rate)
     finally:
-        container.close()
+        container.close()   # first: no decoder thread alive while count_packets listens to the log
+    if n_frames <= 0:
+        # no frame count of the video stream: count its packets, never trust the container's duration
+        # (the longest stream's: an mkv's audio may outlast its video by an hour)
+        count = count_packets(path)
+        if count.frames <= 0:
+            raise DecodeError("zero length: no video packets")
+        info.n_frames, info.duration, info.parts, info.frames_from = count.frames, count.seconds, count.parts, "packets"
+        if not info.fps and count.seconds > 0:
+            info.fps = count.frames / count.seconds
+    if info.duration <= 0:
+        info.duration = info.n_frames / info.fps if info.fps else 0.0
+    return info
 
 
 class _Picker:
@@ -374,6 +422,22 @@ def _frame_time(frame: av.VideoFrame, fallback: float) -> float:
     return float(t) if t is not None else fallback
 
 
+class _Clock:
+    """A decoded frame's time after the first frame. In a clip of joined parts (``MediaInfo.parts``
+    > 1) a frame whose timestamp goes back, or jumps ahead by more than ``DISCONTINUITY_SECONDS``,
+    starts the next part one frame after the previous one: the parts play end to end."""
+
+    def __init__(self, fps: float, joined: bool):
+        self.step, self.joined, self.offset = 1 / fps, joined, 0.0
+
+    def time(self, frame: av.VideoFrame, t0: float, prev_t: float) -> float:
+        t = _frame_time(frame, t0 + prev_t - self.offset + self.step) - t0 + self.offset
+        if self.joined and (t < prev_t or t - prev_t > DISCONTINUITY_SECONDS):
+            self.offset += prev_t + self.step - t
+            t = prev_t + self.step
+        return t
+
+
 def read_frames(
     source: str | Path,
     indices: Sequence[int],
@@ -407,7 +471,9 @@ def read_frames(
     try:
         vs = container.streams.video[0]
         _threading(vs)
-        seek_mode = info.duration > LONG_CLIP_SECONDS
+        # joined parts restart their timestamps: one sequential pass lays them end to end on one clock
+        seek_mode = info.duration > LONG_CLIP_SECONDS and info.parts == 1
+        clock = _Clock(fps, joined=info.parts > 1)
         frames = _frames(container, vs)
         first = next(frames, None)
         if first is None:
@@ -432,7 +498,7 @@ def read_frames(
             if frame is None:
                 break
             last = frame
-            t = _frame_time(frame, prev_t + 1 / fps) - t0
+            t = clock.time(frame, t0, prev_t)
             if prev is None:  # just seeked: targets before this frame (keyframe landed late) take it
                 while not picker.done() and picker.targets[picker.next] < t:
                     picker.got[picker.next] = picker._convert(frame)

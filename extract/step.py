@@ -324,8 +324,8 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         info = decode.probe(path, folder_fps=settings.frames.folder_fps, max_pixels=settings.max_pixels)
         prep.record.update(duration=info.duration, frames=info.n_frames, fps=info.fps, width=info.width,
                            height=info.height, rotation=info.rotation, has_audio=info.has_audio)
-        if info.frames_from == "packets":
-            prep.record["frames_from"] = "packets (no duration in the container header)"
+        if note := info.frames_note():
+            prep.record["frames_from"] = note
         if not info.has_video:
             raise decode.DecodeError("no video stream")
         if info.duration <= 0 or info.n_frames <= 0:

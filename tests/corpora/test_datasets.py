@@ -29,7 +29,8 @@ def test_merr_lists_captions_transcripts_and_split(tmp_path):
         "sample_00000001": {"smp_reason_caption": "Frown and raised voice: angry."}}))
     (tmp_path / "transcription_en_all.csv").write_text(
         'name,sentence\nsample_00000001,"No, stop it, now!"\nsample_00000002,\n')
-    (tmp_path / "split.csv").write_text("name,split\nsample_00000002,test\n")
+    (tmp_path / "split.csv").write_text("name,split\nsample_00000001,train\nsample_00000002,test\n"
+                                        "sample_00000004,train\n")
 
     corpus = load_merr(tmp_path)
     by_id = {c.id: c for c in corpus.clips}
@@ -53,10 +54,9 @@ def test_mer2023_splits_and_labels(tmp_path):
     (tmp_path / "train.txt").write_text("a 10 Happy 1.0\nb 10 worried -0.3\n")
     (tmp_path / "test.txt").write_text("c 10 neutral -10\nb 10 sad -10\n")
     corpus = load_corpus("mer2023", tmp_path)
-    assert [(c.id, c.label, c.split) for c in corpus.clips] == [
-        ("a", "happy", "train"), ("b", "worried", "train"), ("c", "neutral", "test")]
+    assert [(c.id, c.label, c.split) for c in corpus.clips] == [("a", "happy", "train"), ("c", "neutral", "test")]
     assert corpus.labels == ("neutral", "angry", "happy", "sad", "worried", "surprise")
-    assert dict(corpus.rejected)["b"].startswith("listed twice")
+    assert dict(corpus.rejected)["b"] == "listed in two splits: train.txt:2, test.txt:2 (a clip belongs to one)"
 
 
 def test_dfew_folds_map_numeric_labels(tmp_path):
@@ -135,3 +135,28 @@ def test_missing_layout_errors_say_what_to_do(tmp_path):
         load_merr(tmp_path)
     with pytest.raises(DatasetError, match="unknown dataset 'nope'; choose one of: merr, mer2023, dfew, folder"):
         load_corpus("nope", tmp_path)
+
+
+def test_folder_lists_every_file_it_does_not_take_and_every_folder_it_does_not_search(tmp_path):
+    for rel in ("a.mp4", "b.ts", "sub/c.3gp", ".hidden.mp4", ".git/objects/x.mp4", "feats.zarr/c/0/0", "notes.txt",
+                "still.png", "odd.bin", "no_ext"):
+        touch(tmp_path / rel)
+    (tmp_path / "feats.zarr" / "zarr.json").write_text("{}")
+    (tmp_path / "linked").symlink_to(tmp_path / "sub")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("name,label,sentence\na,happy,hi\nb,sad,oh\nb,sad,oh\nsub/c,sad,x\nsub/c,happy,x\ngone,sad,x\n")
+    corpus = load_folder(tmp_path, labels_csv=str(labels))          # absolute: still the dataset's own file
+    assert sorted(c.id for c in corpus.clips) == [".hidden", "a", "b"]
+    why = dict(corpus.rejected)
+    assert why == {
+        ".git": ".git: a hidden folder (not searched)",
+        "feats": "feats.zarr: a Zarr store (not searched)",
+        "linked": "linked: a symbolic link to a folder (not followed: link the videos themselves)",
+        "notes": "notes.txt: a text file, not a video",
+        "still": "still.png: an image, not a video",
+        "odd": why["odd"], "no_ext": why["no_ext"],
+        "sub%2Fc": "labels.csv gives it rows that differ: lines 5, 6",
+        "gone": "labels.csv:7: no video file gone.* in the folder"}
+    assert why["odd"].startswith("odd.bin: not a video PyAV can open (")
+    assert why["no_ext"].startswith("no_ext: not a video PyAV can open (")
+    assert dict(corpus.notes) == {"b": "labels.csv lists it 2 times, the same each time (lines 3, 4); kept once"}
