@@ -46,9 +46,9 @@ Three prompt styles (``data.prompt``, saved in the run's config):
 * The answer part is what the template writes for an assistant turn after the generation prompt,
   through the first special token after the answer (the end-of-turn token: ``<|im_end|>`` for Qwen,
   ``</s>`` for Mistral, ``<|eot_id|>`` for Llama-3); what follows it (a newline) is dropped. Only
-  that part carries loss, never the template's headers. Its tokens come from tokenizing the prompt
-  and the answer part together where that leaves the prompt's ids as they are; otherwise the answer
-  part is tokenized on its own. Either way the training tokens start with exactly the inference prompt's.
+  that part carries loss, never the template's headers. Its tokens come from tokenizing the prompt's
+  last piece and the answer part together where that leaves the prompt's ids as they are; otherwise
+  the answer part is tokenized on its own. Either way the training tokens start with exactly the inference prompt's.
 * A template that drops the system prompt once the conversation ends with the assistant (Mistral
   v0.3 writes it before the last user message only) gets the inference prompt plus the assistant turn
   as the template writes it without the system turn.
@@ -262,12 +262,12 @@ def fit_subtitle(tokenizer, subtitle: str | None, max_tokens: int) -> tuple[str 
     word is longer. Training, evaluation and inference all cut it here, so their prompts match."""
     if not subtitle or not subtitle.strip():
         return subtitle, False
-    text = subtitle.strip()
+    whole = subtitle.strip()
     limit = max_tokens * CHARS_PER_TOKEN
-    cut = len(text) > limit
+    cut = len(whole) > limit
+    text = whole[:limit]
     if cut:
-        text = text[:limit]
-        if not subtitle.strip()[limit].isspace() and re.search(r"\s", text):
+        if not whole[limit].isspace() and re.search(r"\s", text):
             text = text[:re.search(r"\s+\S*$", text).start()]      # no half word at the end
     if len(text.encode("utf-8")) < max_tokens:   # no tokenizer spells a byte with more than one token
         return text, cut
@@ -349,7 +349,7 @@ class Pieces:
         """The tokens of ``text``; with ``first_special`` the first piece is tokenized with
         ``add_special_tokens=True`` (the public evaluation script's call); ``inside``: ``text`` goes on a
         text (see ``_ids``), as does the text after a spelled control-token string."""
-        out = Tokens([], [], [], 0)
+        out = Tokens([], [], 0)
         spelled = inside                 # the last piece was a spelled control-token string
         for k, piece in enumerate(text.split(self.mark)):
             if k % 2 == 0:
@@ -359,7 +359,6 @@ class Pieces:
                 got, spelled = self.spell(piece[1:]), True
             else:                        # a slot, or a bare cut
                 if piece:
-                    out.seen.append(int(piece))
                     n = self.layout.order[int(piece)].n
                     out.ids.extend([self.pad] * n)
                     out.feat.extend([True] * n)
@@ -383,12 +382,10 @@ class Pieces:
 
 @dataclass
 class Tokens:
-    """What ``Pieces.encode`` gives: ids, feature mask, the slot indices in the order met, and how many of
-    the ids the last text piece gave."""
+    """What ``Pieces.encode`` gives: ids, feature mask, and how many of the ids the last text piece gave."""
 
     ids: list[int]
     feat: list[bool]
-    seen: list[int]
     n_last: int
 
 
