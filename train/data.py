@@ -10,7 +10,8 @@
 * ``TrainData``: the examples of one split of a corpus, through the two.
 
 An *example* is one (clip, task) pair whose answer exists (emotion: the label; reason / reason_v2:
-the clip's reference text). The order of an epoch is a pure function of (seed, epoch, global batch):
+the clip's reference text) and fits ``max_len`` whole (``fit_examples``: answers are never cut; subtitles
+are, to ``max_subtitle_tokens``; both are counted for the run report, ``text_report``). The order of an epoch is a pure function of (seed, epoch, global batch):
 shuffled, length-grouped within windows, cut into optimizer steps. So the data position of a run is
 just its step number, DDP ranks take disjoint slices of each step, and a resumed run sees exactly
 the batches the uninterrupted run would have seen.
