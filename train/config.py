@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .modalities import PAPER_FEATURES
-from .prompt import PROMPT_STYLES, TASKS
+from .prompt import DEFAULT_SUBTITLE_TOKENS, PROMPT_STYLES, TASKS
 
 PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
 
@@ -77,7 +77,8 @@ class DataConfig:
     system: str = ""                # system prompt of the chat style (empty: none, or the template's default)
     standardize: bool = False       # projector inputs standardized with train-split statistics (not the paper's)
     patch_group: int = 4            # global patch tokens concatenated per LM token
-    max_len: int = 1024             # tokens per example (answers are cut, never the prompt)
+    max_len: int = 1024             # tokens per training example; answers are never cut: a longer example is rejected
+    max_subtitle_tokens: int = DEFAULT_SUBTITLE_TOKENS  # a longer subtitle is cut to this many tokens (training, eval, infer)
     length_grouping: bool = True                # batches of similar length (less padding); the order stays seeded
     workers: int = 0                # DataLoader worker processes
 
@@ -105,6 +106,9 @@ class DataConfig:
             out.append("data.patch_group must be at least 1")
         if self.max_len < 64:
             out.append(f"data.max_len = {self.max_len} is too short for the prompt (use 512 or more)")
+        if self.max_subtitle_tokens < 1:
+            out.append(f"data.max_subtitle_tokens = {self.max_subtitle_tokens}: use 1 or more (the default is "
+                       f"{DEFAULT_SUBTITLE_TOKENS})")
         if self.workers < 0:
             out.append("data.workers must be 0 or more")
         return out

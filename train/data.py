@@ -10,7 +10,8 @@
 * ``TrainData``: the examples of one split of a corpus, through the two.
 
 An *example* is one (clip, task) pair whose answer exists (emotion: the label; reason / reason_v2:
-the clip's reference text). The order of an epoch is a pure function of (seed, epoch, global batch):
+the clip's reference text) and fits ``max_len`` whole (``fit_examples``: answers are never cut; subtitles
+are, to ``max_subtitle_tokens``; both are counted for the run report, ``text_report``). The order of an epoch is a pure function of (seed, epoch, global batch):
 shuffled, length-grouped within windows, cut into optimizer steps. So the data position of a run is
 just its step number, DDP ranks take disjoint slices of each step, and a resumed run sees exactly
 the batches the uninterrupted run would have seen.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,7 +30,8 @@ import torch
 from emollama.corpora import Clip, Corpus
 
 from .config import TrainConfig
-from .prompt import IGNORE, Encoded, Layout, check_chat_template, encode, instruction_for, stop_token_ids
+from .prompt import (DEFAULT_SUBTITLE_TOKENS, IGNORE, Encoded, Layout, check_chat_template, encode, fit_subtitle,
+                     instruction_for, instructions, stop_token_ids)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,56 @@ def make_examples(clips: Sequence[Clip], tasks: Sequence[str], labels: Sequence[
                 continue
             out.append(Example(clip, task, answer))
     return out, skipped
+
+
+FIT_MARGIN = 32     # an example estimated within this many tokens of max_len is encoded in full to decide
+
+
+def fit_examples(examples: Sequence[Example], prompts: "PromptEncoder"
+                 ) -> tuple[list[Example], list[int], list[str], list[dict]]:
+    """(the examples that fit ``prompts.max_len``, their lengths for grouping (``measure``), the ids of
+    the clips whose subtitle was cut, the rejected examples as {"id", "task", "reason"}).
+
+    An example's length is its answer and (cut) subtitle, tokenized once, plus its task's fixed part (the
+    prompt with the task's longest instruction); one estimated within ``FIT_MARGIN`` tokens of ``max_len``
+    is encoded in full to decide. Answers are never cut: an example whose whole answer does not fit even
+    with the subtitle cut to ``max_subtitle_tokens`` is rejected with its reason."""
+    kept: list[Example] = []
+    lengths: list[int] = []
+    cut: dict[str, None] = {}
+    rejected: list[dict] = []
+    for e in examples:
+        n, was_cut = prompts.measure(e.clip, e.answer)
+        if was_cut:
+            cut[e.clip.id] = None
+        if prompts.fixed_part(e.task) + n + FIT_MARGIN > prompts.max_len:
+            enc = prompts.longest(e.clip, e.task, e.answer)
+            if len(enc.ids) > prompts.max_len:
+                rejected.append({"id": e.clip.id, "task": e.task, "reason": (
+                    f"{len(enc.ids)} tokens (the answer {len(enc.ids) - enc.answer_start}) with the subtitle at "
+                    f"most {prompts.max_subtitle_tokens} tokens: over data.max_len = {prompts.max_len}, and "
+                    "answers are never cut (raise data.max_len, or lower data.max_subtitle_tokens)")})
+                continue
+        kept.append(e)
+        lengths.append(n)
+    return kept, lengths, list(cut), rejected
+
+
+def text_report(*datas: "TrainData") -> dict:
+    """What the text budget did to each split: subtitles cut, examples rejected (for metrics.json)."""
+    out: dict = {}
+    for d in datas:
+        out[d.split] = {"max_subtitle_tokens": d.prompts.max_subtitle_tokens, "max_len": d.prompts.max_len,
+                        "subtitles_cut": len(d.subtitles_cut), "subtitles_cut_ids": d.subtitles_cut[:20],
+                        "rejected": len(d.rejected), "rejected_examples": d.rejected[:20]}
+    return out
+
+
+def text_summary(report: dict) -> str:
+    """One line of the training summary from ``text_report``."""
+    parts = [f"{split}: {r['subtitles_cut']} subtitle(s) cut to {r['max_subtitle_tokens']} tokens, "
+             f"{r['rejected']} example(s) rejected (over max_len {r['max_len']})" for split, r in report.items()]
+    return "text: " + "; ".join(parts)
 
 
 def epoch_plan(lengths: Sequence[int], global_batch: int, seed: int, epoch: int, *, group: bool = True,
@@ -147,13 +200,16 @@ class PromptEncoder:
     layout: Layout
     labels: Sequence[str]               # the label set the emotion instruction names
     seed: int = 0
-    max_len: int = 1024                 # tokens per example with an answer (answers are cut, never the prompt)
+    max_len: int = 1024                 # tokens per training example: a longer one is rejected (TrainData)
     style: str = "emollama"
     eval_layout: str = "trained"        # trained | public-eval
     system: str = ""                    # the system prompt (chat style only)
+    max_subtitle_tokens: int = DEFAULT_SUBTITLE_TOKENS   # subtitles are cut to this many tokens (prompts too)
 
     def __post_init__(self) -> None:
         self.labels = list(self.labels)
+        self._longest: dict[str, str] = {}
+        self._fixed: dict[str, int] = {}
         if self.style == "chat":        # refuse a tokenizer without a chat template now, not at the first batch
             check_chat_template(self.tokenizer)
 
@@ -169,18 +225,38 @@ class PromptEncoder:
     def example(self, clip: Clip, task: str, answer: str, epoch: int = 0, *, fixed: bool = False) -> Encoded:
         """Prompt and answer: the instruction drawn for (clip, task, epoch), or the task's first with ``fixed``."""
         instr = instruction_for(task, clip.id, self.labels, seed=self.seed, epoch=epoch, fixed=fixed, style=self.style)
-        return encode(self.tokenizer, self.layout, clip.subtitle, task, instr, answer, max_len=self.max_len,
-                      style=self.style, eval_layout=self.eval_layout, system=self.system)
+        return self._encode(clip, task, instr, answer)
 
     def prompt(self, clip: Clip, task: str) -> Encoded:
         """The inference prompt of ``clip`` for ``task``: the task's first instruction, no answer."""
         instr = instruction_for(task, clip.id, self.labels, seed=self.seed, epoch=0, fixed=True, style=self.style)
-        return encode(self.tokenizer, self.layout, clip.subtitle, task, instr, None, style=self.style,
-                      eval_layout=self.eval_layout, system=self.system)
+        return self._encode(clip, task, instr, None)
 
-    def approx_length(self, clip: Clip, answer: str) -> int:
-        """Answer + subtitle tokens: the length that steps are grouped by (instructions vary little)."""
-        return len(self.tokenizer(answer + " " + (clip.subtitle or ""), add_special_tokens=False)["input_ids"])
+    def longest(self, clip: Clip, task: str, answer: str) -> Encoded:
+        """The example with the task's longest instruction (in tokens): what ``max_len`` is checked on."""
+        if task not in self._longest:
+            pool = instructions(task, self.labels, self.style)
+            self._longest[task] = max(pool, key=lambda i: len(self.tokenizer(i, add_special_tokens=False)["input_ids"]))
+        return self._encode(clip, task, self._longest[task], answer)
+
+    def _encode(self, clip: Clip, task: str, instruction: str, answer: str | None) -> Encoded:
+        return encode(self.tokenizer, self.layout, clip.subtitle, task, instruction, answer, style=self.style,
+                      eval_layout=self.eval_layout, system=self.system, max_subtitle_tokens=self.max_subtitle_tokens)
+
+    def measure(self, clip: Clip, answer: str) -> tuple[int, bool]:
+        """(answer + subtitle tokens: the length that steps are grouped by (instructions vary little),
+        whether the subtitle is cut to ``max_subtitle_tokens``)."""
+        subtitle, cut = fit_subtitle(self.tokenizer, clip.subtitle, self.max_subtitle_tokens)
+        text = answer + " " + ((subtitle if cut else clip.subtitle) or "")
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]), cut
+
+    def fixed_part(self, task: str) -> int:
+        """The tokens of a ``task`` example besides its answer and subtitle (``measure``), with the task's
+        longest instruction."""
+        if task not in self._fixed:
+            probe = Clip("probe", Path("."), subtitle="so")
+            self._fixed[task] = len(self.longest(probe, task, "so").ids) - self.measure(probe, "so")[0]
+        return self._fixed[task]
 
 
 class FeatureBatcher:
@@ -226,8 +302,14 @@ class TrainData:
         self.missing = missing
         self.clips = clips
         self.split = split
-        self.examples, self.skipped = make_examples(clips, tasks, prompts.labels)
-        self.lengths = [prompts.approx_length(e.clip, e.answer) for e in self.examples]
+        examples, self.skipped = make_examples(clips, tasks, prompts.labels)
+        self.examples, self.lengths, self.subtitles_cut, self.rejected = fit_examples(examples, prompts)
+        if self.subtitles_cut:
+            log.warning("%d %s clip(s) have a subtitle longer than data.max_subtitle_tokens = %d: cut to it: %s",
+                        len(self.subtitles_cut), split, prompts.max_subtitle_tokens, self.subtitles_cut[:5])
+        if self.rejected:
+            log.warning("%d %s example(s) rejected: %s", len(self.rejected), split,
+                        "; ".join(f"{r['id']} ({r['task']}): {r['reason']}" for r in self.rejected[:3]))
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -39,7 +39,7 @@ from .checkpoint import (FULL_ERRNOS, CheckpointWriteError, latest_checkpoint, l
                          load_projectors, save_checkpoint, versions, write_json)
 from .config import TrainConfig, TrainSetupError
 from .data import (Batch, FeatureBatcher, PromptEncoder, StepLoader, TrainData, epoch_plan, fit_statistics,
-                   resolve_labels)
+                   resolve_labels, text_report, text_summary)
 from .evaluate import evaluate_closed_set, format_metrics
 from .tiny import TINY_WARNING, is_tiny_fixture
 from .model import (EmoModel, build_model, count_parameters, format_parameters, pick_device, projector_meta,
@@ -174,7 +174,8 @@ class Recipe:
         """The train and eval splits through one prompt encoder and one feature batcher; the schedule."""
         cfg = self.cfg
         prompts = PromptEncoder(self.tokenizer, self.model.layout, self.labels, seed=cfg.run.seed,
-                                max_len=cfg.data.max_len, style=cfg.data.prompt, system=cfg.data.system)
+                                max_len=cfg.data.max_len, style=cfg.data.prompt, system=cfg.data.system,
+                                max_subtitle_tokens=cfg.data.max_subtitle_tokens)
         features = FeatureBatcher.from_store(self.store, self.keys)
         self.train_data = TrainData(self.corpus, cfg.data.train_split, cfg.data.tasks, prompts, features)
         self.eval_data = TrainData(self.corpus, cfg.data.eval_split, cfg.data.tasks, prompts, features)
@@ -403,13 +404,15 @@ class Recipe:
         metrics = {**metrics, "split": cfg.data.eval_split, "step": self.step, "run": str(self.run),
                    "profile": cfg.model.profile, "features": cfg.data.features, "tasks": cfg.data.tasks,
                    "note": self.note or None, "train_seconds": round(train_seconds, 2),
-                   "final_loss": self.history[-1]["loss"] if self.history else None}
+                   "final_loss": self.history[-1]["loss"] if self.history else None,
+                   "text": text_report(self.train_data, self.eval_data)}
         write_json(self.run / "metrics.json", metrics)
         if self.history:
             _plot(self.history, self.run / "loss.png", f"{self.run.name}: {cfg.model.profile} profile"
                   + (" (random test fixture)" if self.note else ""))
         for line in format_metrics(metrics, f"held-out ({cfg.data.eval_split})"):
             self.say(line)
+        self.say(text_summary(metrics["text"]))
         if self.note:
             self.say(self.note)
         return metrics

@@ -14,8 +14,9 @@ Three prompt styles (``data.prompt``, saved in the run's config):
 * A clip with no subtitle leaves out the whole "The person in the video says" sentence (saying
   "says: ." or inventing "nothing" would teach the model a fact the corpus does not state).
 * A subtitle that already ends with . ! or ? gets no second full stop.
-* Only the answer tokens and the closing ``</s>`` carry loss. Where the answer starts is found from
-  the tokenizer's character offsets, so the prompt tokens are exactly those of the prompt alone.
+* Only the answer tokens and the closing ``</s>`` carry loss. The answer is tokenized together with
+  the prompt where that leaves the prompt's ids as they are (so the training tokens start with exactly
+  the inference prompt's), else on its own.
 
 ``emotion-llama``: the released model's training protocol, token for token (what its weights expect):
 
@@ -38,17 +39,16 @@ Three prompt styles (``data.prompt``, saved in the run's config):
     video says: {subtitle}. [{task}] {instruction}{template: end of user turn, assistant header}
     {answer}{template: end-of-turn token}
 
-* The prompt is rendered to text with ``add_generation_prompt=True`` and a unique marker where each
-  slot goes; the text is cut at the markers, each piece tokenized on its own (``add_special_tokens=
-  False``: the template writes BOS itself where the family has one), and each marker becomes exactly
-  its slot's placeholder ids, so no token merges across a slot boundary.
+* The prompt is rendered to text with ``add_generation_prompt=True`` and a mark where each slot goes;
+  the text is cut at the marks, each piece tokenized on its own (``add_special_tokens=False``: the
+  template writes BOS itself where the family has one), and each mark becomes exactly its slot's
+  placeholder ids, so no token merges across a slot boundary.
 * The answer part is what the template writes for an assistant turn after the generation prompt,
   through the first special token after the answer (the end-of-turn token: ``<|im_end|>`` for Qwen,
   ``</s>`` for Mistral, ``<|eot_id|>`` for Llama-3); what follows it (a newline) is dropped. Only
-  that part carries loss, never the template's headers. Its tokens come from tokenizing the last
-  prompt piece and the answer together (offsets) where that keeps the prompt tokens exactly those of
-  the prompt alone; otherwise the answer part is tokenized on its own. Either way the training tokens
-  start with exactly the inference prompt's.
+  that part carries loss, never the template's headers. Its tokens come from tokenizing the prompt's
+  last piece and the answer part together where that leaves the prompt's ids as they are; otherwise
+  the answer part is tokenized on its own. Either way the training tokens start with exactly the inference prompt's.
 * A template that drops the system prompt once the conversation ends with the assistant (Mistral
   v0.3 writes it before the last user message only) gets the inference prompt plus the assistant turn
   as the template writes it without the system turn.
@@ -58,7 +58,26 @@ Three prompt styles (``data.prompt``, saved in the run's config):
 
 Evaluation layout ``public-eval`` (``emotion-llama`` only) reproduces the public evaluation script,
 which made the published MER2023 number: all feature embeddings (256 patches, local, temporal, audio,
-CLS) go where ``<video>`` is, and ``<feature><FeatureHere></feature>`` stays literal text.
+CLS) go where ``<video>`` is, and ``<feature><FeatureHere></feature>`` stays literal text. It makes the
+script's tokenizer calls on the script's segments (``get_context_emb``): ``<s>[INST] <video>`` with
+``add_special_tokens=True``, the placeholder, then the rest with ``add_special_tokens=False``. So the
+ids start with two BOS (the tokenizer's own, then the literal ``<s>``), and whether the ``[`` after
+it carries a word boundary is the tokenizer's ``legacy`` setting; no id is written here by hand.
+
+Text is text, in every style and for every tokenizer (``Pieces``):
+
+* subtitles, captions, rationales and the system prompt are user text: a control-token string in
+  them (``</s>``, ``<s>``, ``<pad>``, ``<unk>``, ``<|im_end|>``, ``[INST]`` where it is one) is
+  tokenized as plain text (``split_special_tokens``), so it never becomes a BOS, EOS, pad or unk id
+  and an answer carries exactly one EOS label, its last. The prompt's own tokens stay special: the
+  BOS and ``</s>`` written as ids, the chat template's control tokens. Only such strings are cut out
+  of the text; any other text keeps the ids the tokenizer gives it.
+* the marks that cut a text (slots, control-token strings) use a character found in none of the
+  texts, so no text can collide with them.
+* a subtitle is cut to ``max_subtitle_tokens`` (``data.max_subtitle_tokens``) whole words, after a
+  first cut to ``CHARS_PER_TOKEN`` characters a token (``fit_subtitle``), in training, evaluation and
+  inference alike. Answers are never cut; ``TrainData`` rejects an example whose answer does not fit
+  ``data.max_len``.
 """
 
 from __future__ import annotations
@@ -73,7 +92,6 @@ PROMPT_STYLES = ("emollama", "emotion-llama", "chat")
 EVAL_LAYOUTS = ("trained", "public-eval")
 TASK_TAGS = {"emotion": "emotion", "reason": "reason", "reason_v2": "reason_v2"}
 IGNORE = -100
-SLOT_MARK = "\u27e6emollama-slot-{}\u27e7"   # where a slot goes in the rendered chat text (never tokenized)
 # Templates that write today's date (Llama-3.2: strftime_now) get a fixed one, Llama-3.1's default, so that
 # a prompt is the same on every day (training, evaluation, inference).
 CHAT_DATE = "26 Jul 2024"
@@ -168,21 +186,24 @@ class Encoded:
     meta: dict = field(default_factory=dict)
 
 
+def instructions(task: str, labels: Sequence[str], style: str = "emollama") -> list[str]:
+    """The instruction pool of ``task`` in the prompt ``style``, ``{labels}`` filled in."""
+    pools = RELEASED_INSTRUCTIONS if style == "emotion-llama" else INSTRUCTIONS
+    if task not in pools:
+        raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
+    return [i.replace("{labels}", ", ".join(labels)) for i in pools[task]]
+
+
 def instruction_for(task: str, key: str, labels: Sequence[str], *, seed: int = 0, epoch: int = 0,
                     fixed: bool = False, style: str = "emollama") -> str:
     """An instruction from the task's pool of the prompt ``style``: drawn by a hash of (seed, epoch,
     key) so that it needs no RNG state (exact resume) and differs across epochs; ``fixed`` takes the
     first (evaluation)."""
-    pools = RELEASED_INSTRUCTIONS if style == "emotion-llama" else INSTRUCTIONS
-    if task not in pools:
-        raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
-    pool = pools[task]
+    pool = instructions(task, labels, style)
     if fixed:
-        i = 0
-    else:
-        h = hashlib.sha256(f"{seed}:{epoch}:{key}:{task}".encode()).digest()
-        i = int.from_bytes(h[:4], "little") % len(pool)
-    return pool[i].replace("{labels}", ", ".join(labels))
+        return pool[0]
+    h = hashlib.sha256(f"{seed}:{epoch}:{key}:{task}".encode()).digest()
+    return pool[int.from_bytes(h[:4], "little") % len(pool)]
 
 
 def request_text(subtitle: str | None, task: str, instruction: str) -> str:
@@ -200,102 +221,245 @@ def prompt_text(subtitle: str | None, task: str, instruction: str) -> str:
     return request_text(subtitle, task, instruction) + " [/INST]"
 
 
-def _builder(tokenizer):
-    """(ids, feature mask, text(s), slots(group)): ids start with <s>; ``text`` appends the tokens of a
-    piece tokenized on its own, ``slots`` appends placeholder ids (the pad id) marked as feature slots."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    ids: list[int] = [tokenizer.bos_token_id]
-    feat: list[bool] = [False]
+# ---- text is text: marks, user text, long subtitles -------------------------------------------------
 
-    def text(s: str) -> None:
-        got = tokenizer(s, add_special_tokens=False)["input_ids"]
-        ids.extend(got)
-        feat.extend([False] * len(got))
+DEFAULT_SUBTITLE_TOKENS = 256   # data.max_subtitle_tokens: a longer subtitle is cut to this many tokens
+CHARS_PER_TOKEN = 16            # ... after a first cut to this many characters per token (bounded tokenizing)
+_FIRST_MARK = 0xF0000           # marks: the first code point of Supplementary Private Use Area-A found in no text
 
-    def slots(group: Sequence[Slot]) -> None:
-        for s in group:
-            ids.extend([pad] * s.n)
-            feat.extend([True] * s.n)
 
-    return ids, feat, text, slots
+def control_tokens(tokenizer) -> set[str]:
+    """The tokenizer's special tokens as strings: BOS, EOS, pad, unk, a chat template's control tokens."""
+    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    out |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
+    return {t for t in out if t}
+
+
+def _plain_ids(tokenizer, text: str) -> list[int]:
+    """``text`` tokenized as plain text: a control-token string in it is spelled, never its id."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] if text else []
+
+
+def _last_fitting(candidates: Sequence[int], ok) -> int | None:
+    """The last of the ascending ``candidates`` for which ``ok`` holds (binary search: ``ok`` holds on a
+    prefix of them), or None."""
+    lo, hi, best = 0, len(candidates) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(candidates[mid]):
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def fit_subtitle(tokenizer, subtitle: str | None, max_tokens: int) -> tuple[str | None, bool]:
+    """(``subtitle`` stripped and cut to at most ``max_tokens`` tokens, whether it was cut).
+
+    The subtitle is first cut to ``max_tokens * CHARS_PER_TOKEN`` characters, so tokenizing it costs
+    bounded time and memory whatever its length; then to the longest run of whole words of at most
+    ``max_tokens`` tokens (counted as plain text on its own), or of characters where even the first
+    word is longer. Training, evaluation and inference all cut it here, so their prompts match."""
+    if not subtitle or not subtitle.strip():
+        return subtitle, False
+    whole = subtitle.strip()
+    limit = max_tokens * CHARS_PER_TOKEN
+    cut = len(whole) > limit
+    text = whole[:limit]
+    if cut:
+        if not whole[limit].isspace() and re.search(r"\s", text):
+            text = text[:re.search(r"\s+\S*$", text).start()]      # no half word at the end
+    if len(text.encode("utf-8")) < max_tokens:   # no tokenizer spells a byte with more than one token
+        return text, cut
+    fits = lambda n: len(_plain_ids(tokenizer, text[:n])) <= max_tokens   # noqa: E731
+    if fits(len(text)):
+        return text, cut
+    n = _last_fitting([m.end() for m in re.finditer(r"\S+", text)], fits)
+    if n is None:
+        n = _last_fitting(range(1, len(text) + 1), fits) or 0
+    return text[:n].rstrip(), True
+
+
+class Pieces:
+    """How the text of one prompt becomes token ids, with feature slots and user text in it.
+
+    The text is written with *marks*: ``mark`` is a character found in none of the prompt's texts (the
+    first free code point of a private-use plane), so nothing a user writes can ever collide with one.
+    ``mark i mark`` is where slot ``layout.order[i]`` goes; ``mark = s mark`` holds a control-token string
+    ``s`` found in user text (``user``); ``mark mark`` only cuts. ``encode`` splits the text at the marks
+    and tokenizes each piece on its own with ``add_special_tokens=False``: so a slot is exactly its
+    placeholder ids and nothing merges across it, the prompt's own control tokens (a chat template's)
+    stay special, and a control-token string from a subtitle, caption, rationale or system prompt is
+    tokenized as plain text (``split_special_tokens=True``). Text without such strings is cut only at
+    the slots, so its ids are what the tokenizer gives for it."""
+
+    def __init__(self, tokenizer, layout: Layout, texts: Sequence[str | None]):
+        self.tokenizer, self.layout = tokenizer, layout
+        used = set().union(*(set(t) for t in texts if t))
+        code = _FIRST_MARK
+        while chr(code) in used:
+            code += 1
+        self.mark = chr(code)
+        self.cut = self.mark * 2
+        controls = sorted(control_tokens(tokenizer), key=len, reverse=True)
+        self._controls = re.compile("|".join(map(re.escape, controls))) if controls else None
+        self._control_ids = {tokenizer.convert_tokens_to_ids(t) for t in controls}
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+
+    def slots(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The marks of slots ``layout.order[start:stop]``."""
+        n = len(self.layout.order)
+        return [f"{self.mark}{i}{self.mark}" for i in range(n)[start:stop]]
+
+    def group(self, start: int = 0, stop: int | None = None) -> str:
+        """The marks of a group of slots, or a cut where the group is empty (the text still breaks there)."""
+        return "".join(self.slots(start, stop)) or self.cut
+
+    def user(self, text: str | None) -> str | None:
+        """User text with each control-token string in it marked, to be tokenized as plain text."""
+        if not text or self._controls is None:
+            return text
+        return self._controls.sub(lambda m: f"{self.mark}={m.group(0)}{self.mark}", text)
+
+    def _ids(self, text: str, *, plain: bool = False, inside: bool = False, special: bool = False) -> list[int]:
+        """``text`` tokenized (``plain``: control-token strings spelled as text); ``inside``: as in the middle
+        of a text, after a newline that is then dropped, so that it gets no word boundary of its own."""
+        def call(t: str) -> list[int]:
+            return self.tokenizer(t, add_special_tokens=special, split_special_tokens=plain)["input_ids"]
+
+        if not text:
+            return []
+        if inside:
+            nl, after = call("\n"), call("\n" + text)
+            if after[:len(nl)] == nl:
+                return after[len(nl):]
+        return call(text)
+
+    def spell(self, text: str) -> list[int]:
+        """A control-token string from user text, tokenized as plain text where it stands (inside a text).
+        Where the tokenizer's vocabulary spells the control token from plain text too (a BPE that learnt a
+        merge for ``</s>``), the string is split in halves until no control id is left."""
+        ids = self._ids(text, plain=True, inside=True)
+        if len(text) < 2 or not self._control_ids.intersection(ids):
+            return ids
+        half = len(text) // 2
+        return self.spell(text[:half]) + self.spell(text[half:])
+
+    def encode(self, text: str, *, first_special: bool = False, inside: bool = False) -> Tokens:
+        """The tokens of ``text``; with ``first_special`` the first piece is tokenized with
+        ``add_special_tokens=True`` (the public evaluation script's call); ``inside``: ``text`` goes on a
+        text (see ``_ids``), as does the text after a spelled control-token string."""
+        out = Tokens([], [], 0)
+        spelled = inside                 # the last piece was a spelled control-token string
+        for k, piece in enumerate(text.split(self.mark)):
+            if k % 2 == 0:
+                got, spelled = self._ids(piece, inside=spelled, special=first_special and k == 0), False
+                out.n_last = len(got)
+            elif piece.startswith("="):
+                got, spelled = self.spell(piece[1:]), True
+            else:                        # a slot, or a bare cut
+                if piece:
+                    n = self.layout.order[int(piece)].n
+                    out.ids.extend([self.pad] * n)
+                    out.feat.extend([True] * n)
+                spelled = False
+                continue
+            out.ids.extend(got)
+            out.feat.extend([False] * len(got))
+        return out
+
+    def continuation(self, prompt: str, tokens: Tokens, rest: str) -> list[int]:
+        """The ids of ``rest`` after ``prompt`` (whose tokens are ``tokens``): tokenized together with the
+        prompt's last piece where that leaves the prompt's ids as they are (so the answer gets its ids in
+        context), else on its own."""
+        parts = prompt.split(self.mark)
+        joint = self.encode(parts[-1] + rest, inside=len(parts) > 1 and parts[-2].startswith("=")).ids
+        n = tokens.n_last
+        if joint[:n] == tokens.ids[len(tokens.ids) - n:]:
+            return joint[n:]
+        return self.encode(rest).ids
+
+
+@dataclass
+class Tokens:
+    """What ``Pieces.encode`` gives: ids, feature mask, and how many of the ids the last text piece gave."""
+
+    ids: list[int]
+    feat: list[bool]
+    n_last: int
 
 
 def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
-           answer: str | None = None, *, max_len: int | None = None, style: str = "emollama",
-           eval_layout: str = "trained", system: str = "") -> Encoded:
+           answer: str | None = None, *, style: str = "emollama", eval_layout: str = "trained", system: str = "",
+           max_subtitle_tokens: int | None = None) -> Encoded:
     """Token ids of one example; with ``answer`` None, the prompt alone (what inference feeds).
-    ``system``: the system prompt (``chat`` style only)."""
+    ``system``: the system prompt (``chat`` style only). ``max_subtitle_tokens``: the subtitle is cut to
+    this many tokens (``fit_subtitle``; ``meta["subtitle_cut"]`` says whether it was). The answer is
+    never cut: whether the example fits a length budget is the caller's decision (``TrainData``)."""
     check_style(style, eval_layout)
     if system and style != "chat":
         raise ValueError(f"a system prompt is written only by the chat prompt style (this is {style!r}): "
                          "set data.prompt = \"chat\" or leave data.system empty")
+    cut = False
+    if max_subtitle_tokens is not None:
+        subtitle, cut = fit_subtitle(tokenizer, subtitle, max_subtitle_tokens)
+    pieces = Pieces(tokenizer, layout, (subtitle, instruction, answer, system))
     if style == "chat":
-        return _encode_chat(tokenizer, layout, subtitle, task, instruction, answer, max_len=max_len, system=system)
-    if style == "emotion-llama":
-        return _encode_released(tokenizer, layout, subtitle, task, instruction, answer, max_len=max_len,
-                                public_eval=eval_layout == "public-eval")
-    ids, feat, text, slots = _builder(tokenizer)
+        enc = _encode_chat(pieces, subtitle, task, instruction, answer, system=system)
+    elif style == "emotion-llama":
+        enc = _encode_released(pieces, subtitle, task, instruction, answer, public_eval=eval_layout == "public-eval")
+    else:
+        enc = _encode_ours(pieces, subtitle, task, instruction, answer)
+    enc.meta["subtitle_cut"] = cut
+    return enc
 
-    head = "[INST]"
+
+def _with_eos(pieces: Pieces, ids: list[int], feat: list[bool], answer_ids: list[int] | None) -> Encoded:
+    """The prompt ``ids`` (BOS first), then the answer and ``</s>``, which alone carry the loss."""
+    start = len(ids)
+    if answer_ids is None:
+        return Encoded(ids, feat, [IGNORE] * start, start)
+    tail = answer_ids + [pieces.tokenizer.eos_token_id]
+    return Encoded(ids + tail, feat + [False] * len(tail), [IGNORE] * start + tail, start)
+
+
+def _encode_ours(pieces: Pieces, subtitle: str | None, task: str, instruction: str, answer: str | None) -> Encoded:
+    """The ``emollama`` style (see the module docstring)."""
+    layout, nv = pieces.layout, len(pieces.layout.video)
+    head, text = "[INST]", ""
     if layout.video:
-        text(head + " <video>")
-        slots(layout.video)
+        text += f"{head} <video>{pieces.group(0, nv)}"
         head = "</video>"
     if layout.feature:
-        text(head + " <feature>")
-        slots(layout.feature)
+        text += f"{head} <feature>{pieces.group(nv)}"
         head = "</feature>"
-    tail = f"{head} {prompt_text(subtitle, task, instruction)}"
+    text += f"{head} {prompt_text(pieces.user(subtitle), task, instruction)}"
+    got = pieces.encode(text)
+    ids, feat = [pieces.tokenizer.bos_token_id] + got.ids, [False] + got.feat
     if answer is None:
-        text(tail)
-        return Encoded(ids, feat, [IGNORE] * len(ids), len(ids))
-    full = f"{tail} {answer.strip()}"
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    cut = len(tail)
-    n_prompt = sum(1 for (_, end) in enc["offset_mapping"] if end <= cut)
-    tail_ids = enc["input_ids"]
-    labels = [IGNORE] * (len(ids) + n_prompt)
-    ids.extend(tail_ids)
-    feat.extend([False] * len(tail_ids))
-    answer_start = len(labels)
-    labels.extend(tail_ids[n_prompt:])
-    if max_len is not None and len(ids) + 1 > max_len:
-        keep = max(max_len - 1, answer_start + 1)   # never cut into the prompt; keep one answer token
-        ids, feat, labels = ids[:keep], feat[:keep], labels[:keep]
-    ids.append(tokenizer.eos_token_id)
-    feat.append(False)
-    labels.append(tokenizer.eos_token_id)
-    return Encoded(ids, feat, labels, answer_start)
+        return _with_eos(pieces, ids, feat, None)
+    return _with_eos(pieces, ids, feat, pieces.continuation(text, got, " " + pieces.user(answer.strip())))
 
 
-def _encode_released(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
-                     answer: str | None, *, max_len: int | None, public_eval: bool) -> Encoded:
-    """The ``emotion-llama`` style (see the module docstring), piece by piece."""
-    ids, feat, text, slots = _builder(tokenizer)
-
-    sentence = (subtitle or "").strip()
+def _encode_released(pieces: Pieces, subtitle: str | None, task: str, instruction: str, answer: str | None, *,
+                     public_eval: bool) -> Encoded:
+    """The ``emotion-llama`` style (see the module docstring), piece by piece; ``public_eval``: the public
+    evaluation script's segments and calls."""
+    nv = len(pieces.layout.video)
+    sentence = pieces.user((subtitle or "").strip())
     tail = f"The person in video says: {sentence}.  [{TASK_TAGS[task]}] {instruction}  [/INST]"
-    text("[INST] <video>")
-    slots(layout.video)
     if public_eval:
-        slots(layout.feature)
-        text("</video> <feature><FeatureHere></feature> " + tail)
+        # the script's three segments, tokenized by the same calls: tokenizer(seg, add_special_tokens=i == 0)
+        text = f"<s>[INST] <video>{pieces.group()}</video> <feature><FeatureHere></feature> {tail}"
+        got = pieces.encode(text, first_special=True)
+        ids, feat = got.ids, got.feat
     else:
-        text("</video> <feature>")
-        slots(layout.feature)
-        text("</feature> " + tail)
-    answer_start = len(ids)
-    labels = [IGNORE] * len(ids)
+        text = f"[INST] <video>{pieces.group(0, nv)}</video> <feature>{pieces.group(nv)}</feature> {tail}"
+        got = pieces.encode(text)
+        ids, feat = [pieces.tokenizer.bos_token_id] + got.ids, [False] + got.feat
     if answer is None:
-        return Encoded(ids, feat, labels, answer_start)
-    ans = tokenizer(caption_filter(answer), add_special_tokens=False)["input_ids"]
-    if max_len is not None and len(ids) + len(ans) + 1 > max_len:
-        ans = ans[:max(max_len - 1 - len(ids), 1)]   # never cut into the prompt; keep one answer token
-    ans = ans + [tokenizer.eos_token_id]
-    ids.extend(ans)
-    feat.extend([False] * len(ans))
-    labels.extend(ans)
-    return Encoded(ids, feat, labels, answer_start)
+        return _with_eos(pieces, ids, feat, None)
+    return _with_eos(pieces, ids, feat, pieces.encode(pieces.user(caption_filter(answer))).ids)
 
 
 # ---- the chat style: the tokenizer's own chat template ------------------------------------------------
@@ -343,12 +507,6 @@ def _render(tokenizer, messages: list[dict], generation: bool) -> str:
                                 "turn, or choose data.prompt = \"emollama\"") from None
 
 
-def _specials(tokenizer) -> set[str]:
-    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    out |= {t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if getattr(t, "special", False)}
-    return {t for t in out if t}
-
-
 def assistant_turn(tokenizer, messages: list[dict], answer: str) -> tuple[str, int]:
     """(text, answer end): what the chat template writes after the generation prompt of ``messages`` for an
     assistant turn holding ``answer``, through its end-of-turn token (the first special token after the
@@ -371,7 +529,7 @@ def assistant_turn(tokenizer, messages: list[dict], answer: str) -> tuple[str, i
         raise ChatTemplateError(f"the chat template of {_name(tokenizer)} changes the answer text {answer[:40]!r} "
                                 "in the assistant turn: choose data.prompt = \"emollama\" or fix the template")
     end = at + len(answer)
-    found = [(turn.find(t, end), t) for t in _specials(tokenizer)]
+    found = [(turn.find(t, end), t) for t in control_tokens(tokenizer)]
     found = [(i, t) for i, t in found if i >= 0]
     if not found:
         raise ChatTemplateError(f"the chat template of {_name(tokenizer)} closes the assistant turn with no special "
@@ -397,60 +555,24 @@ def stop_token_ids(tokenizer, style: str = "emollama") -> list[int]:
     return out
 
 
-def _encode_chat(tokenizer, layout: Layout, subtitle: str | None, task: str, instruction: str,
-                 answer: str | None, *, max_len: int | None, system: str) -> Encoded:
+def _encode_chat(pieces: Pieces, subtitle: str | None, task: str, instruction: str, answer: str | None, *,
+                 system: str) -> Encoded:
     """The ``chat`` style (see the module docstring)."""
+    tokenizer, marks = pieces.tokenizer, pieces.slots()
     check_chat_template(tokenizer)
-    order = layout.order
-    marks = [SLOT_MARK.format(i) for i in range(len(order))]
-    stem = SLOT_MARK.split("{")[0]
-    for what, value in (("subtitle", subtitle), ("instruction", instruction), ("answer", answer),
-                        ("system prompt", system)):
-        if value and stem in value:
-            raise ValueError(f"the {what} contains the slot marker {stem!r}, which the chat style reserves: "
-                             "remove it from the text")
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": chat_user_content(layout, subtitle, task, instruction, marks)}]
-    rest = _render(tokenizer, messages, True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    ids: list[int] = []
-    feat: list[bool] = []
-
-    def tokens(s: str) -> list[int]:
-        return tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
-
-    for mark, slot in zip(marks, order):
-        if rest.count(mark) != 1:
+    content = chat_user_content(pieces.layout, pieces.user(subtitle), task, instruction, marks)
+    messages = ([{"role": "system", "content": pieces.user(system)}] if system else []) + [
+        {"role": "user", "content": content}]
+    prompt = _render(tokenizer, messages, True)
+    for mark in marks:
+        if prompt.count(mark) != 1:
             raise ChatTemplateError(f"the chat template of {_name(tokenizer)} does not keep the user message as "
-                                    "written (a slot marker appears "
-                                    f"{rest.count(mark)} times): choose data.prompt = \"emollama\"")
-        before, rest = rest.split(mark)
-        got = tokens(before)
-        ids += got + [pad] * slot.n
-        feat += [False] * len(got) + [True] * slot.n
-    head = tokens(rest)          # the rest of the prompt: the inference prompt ends here
-    ids += head
-    feat += [False] * len(head)
-    answer_start = len(ids)
+                                    f"written (a slot marker appears {prompt.count(mark)} times): choose "
+                                    "data.prompt = \"emollama\"")
+    got = pieces.encode(prompt)               # the inference prompt ends here
+    answer_start = len(got.ids)
     if answer is None:
-        return Encoded(ids, feat, [IGNORE] * len(ids), answer_start)
-
-    turn, end = assistant_turn(tokenizer, messages, answer.strip())
-    joint = tokenizer(rest + turn, add_special_tokens=False, return_offsets_mapping=True)
-    cut = len(rest)
-    n = sum(1 for (_, e) in joint["offset_mapping"] if e <= cut)
-    if joint["input_ids"][:n] == head and all(s >= cut for (s, _) in joint["offset_mapping"][n:]):
-        tail = joint["input_ids"][n:]          # the answer tokenized in context, as the prompt ends
-        starts = [s - cut for (s, _) in joint["offset_mapping"][n:]]
-    else:                                      # a token would merge across the prompt's end
-        alone = tokenizer(turn, add_special_tokens=False, return_offsets_mapping=True)
-        tail = alone["input_ids"]
-        starts = [s for (s, _) in alone["offset_mapping"]]
-    n_close = sum(1 for s in starts if s >= end)     # the end-of-turn token(s)
-    body, close = tail[:len(tail) - n_close], tail[len(tail) - n_close:]
-    if max_len is not None and answer_start + len(tail) > max_len:
-        body = body[:max(max_len - n_close - answer_start, 1)]   # never cut into the prompt; keep one token
-    tail = body + close
-    ids += tail
-    feat += [False] * len(tail)
-    return Encoded(ids, feat, [IGNORE] * answer_start + tail, answer_start)
+        return Encoded(got.ids, got.feat, [IGNORE] * answer_start, answer_start)
+    turn, _ = assistant_turn(tokenizer, messages, pieces.user(answer.strip()))
+    tail = pieces.continuation(prompt, got, turn)
+    return Encoded(got.ids + tail, got.feat + [False] * len(tail), [IGNORE] * answer_start + tail, answer_start)

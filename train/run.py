@@ -63,7 +63,7 @@ class LoadedRun:
         d = self.config.data
         return PromptEncoder(self.tokenizer, self.model.layout, list(self.labels if labels is None else labels),
                              seed=self.config.run.seed, max_len=d.max_len, style=d.prompt, eval_layout=layout,
-                             system=d.system)
+                             system=d.system, max_subtitle_tokens=d.max_subtitle_tokens)
 
     @property
     def tiny(self) -> bool:

@@ -155,3 +155,38 @@ def test_styles_and_evaluation_layouts():
         check_style("chat", "public-eval")
     with pytest.raises(ValueError, match="choose emollama, emotion-llama, chat"):
         check_style("llama3")
+
+
+@pytest.fixture(scope="module")
+def sp_toks(tmp_path_factory):
+    """{(kind, legacy): tokenizer}: Llama-2-style sentencepiece tokenizers, slow and fast, legacy on and off."""
+    from train_helpers import sentencepiece_tokenizers
+
+    root = tmp_path_factory.mktemp("sp")
+    return {(kind, legacy): tok for legacy in (True, False)
+            for kind, tok in sentencepiece_tokenizers(root / f"legacy-{legacy}", legacy).items()}
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+@pytest.mark.parametrize("kind", ["slow", "fast"])
+def test_public_eval_layout_makes_the_public_scripts_calls(sp_toks, kind, legacy):
+    """The public script (get_context_emb) splits `<s>[INST] <video><ImageHere></video> ...` at the
+    placeholder and calls tokenizer(seg, add_special_tokens=i == 0): two BOS, then a `[` whose word boundary
+    is the tokenizer's legacy setting. The layout is compared with those very calls."""
+    from emollama.train.prompt import RELEASED_EMOTION_INSTRUCTION
+
+    tok = sp_toks[(kind, legacy)]
+    sub = "I can't believe it!"
+    enc = encode(tok, PAPER, sub, "emotion", RELEASED_EMOTION_INSTRUCTION, style="emotion-llama",
+                 eval_layout="public-eval")
+    segs = ["<s>[INST] <video>", f"</video> <feature><FeatureHere></feature> The person in video says: {sub}.  "
+            f"[emotion] {RELEASED_EMOTION_INSTRUCTION}  [/INST]"]
+    first, rest = (tok(s, add_special_tokens=i == 0)["input_ids"] for i, s in enumerate(segs))
+    assert enc.ids == first + [tok.unk_token_id] * 260 + rest     # no pad token: slots hold unk's id
+    assert enc.feat == [False] * len(first) + [True] * 260 + [False] * len(rest)
+    assert enc.ids[:2] == [tok.bos_token_id] * 2
+    assert tok.convert_ids_to_tokens(enc.ids[2]) == ("▁[" if legacy else "[")
+    # the training layout is unchanged: one BOS, every piece without special tokens
+    trained = encode(tok, PAPER, sub, "emotion", RELEASED_EMOTION_INSTRUCTION, style="emotion-llama")
+    head = [tok.bos_token_id] + tok("[INST] <video>", add_special_tokens=False)["input_ids"]
+    assert trained.ids[:len(head)] == head and trained.ids.count(tok.bos_token_id) == 1

@@ -69,3 +69,38 @@ class FakeJudge:
 
     def close(self):
         self.server.shutdown()
+
+
+def sentencepiece_tokenizers(folder: Path, legacy: bool) -> dict:
+    """A Llama-2-style sentencepiece model trained here (BPE, byte fallback, a dummy prefix, `<unk> <s> </s>`
+    = 0 1 2, no pad), as transformers 5 offers it, both with `legacy` and adding BOS:
+
+    - "slow": `SentencePieceBackend` over the `.model` file, the Python tokenizer that runs sentencepiece
+      itself (transformers 5 has no slow `LlamaTokenizer`: that name is now the tokenizers-backed one);
+    - "fast": `LlamaTokenizer` (tokenizers), converted from the same file by `AutoTokenizer`."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from emollama.train.prompt import INSTRUCTIONS, RELEASED_INSTRUCTIONS
+    from emollama.train.tiny import _corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / "tokenizer.model"
+    if not model.exists():
+        lines = _corpus() + [i for pool in (*INSTRUCTIONS.values(), *RELEASED_INSTRUCTIONS.values()) for i in pool]
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, vocab_size=800, model_type="bpe", byte_fallback=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity", add_dummy_prefix=True,
+            remove_extra_whitespaces=False, split_digits=True, character_coverage=1.0, minloglevel=2)
+        model.write_bytes(buf.getvalue())
+    names = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "add_bos_token": True, **names}))
+    slow = SentencePieceBackend(vocab_file=str(model), legacy=legacy, special_tokens_pattern="bos", **names)
+    fast = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    assert type(fast).__name__ == "LlamaTokenizer" and fast.legacy == legacy
+    return {"slow": slow, "fast": fast}
