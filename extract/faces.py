@@ -5,21 +5,29 @@ MTCNN runs on every ``detect_every``-th frame of a clip (the first and last alwa
 to one where the track was lost or moved too far to interpolate (`refine_positions`).
 `FaceDetector.track_many` batches the frames of several clips, grouped by detection size: the
 extraction step uses it on the encoding device for a group of clips when ``detect_on`` says so (the
-default on a GPU), and tracks clip by clip in its preparation processes otherwise. The main face is
-then followed frame to frame:
+default on a GPU), and tracks clip by clip in its preparation processes otherwise.
 
-- ``track_by = "position"``: the main face is the largest confident face of the clip, followed by
-  overlap and centre distance, so a second person who is briefly larger does not steal the track.
-- ``track_by = "appearance"``: a face also continues the track only when its appearance (`appearance`:
-  a 4 x 4 colour thumbnail of the face and its surroundings) is at least ``appearance_min`` similar
-  to the track's last face, and the better look counts in the choice; every confident face seeds a
-  chain and the main face is the chain with the most screen presence (summed box area). So at a scene
-  cut the track does not jump to the next shot's person, who would otherwise be matched by position.
+Shots first: consecutive frames whose colour histograms differ by more than ``cut_distance``
+(`shot_ids`: 8 x 8 x 8 RGB bins, total variation distance) are in different shots. A face is never
+matched, interpolated or borrowed across a cut: a track lives inside one shot. Then the main face is
+followed frame to frame:
 
-Frames between two detected frames get boxes interpolated linearly in time; a frame that no detection
-of the track reaches from both sides borrows the box of the nearest frame where the face was found
-(``detected`` is False there). The box is widened by ``margin`` on each side, made square and cropped
-(parts outside the frame are black), then resized to ``crop_size``.
+- every confident face seeds a chain, followed by overlap and centre distance (and with ``track_by =
+  "appearance"`` by look too: a face continues the chain only when its `appearance`, a 4 x 4 colour
+  thumbnail of the face and its surroundings, is at least ``appearance_min`` similar to the chain's
+  last face, and the better look counts in the choice);
+- the main face is the chain detected in the most frames, the larger (summed box area) on a tie. So a
+  listener whose larger face fills a short last shot does not take the track from the speaker of the
+  long first one.
+
+Each frame of a track has a state (`FaceTrack.state`): ``DETECTED`` (MTCNN found the main face
+there), ``INTERPOLATED`` (between two detected frames of the same shot: the box is interpolated
+linearly in time), ``BORROWED`` (neither, but the main face is in this frame's shot: the box of the
+nearest frame of the shot where it was found) or ``UNSEEN`` (the main face is in no frame of this
+shot: the crop is the centre square of the whole frame, as for a clip without a face). The box is
+widened by ``margin`` on each side, made square and cropped (parts outside the frame are black), then
+resized to ``crop_size``. The extraction step samples the face views again inside the span where the
+main face is present, so that no crop of another shot reaches an encoder (`extract.step`).
 
 When no face is found in any frame, the crops are centre squares of the whole frames
 (side = the frame's shorter side) resized to ``crop_size``, and ``FaceTrack.found`` is
@@ -48,6 +56,13 @@ APPEARANCE_CONTEXT = 0.5  # ... of the face box widened by this much of its size
 APPEARANCE_CHROMA = 4.0  # ... the weight of its colour (R - G, B - G) beside its brightness
 REFINE_CHANGE = 0.2  # detect_every > 1: detect the frames between two whose boxes differ more than this (of the size)
 DETECT_CHUNK = 256  # at most this many frames per MTCNN call (bounds GPU memory when clips are batched)
+CUT_BINS = 8   # shot cuts: a colour histogram of CUT_BINS^3 RGB bins per frame ...
+CUT_SIDE = 256  # ... of the frame subsampled to about this longest side
+# a track is weak when the main face is absent (borrowed or unseen) in more than this share of the
+# anchor frames: the face views then show the face for less than half of the clip
+WEAK_ABSENT = 0.5
+# How a track's box was found in a frame (FaceTrack.state): module docstring
+UNSEEN, BORROWED, INTERPOLATED, DETECTED = 0, 1, 2, 3
 TRACK_BY = ("position", "appearance")
 DETECT_ON = ("auto", "prep", "encoder")
 
@@ -66,12 +81,16 @@ class FaceSettings:
     # MTCNN sees every k-th anchor frame (the last too, and those next to a lost or moving face); boxes between are
     # interpolated in time. 1: every frame (2.1x the MTCNN work of 3 on the real samples; cheap on a GPU)
     detect_every: int = value(3, inputs=FACE_INPUTS, min=1)
-    # position: match faces by position only | appearance: by look too (a scene cut does not hand the track to
-    # another person)
+    # position: match faces by position only | appearance: by look too (two people close together, or a cut
+    # that cut_distance misses, do not hand the track to another person)
     track_by: str = value("appearance", inputs=FACE_INPUTS, choices=TRACK_BY)
     # track_by = appearance: the least similarity (cosine) of a face's look to the track's last face for it to
     # continue the track
     appearance_min: float = value(0.7, inputs=FACE_INPUTS, min=-1.0, max=1.0)
+    # consecutive decoded frames whose colour histograms differ by more than this (total variation, 0-1) are
+    # in different shots: no face is matched, interpolated or borrowed across; 1: no cuts. On the ten real
+    # samples: at most 0.10 inside a shot, 0.40 at the cut of samplenew_00061200, 0.30 or more between clips
+    cut_distance: float = value(0.2, inputs=FACE_INPUTS, min=0.0, max=1.0)
     # where MTCNN runs. prep: each clip alone, on the CPU of a preparation process (values do not depend on
     # batching) | encoder: the frames of several clips together (extract.step.FACE_GROUP), on the encoders'
     # device (a GPU's speed; values can differ slightly with the batch) | auto: encoder when the encoders run
@@ -88,8 +107,47 @@ class FaceSettings:
 class FaceTrack:
     crops: np.ndarray  # [N, crop, crop, 3] uint8
     boxes: np.ndarray  # [N, 4] float x1, y1, x2, y2 in frame pixels: the square actually cropped
-    detected: np.ndarray  # [N] bool: the tracked face was detected in this frame (or between two frames where it was)
-    found: bool  # any face at all; False => crops are centre squares of the whole frames
+    state: np.ndarray  # [N] int: DETECTED, INTERPOLATED, BORROWED or UNSEEN (module docstring)
+    shots: np.ndarray  # [N] int: the shot of each frame (0, 1, ...: `shot_ids`)
+    found: bool  # any face at all; False => crops are centre squares of the whole frames (all UNSEEN)
+
+    @property
+    def detected(self) -> np.ndarray:
+        """[N] bool: the main face is present: detected in this frame, or between two frames where it was."""
+        return self.state >= INTERPOLATED
+
+    def counts(self) -> dict[str, int]:
+        """The frames where the main face was detected, interpolated and absent (borrowed or unseen)."""
+        return {"detected": int((self.state == DETECTED).sum()), "interpolated": int((self.state == INTERPOLATED).sum()),
+                "absent": int((self.state <= BORROWED).sum())}
+
+
+def is_weak(detected: int, interpolated: int, absent: int) -> bool:
+    """A weak track: the main face absent in more than WEAK_ABSENT of the anchor frames (a clip without a
+    face counts as weak too). Frames between two detections are present: with ``detect_every = 3``
+    two in three are interpolated by design."""
+    total = detected + interpolated + absent
+    return total == 0 or absent > WEAK_ABSENT * total
+
+
+def colour_histogram(frame: np.ndarray) -> np.ndarray:
+    """A frame's colours: the share of its pixels in each of CUT_BINS^3 RGB bins, from the frame
+    subsampled to about CUT_SIDE (every k-th pixel). RGB, not hue: the hue of grey and dark pixels
+    flickers from frame to frame (on the real samples, 0.53 between two neighbouring frames of one shot
+    against 0.03 here)."""
+    k = max(1, max(frame.shape[:2]) // CUT_SIDE)
+    q = frame[::k, ::k].reshape(-1, 3).astype(np.int64) * CUT_BINS // 256
+    h = np.bincount((q[:, 0] * CUT_BINS + q[:, 1]) * CUT_BINS + q[:, 2], minlength=CUT_BINS ** 3)
+    return h / max(1, h.sum())
+
+
+def shot_ids(frames: Sequence[np.ndarray] | np.ndarray, cut_distance: float) -> np.ndarray:
+    """The shot of each frame (in time order): 0 for the first, one more after every cut, where two
+    consecutive frames' colour histograms differ by more than ``cut_distance`` (total variation: half
+    the summed absolute difference, 0 to 1)."""
+    hists = [colour_histogram(f) for f in frames]
+    cuts = [0.5 * float(np.abs(b - a).sum()) > cut_distance for a, b in zip(hists, hists[1:])]
+    return np.concatenate([[0], np.cumsum(cuts)]).astype(np.int64) if hists else np.zeros(0, np.int64)
 
 
 @dataclass
@@ -161,13 +219,16 @@ def _area(b: np.ndarray) -> float:
 
 
 def _chain(per_frame: list[np.ndarray], si: int, sj: int, looks: list[list[np.ndarray]] | None,
-           look_min: float) -> list[int | None]:
-    """From the seed face (frame si, face sj), the face index it continues to in every frame (None: not found)."""
+           look_min: float, shots: np.ndarray) -> list[int | None]:
+    """From the seed face (frame si, face sj), the face index it continues to in every frame of its shot
+    (None: not found, or another shot)."""
     chain: list[int | None] = [None] * len(per_frame)
     chain[si] = sj
     for order in (range(si + 1, len(per_frame)), range(si - 1, -1, -1)):
         ref, ref_look = per_frame[si][sj], looks[si][sj] if looks is not None else None
         for i in order:
+            if shots[i] != shots[si]:
+                break   # a cut: the chain ends here
             j = _match(ref, per_frame[i], ref_look, looks[i] if looks is not None else None, look_min)
             if j is not None:
                 chain[i] = j
@@ -177,53 +238,55 @@ def _chain(per_frame: list[np.ndarray], si: int, sj: int, looks: list[list[np.nd
 
 
 def track_boxes(per_frame: list[np.ndarray], probs: list[np.ndarray],
-                looks: list[list[np.ndarray]] | None = None, look_min: float = -1.0) -> tuple[np.ndarray, np.ndarray]:
+                looks: list[list[np.ndarray]] | None = None, look_min: float = -1.0,
+                shots: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Follow the main face through per-frame detections.
 
     ``per_frame[i]`` is a [k, 4] array of boxes in frame i, ``probs[i]`` their [k]
-    probabilities. Returns ([N, 4] boxes, [N] detected); boxes of undetected frames are
-    borrowed from the nearest detected frame (the earlier one on a tie). Raises
-    ValueError when no frame has a face.
+    probabilities, ``shots[i]`` its shot (default: one shot). Returns ([N, 4] boxes, [N] detected);
+    boxes of undetected frames are borrowed from the nearest detected frame of the same shot (the
+    earlier one on a tie), and are NaN in a shot where the main face is not. Raises ValueError when no
+    frame has a face.
 
-    Without ``looks`` the main face is the largest confident face, followed by position. With
-    ``looks`` (``looks[i][j]``: the `appearance` of face j of frame i) a face continues the track only
-    when it also looks like the track's last face (similarity >= ``look_min``); every confident face
-    seeds a chain (largest first, skipping faces an earlier chain holds) and the chain with the largest
-    summed box area wins (the earlier one on a tie).
+    Every confident face seeds a chain (largest first, skipping faces an earlier chain holds), which
+    follows it by position within its shot, and with ``looks`` (``looks[i][j]``: the `appearance` of
+    face j of frame i) only to faces that also look like the chain's last face (similarity >=
+    ``look_min``). The main face is the chain found in the most frames, the larger summed box area on a
+    tie (the earlier chain on a full tie).
     """
     n = len(per_frame)
+    shots = np.zeros(n, np.int64) if shots is None else np.asarray(shots)
     cands = [(i, j) for i in range(n) for j in range(len(per_frame[i]))]
     if not cands:
         raise ValueError("no face in any frame")
     if looks is not None and [len(x) for x in looks] != [len(b) for b in per_frame]:
         raise ValueError("track_boxes: looks must hold one descriptor per box")
+    if len(shots) != n:
+        raise ValueError("track_boxes: shots must give one shot per frame")
     confident = [(i, j) for i, j in cands if probs[i][j] >= CONFIDENT] or cands
-    if looks is None:
-        si, sj = max(confident, key=lambda ij: _area(per_frame[ij[0]][ij[1]]))
-        chain = _chain(per_frame, si, sj, None, look_min)
-    else:
-        chain, best, held = None, -np.inf, set()
-        for si, sj in sorted(confident, key=lambda ij: -_area(per_frame[ij[0]][ij[1]])):   # stable: ties keep order
-            if (si, sj) in held:
-                continue
-            c = _chain(per_frame, si, sj, looks, look_min)
-            held.update((i, j) for i, j in enumerate(c) if j is not None)
-            support = sum(_area(per_frame[i][j]) for i, j in enumerate(c) if j is not None)
-            if support > best:
-                chain, best = c, support
+    chain, best, held = None, (-1, -np.inf), set()
+    for si, sj in sorted(confident, key=lambda ij: -_area(per_frame[ij[0]][ij[1]])):   # stable: ties keep order
+        if (si, sj) in held:
+            continue
+        c = _chain(per_frame, si, sj, looks, look_min, shots)
+        held.update((i, j) for i, j in enumerate(c) if j is not None)
+        support = (sum(j is not None for j in c), sum(_area(per_frame[i][j]) for i, j in enumerate(c) if j is not None))
+        if support > best:
+            chain, best = c, support
     boxes = np.zeros((n, 4), np.float64)
     detected = np.zeros(n, bool)
     for i, j in enumerate(chain):
         if j is not None:
             boxes[i], detected[i] = per_frame[i][j], True
-    return _borrow(boxes, detected), detected
+    return _borrow(boxes, detected, shots), detected
 
 
-def _borrow(boxes: np.ndarray, detected: np.ndarray) -> np.ndarray:
-    """Boxes of undetected frames: the nearest detected frame's (the earlier one on a tie)."""
-    hit = np.flatnonzero(detected)
+def _borrow(boxes: np.ndarray, detected: np.ndarray, shots: np.ndarray) -> np.ndarray:
+    """Boxes of undetected frames: the nearest detected frame's of the same shot (the earlier one on a
+    tie); NaN where no frame of the shot was detected."""
     for i in np.flatnonzero(~detected):
-        boxes[i] = boxes[hit[np.argmin(np.abs(hit - i))]]
+        hit = np.flatnonzero(detected & (shots == shots[i]))
+        boxes[i] = boxes[hit[np.argmin(np.abs(hit - i))]] if len(hit) else np.nan
     return boxes
 
 
@@ -243,47 +306,60 @@ def _change(a: np.ndarray, b: np.ndarray) -> float:
     return max(shift, abs(max(b[2] - b[0], b[3] - b[1]) / size - 1))
 
 
-def refine_positions(sampled: Sequence[int], boxes: np.ndarray, detected: np.ndarray) -> list[int]:
+def refine_positions(sampled: Sequence[int], boxes: np.ndarray, detected: np.ndarray,
+                     shots: Sequence[int] | None = None) -> list[int]:
     """The frames between sampled ones that MTCNN should see too: every frame between two neighbouring
     sampled frames when the track was not found on one of them, or its box changed between them by more
-    than ``REFINE_CHANGE`` of its size (centre shift or size change): no interpolation there."""
+    than ``REFINE_CHANGE`` of its size (centre shift or size change): no interpolation there. With
+    ``shots`` (of the sampled frames), not between two frames of shots where the track is not: a track
+    never leaves its shot, so MTCNN would look for it there in vain."""
+    main = {shots[k] for k in np.flatnonzero(detected)} if shots is not None and np.any(detected) else None
     out: list[int] = []
     for k in range(len(sampled) - 1):
         a, b = sampled[k], sampled[k + 1]
+        if main is not None and shots[k] not in main and shots[k + 1] not in main:
+            continue
         if b - a > 1 and (not (detected[k] and detected[k + 1]) or _change(boxes[k], boxes[k + 1]) > REFINE_CHANGE):
             out += range(a + 1, b)
     return out
 
 
-def fill_boxes(times: Sequence[float], sampled: Sequence[int], boxes: np.ndarray,
-               detected: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Boxes for all frames from the track on the ``sampled`` ones.
+def fill_boxes(times: Sequence[float], sampled: Sequence[int], boxes: np.ndarray, detected: np.ndarray,
+               shots: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes and states (DETECTED ... UNSEEN) for all frames from the track on the ``sampled`` ones.
 
-    ``times[i]`` is frame i's time (increasing), ``sampled`` the sorted frames that were detected on,
-    ``boxes`` / ``detected`` the track there. A frame between two sampled frames where the face was
-    found gets the box interpolated linearly in time (detected); any other frame borrows the box of
-    the nearest frame where it was found, as `track_boxes` does (not detected).
+    ``times[i]`` is frame i's time (increasing), ``shots[i]`` its shot (default: one shot), ``sampled``
+    the sorted frames that were detected on, ``boxes`` / ``detected`` the track there. A frame between
+    two sampled frames of its shot where the face was found gets the box interpolated linearly in time
+    (INTERPOLATED); any other frame borrows the box of the nearest frame of its shot where it was
+    found, as `track_boxes` does (BORROWED), or gets NaN where it is in no frame of the shot (UNSEEN).
     """
     n = len(times)
     sampled = list(sampled)
+    shots = np.zeros(n, np.int64) if shots is None else np.asarray(shots)
     if len(sampled) != len(boxes) or len(boxes) != len(detected):
         raise ValueError("fill_boxes: sampled, boxes and detected must have one entry per sampled frame")
+    if len(shots) != n:
+        raise ValueError(f"fill_boxes: {len(shots)} shots for {n} frames")
     if any(b <= a for a, b in zip(sampled, sampled[1:])) or (sampled and not 0 <= sampled[0] <= sampled[-1] < n):
         raise ValueError(f"fill_boxes: sampled frames must be increasing positions in [0, {n})")
     out = np.zeros((n, 4), np.float64)
-    found = np.zeros(n, bool)
+    state = np.full(n, UNSEEN, np.int64)
     out[sampled] = boxes
-    found[sampled] = detected
+    state[sampled] = np.where(detected, DETECTED, UNSEEN)
     for (a, ba, da), (b, bb, db) in zip(zip(sampled, boxes, detected), zip(sampled[1:], boxes[1:], detected[1:])):
-        if not (da and db):
+        if not (da and db) or shots[a] != shots[b]:
             continue
         span = float(times[b]) - float(times[a])
         for i in range(a + 1, b):
             w = (float(times[i]) - float(times[a])) / span if span > 0 else 0.0
-            out[i], found[i] = (1 - w) * ba + w * bb, True
+            out[i], state[i] = (1 - w) * ba + w * bb, INTERPOLATED
+    found = state >= INTERPOLATED
     if not found.any():
-        return out, found
-    return _borrow(out, found), found
+        return out, state
+    out = _borrow(out, found, shots)
+    state[~found & ~np.isnan(out[:, 0])] = BORROWED
+    return out, state
 
 
 def square_box(box: np.ndarray, margin: float) -> np.ndarray:
@@ -404,12 +480,14 @@ class FaceDetector:
                 start += len(small)
         return out
 
-    def track(self, frames: np.ndarray, times: Sequence[float] | None = None) -> FaceTrack:
+    def track(self, frames: np.ndarray, times: Sequence[float] | None = None,
+              shots: Sequence[int] | None = None) -> FaceTrack:
         """Face crops of the main face in every frame of one clip (frames share one size).
 
         ``times``: each frame's time (e.g. its frame index), for interpolating boxes between detected
-        frames; default: evenly spaced."""
-        return self.track_many([frames], [times])[0]
+        frames; default: evenly spaced. ``shots``: each frame's shot; default: `shot_ids` of these
+        frames with the settings' ``cut_distance``."""
+        return self.track_many([frames], [times], shots=[shots])[0]
 
     def each(self, fn: Callable[[Any], Any], items: Sequence) -> list:
         """`[fn(x) for x in items]`, on `threads` threads when there are several items: the CPU work
@@ -421,7 +499,8 @@ class FaceDetector:
             return list(pool.map(fn, items))
 
     def track_many(self, clips: Sequence[np.ndarray], times: Sequence[Sequence[float] | None] | None = None,
-                   smalls: Sequence[Small] | None = None) -> list[FaceTrack]:
+                   smalls: Sequence[Small] | None = None,
+                   shots: Sequence[Sequence[int] | None] | None = None) -> list[FaceTrack]:
         """`track` for several clips, their MTCNN work batched across clips (`detect_many`: on a GPU,
         one pass for many clips). Each track is what `track` gives for its clip alone up to MTCNN's
         float differences between batch compositions, which can tip a detection: on the CPU, 1 box of
@@ -433,17 +512,24 @@ class FaceDetector:
         frames where the track was lost on either side or moved too much to interpolate.
 
         ``smalls``: each clip's frames as `detection_frames` makes them for ``detect_side``, when the
-        process that decoded them made them too (the extraction step's preparation processes)."""
+        process that decoded them made them too (the extraction step's preparation processes).
+        ``shots``: each clip's shot per frame (`shot_ids`), when the caller has them (from more frames
+        than these: the step cuts over every decoded frame); None: from these frames."""
         st = self.settings
         times = [None] * len(clips) if times is None else list(times)
-        if len(times) != len(clips):
-            raise ValueError(f"track_many: {len(times)} time lists for {len(clips)} clips")
+        shots = [None] * len(clips) if shots is None else list(shots)
+        if len(times) != len(clips) or len(shots) != len(clips):
+            raise ValueError(f"track_many: {len(times)} time lists and {len(shots)} shot lists for {len(clips)} clips")
         times = [list(range(len(f))) if t is None else list(t) for f, t in zip(clips, times)]
         for f, t in zip(clips, times):
             if len(f) == 0:
                 raise ValueError("track: no frames")
             if len(t) != len(f):
                 raise ValueError(f"track: {len(t)} times for {len(f)} frames")
+        shots = self.each(lambda ci: shot_ids(clips[ci], st.cut_distance) if shots[ci] is None
+                          else np.asarray(shots[ci], np.int64), range(len(clips)))
+        if [len(s) for s in shots] != [len(f) for f in clips]:
+            raise ValueError("track_many: the shots do not match the clips' frames")
         if smalls is not None and [len(s[0]) for s in smalls] != [len(f) for f in clips]:
             raise ValueError("track_many: the downscaled frames do not match the clips' frames")
         found: list[dict[int, tuple[np.ndarray, np.ndarray, list | None]]] = [{} for _ in clips]
@@ -462,30 +548,30 @@ class FaceDetector:
                 try:
                     raw, detected = track_boxes([found[ci][p][0] for p in pos], [found[ci][p][1] for p in pos],
                                                 [found[ci][p][2] for p in pos] if st.track_by == "appearance" else None,
-                                                st.appearance_min)
+                                                st.appearance_min, shots[ci][pos])
                 except ValueError:   # no face in any detected frame
                     raw, detected = np.zeros((len(pos), 4)), np.zeros(len(pos), bool)
                 result[ci] = (pos, raw, detected)
-                return refine_positions(pos, raw, detected) if pass_ == 0 else []
+                return refine_positions(pos, raw, detected, shots[ci][pos]) if pass_ == 0 else []
 
             todo = self.each(follow, range(len(clips)))
             if not any(todo):
                 break
-        return self.each(lambda ci: self._crops(clips[ci], times[ci], *result[ci]), range(len(clips)))
+        return self.each(lambda ci: self._crops(clips[ci], times[ci], shots[ci], *result[ci]), range(len(clips)))
 
-    def _crops(self, frames: np.ndarray, times: list, pos: list[int], raw: np.ndarray,
+    def _crops(self, frames: np.ndarray, times: list, shots: np.ndarray, pos: list[int], raw: np.ndarray,
                detected: np.ndarray) -> FaceTrack:
         st = self.settings
         n, h, w = frames.shape[:3]
+        whole = centre_square(w, h)
         if not detected.any():
             log.info("no face found in %d frames: using centre squares of the whole frames", n)
-            box = centre_square(w, h)
-            crops = np.stack([crop(f, box, st.crop_size) for f in frames])
-            return FaceTrack(crops, np.tile(box, (n, 1)), np.zeros(n, bool), False)
-        raw, detected = fill_boxes(times, pos, raw, detected)
-        boxes = np.stack([square_box(b, st.margin) for b in raw])
+            crops = np.stack([crop(f, whole, st.crop_size) for f in frames])
+            return FaceTrack(crops, np.tile(whole, (n, 1)), np.full(n, UNSEEN, np.int64), shots, False)
+        raw, state = fill_boxes(times, pos, raw, detected, shots)
+        boxes = np.stack([whole if s == UNSEEN else square_box(b, st.margin) for b, s in zip(raw, state)])
         crops = np.stack([crop(f, b, st.crop_size) for f, b in zip(frames, boxes)])
-        return FaceTrack(crops, boxes, detected, True)
+        return FaceTrack(crops, boxes, state, shots, True)
 
 
 def peak_index(crops: np.ndarray) -> int:

@@ -7,6 +7,14 @@ decode the clips after them. Faces are tracked where `faces.detect_on` says (`de
 clip in the preparation processes, which then also cut the crops ("prep", the default on a CPU), or
 for the clips of several micro-batches (`face_group`) in one MTCNN pass on the encoders' device
 (`track_faces`; "encoder", the default on a GPU).
+
+Faces take one or two looks at a clip (`Look`: frames of a plan, decoded, their shots, the face track
+over its anchor frames). The first is the planned frames of the whole clip; its track gives the
+record (where the main face was detected, interpolated or absent, and the shots). When the main face
+is not present in every anchor frame (another shot, or it left the frame), the face frames and the
+face clip are planned again inside the span where it is (`span_plan`), decoded and tracked: a second
+look, which gives the face inputs. So no face crop comes from a shot without the main face
+(`use_track`).
 """
 
 from __future__ import annotations
@@ -234,7 +242,8 @@ class Prepared:
     # input kind -> this clip's input (extract.registry.INPUTS): the waveform, the face crops of the
     # local frames [N, crop, crop, 3], of the temporal frames [16, crop, crop, 3], the whole frame [H, W, 3]
     inputs: dict[str, Any] = field(default_factory=dict)
-    crops: np.ndarray | None = None       # every tracked frame's face crop (for previews)
+    # face input kind -> where its crops were cut (for previews and checks)
+    sources: dict[str, CropSources] = field(default_factory=dict)
     error: str | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     waiting: Waiting | None = None   # detect_on = "encoder": what `track_faces` makes the face inputs of
@@ -248,28 +257,35 @@ class Prepared:
             return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
 
         self.inputs = {k: t(v) for k, v in self.inputs.items()}
-        self.crops = t(self.crops)
         if self.waiting is not None:
-            self.waiting.frames, self.waiting.small = t(self.waiting.frames), t(self.waiting.small)
+            self.waiting.look.frames, self.waiting.small = t(self.waiting.look.frames), t(self.waiting.small)
         return self
 
     def to_arrays(self) -> "Prepared":
         """Back to numpy (views of the shared memory, no copy)."""
         self.inputs = {k: v.numpy() for k, v in self.inputs.items()}
-        self.crops = None if self.crops is None else self.crops.numpy()
         if self.waiting is not None:
-            self.waiting.frames, self.waiting.small = self.waiting.frames.numpy(), self.waiting.small.numpy()
+            self.waiting.look.frames, self.waiting.small = self.waiting.look.frames.numpy(), self.waiting.small.numpy()
         return self
+
+
+@dataclass
+class CropSources:
+    """Where the crops of one face input were cut."""
+
+    frames: list[int]     # the frame index of each crop
+    boxes: np.ndarray     # [N, 4] the square cropped there, in frame pixels
+    states: list[int]     # how that box was found: faces.DETECTED, INTERPOLATED, BORROWED or UNSEEN
 
 
 @dataclass
 class Waiting:
     """A decoded clip whose faces the encoding side tracks (detect_on = "encoder")."""
 
-    frames: np.ndarray            # the decoded frames (FramePlan.wanted)
+    look: Look                    # the planned frames, decoded, not tracked yet
     small: np.ndarray             # its anchor frames downscaled for MTCNN (faces.detection_frames) ...
     scale: tuple[float, float]    # ... and the factors (x, y) back to frame pixels
-    plan: FramePlan
+    info: decode.MediaInfo        # for decoding the frames of the main face's span (`span_plan`)
 
 
 @dataclass(frozen=True)
@@ -281,6 +297,7 @@ class FramePlan:
     local: list[int]       # positions into `wanted` of the face frames
     temporal: list[int]    # ... of the face clip's 16 frames
     global_mode: str       # FrameSettings.global_frame
+    span: tuple[int, int]  # the first and last frame the face frames and clip were sampled from
 
     @property
     def anchors(self) -> list[int]:
@@ -299,14 +316,62 @@ def source_record(path: Path) -> dict:
     return rec
 
 
-def frame_plan(n_total: int, fr: FrameSettings) -> tuple[list[int], list[int], list[int]]:
-    """Decoded frame indices (sorted, unique) and positions into them of the face frames and face clip."""
-    local = decode.uniform_indices(n_total, fr.local_frames)
-    temporal = decode.segment_pair_indices(n_total, TEMPORAL_SEGMENTS, TEMPORAL_PER_SEGMENT)
-    extra = [0] if fr.global_frame == "first" else [max(0, (n_total - 1) // 2)] if fr.global_frame == "middle" else []
+def frame_plan(n_total: int, fr: FrameSettings,
+               span: tuple[int, int] | None = None) -> tuple[list[int], list[int], list[int]]:
+    """Decoded frame indices (sorted, unique) and positions into them of the face frames and face clip,
+    sampled over the whole clip, or over the frames ``span`` (first, last) of it: then without the
+    global frame's own first / middle frame (it is the whole clip's)."""
+    first, last = (0, n_total - 1) if span is None else span
+    if not 0 <= first <= last < n_total:
+        raise ValueError(f"frame_plan: span {span} is not inside the clip's {n_total} frames")
+    local = [first + i for i in decode.uniform_indices(last - first + 1, fr.local_frames)]
+    temporal = [first + i for i in decode.segment_pair_indices(last - first + 1, TEMPORAL_SEGMENTS,
+                                                                TEMPORAL_PER_SEGMENT)]
+    extra = [] if span is not None else [0] if fr.global_frame == "first" else \
+        [max(0, (n_total - 1) // 2)] if fr.global_frame == "middle" else []
     wanted = sorted(set(local) | set(temporal) | set(extra))
     pos = {idx: i for i, idx in enumerate(wanted)}
     return wanted, [pos[i] for i in local], [pos[i] for i in temporal]
+
+
+def plan_frames(n_total: int, fr: FrameSettings, span: tuple[int, int] | None = None) -> FramePlan:
+    """`frame_plan` as a FramePlan."""
+    wanted, local, temporal = frame_plan(n_total, fr, span)
+    return FramePlan(n_total, wanted, local, temporal, fr.global_frame, span or (0, n_total - 1))
+
+
+@dataclass
+class Look:
+    """A clip's frames of one plan, decoded, their shots, and (once tracked) the face track over its anchors."""
+
+    plan: FramePlan
+    frames: np.ndarray                      # [len(plan.wanted), H, W, 3]
+    shots: np.ndarray                       # [len(plan.wanted)] each decoded frame's shot (faces.shot_ids)
+    track: faces.FaceTrack | None = None    # over plan.anchors
+
+    @classmethod
+    def decode(cls, path: Path, plan: FramePlan, settings: StepSettings, info: decode.MediaInfo) -> "Look":
+        frames = decode.read_frames(path, plan.wanted, max_side=settings.frames.max_side, info=info)
+        return cls(plan, frames, faces.shot_ids(frames, settings.faces.cut_distance))
+
+    def to_track(self) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """What `FaceDetector.track` takes for the anchors: frames, times (frame indices) and shots."""
+        a = self.plan.anchors
+        return self.frames[a], [self.plan.wanted[i] for i in a], self.shots[a]
+
+
+def span_plan(look: Look, fr: FrameSettings) -> FramePlan | None:
+    """The face inputs planned again inside the span where the look's main face is present (from its
+    first to its last anchor frame detected or interpolated, all in its shot), when that is not the span
+    of the anchors already; None when it is, or when there is no face."""
+    if look.track is None or not look.track.found:
+        return None
+    present = np.flatnonzero(look.track.detected)
+    anchors = look.plan.anchors
+    if present[0] == 0 and present[-1] == len(anchors) - 1:
+        return None
+    span = (look.plan.wanted[anchors[present[0]]], look.plan.wanted[anchors[present[-1]]])
+    return plan_frames(look.plan.n_frames, fr, span)
 
 
 def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetector | None) -> Prepared:
@@ -330,9 +395,7 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
             raise decode.DecodeError("no video stream")
         if info.duration <= 0 or info.n_frames <= 0:
             raise decode.DecodeError("zero length")
-        wanted, local_pos, temporal_pos = frame_plan(info.n_frames, settings.frames)
-        plan = FramePlan(info.n_frames, wanted, local_pos, temporal_pos, settings.frames.global_frame)
-        frames = decode.read_frames(path, wanted, max_side=settings.frames.max_side, info=info)
+        look = Look.decode(path, plan_frames(info.n_frames, settings.frames), settings, info)
         audio = decode.read_audio(path, sample_rate=settings.sample_rate) if info.has_audio else np.zeros(0, np.float32)
         if audio.size == 0:
             policy = settings.missing_audio
@@ -351,13 +414,18 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         t1 = time.perf_counter()
         prep.seconds["decode"] = t1 - t0
         if detector is None:   # downscaled for MTCNN here, where the cores are
-            small, sx, sy = faces.detection_frames(frames[plan.anchors], settings.faces.detect_side)
-            prep.waiting = Waiting(frames, small, (sx, sy), plan)
+            small, sx, sy = faces.detection_frames(look.frames[look.plan.anchors], settings.faces.detect_side)
+            prep.waiting = Waiting(look, small, (sx, sy), info)
             return prep
         # MTCNN sees every faces.detect_every-th anchor frame; boxes between are interpolated in time
         # (their frame indices)
-        track = detector.track(frames[plan.anchors], times=[wanted[a] for a in plan.anchors])
-        use_track(prep, frames, plan, track, settings.faces.crop_size)
+        look.track = detector.track(*look.to_track())
+        views = None
+        replan = span_plan(look, settings.frames)
+        if replan is not None:   # the main face is not in every anchor frame: the face inputs from its span
+            views = Look.decode(path, replan, settings, info)
+            views.track = detector.track(*views.to_track())
+        use_track(prep, look, views, settings.faces.crop_size)
         prep.seconds["faces"] = time.perf_counter() - t1
     except decode.DecodeError as e:
         prep.error = str(e)
@@ -367,38 +435,81 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
     return prep
 
 
-def use_track(prep: Prepared, frames: np.ndarray, plan: FramePlan, track: faces.FaceTrack, crop_size: int) -> None:
-    """The face inputs and the whole frame of a clip from its face track over `plan.anchors`."""
-    anchors, per = plan.anchors, TEMPORAL_PER_SEGMENT
-    crop_at = dict(zip(anchors, track.crops))
+def use_track(prep: Prepared, first: Look, views: Look | None, crop_size: int) -> None:
+    """The face inputs and the whole frame of a clip, and its record of faces and shots.
+
+    ``first`` is the clip's planned frames, tracked; ``views`` the face inputs planned again inside the
+    span of its main face (`span_plan`), tracked, or None when they were not (or its track found no
+    face: then ``first`` gives them). The record counts the frames of ``first``: where the main face
+    was detected, interpolated or absent over the whole clip, and its shots.
+
+    A crop comes from a frame where the main face is (detected, interpolated, or borrowed from a frame
+    of its shot). An anchor frame of another shot (UNSEEN: only where a cut turned up inside the span)
+    takes the crop of the nearest anchor frame where it is; a segment's next frame is cropped with its
+    anchor's box when both are in one shot, else takes its anchor's crop. A clip with no face at all
+    uses the centre squares of its frames."""
+    look = views if views is not None and views.track.found else first
+    plan, track, per = look.plan, look.track, TEMPORAL_PER_SEGMENT
+    anchors = plan.anchors
+    frame_of = [plan.wanted[a] for a in anchors]
+    usable = np.flatnonzero(track.state > faces.UNSEEN) if track.found else np.arange(len(anchors))
+    # anchor position -> (crop, frame index, box, state): its own, or the nearest usable anchor's
+    cut: dict[int, tuple[np.ndarray, int, np.ndarray, int]] = {}
+    for k, a in enumerate(anchors):
+        src = usable[np.argmin(np.abs(np.asarray(frame_of)[usable] - frame_of[k]))]
+        cut[a] = (track.crops[src], frame_of[src], track.boxes[src], int(track.state[src]))
     for i, p in enumerate(plan.temporal):
-        if p not in crop_at:
-            a = anchors.index(plan.temporal[i - i % per])
-            crop_at[p] = faces.crop(frames[p], track.boxes[a], crop_size)
+        a = plan.temporal[i - i % per]
+        if p not in cut:
+            crop, f, box, state = cut[a]
+            if f == plan.wanted[a] and (look.shots[p] == look.shots[a] or not track.found):
+                crop, f = faces.crop(look.frames[p], box, crop_size), plan.wanted[p]
+            cut[p] = (crop, f, box, state)
     if plan.global_mode == "peak":
-        g = anchors[faces.peak_frame_index(track)]
-    else:   # the clip's own first / middle frame, which frame_plan put among the decoded ones
-        g = plan.wanted.index(0 if plan.global_mode == "first" else max(0, (plan.n_frames - 1) // 2))
-    prep.inputs.update({FACE_FRAMES: np.stack([crop_at[p] for p in plan.local]),
-                        FACE_CLIP: np.stack([crop_at[p] for p in plan.temporal]), FRAME: frames[g]})
-    prep.record.update(face_found=bool(track.found), face_frames=int(track.detected.sum()),
-                       sampled_frames=len(anchors), global_index=int(plan.wanted[g]))
-    prep.crops = track.crops
+        g, gframes, gplan = anchors[faces.peak_frame_index(track)], look.frames, plan
+    else:   # the clip's own first / middle frame, which frame_plan put among the first look's frames
+        gframes, gplan = first.frames, first.plan
+        g = gplan.wanted.index(0 if plan.global_mode == "first" else max(0, (plan.n_frames - 1) // 2))
+    for kind, positions in ((FACE_FRAMES, plan.local), (FACE_CLIP, plan.temporal)):
+        prep.inputs[kind] = np.stack([cut[p][0] for p in positions])
+        prep.sources[kind] = CropSources([cut[p][1] for p in positions], np.stack([cut[p][2] for p in positions]),
+                                         [cut[p][3] for p in positions])
+    prep.inputs[FRAME] = gframes[g]
+    counts = first.track.counts()
+    prep.record.update(face_found=bool(first.track.found), face_frames=int(first.track.detected.sum()),
+                       sampled_frames=len(first.plan.anchors), face_detected=counts["detected"],
+                       face_interpolated=counts["interpolated"], face_absent=counts["absent"],
+                       shots=int(first.shots.max()) + 1, face_span=list(plan.span),
+                       global_index=int(gplan.wanted[g]))
 
 
-def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector) -> None:
+def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector, settings: StepSettings) -> None:
     """The face inputs of the prepared clips whose frames wait (detect_on = "encoder"): one batched
-    `track_many` for all of them on the detector's device. A clip that cannot be finished gets an error;
-    if MTCNN itself fails, they all do."""
+    `track_many` for all of them on the detector's device, then the frames of the main face's span
+    decoded here (threaded) for the clips that need them (`span_plan`) and one more `track_many` for
+    those. A clip that cannot be finished gets an error; if MTCNN itself fails, they all do."""
     todo = [p for p in prepared if p.error is None and p.waiting is not None]
     if not todo:
         return
     t = time.perf_counter()
     ws = [p.waiting for p in todo]
+    views: list[Look | None] = [None] * len(todo)
     try:
-        tracks = detector.track_many([w.frames[w.plan.anchors] for w in ws],
-                                     [[w.plan.wanted[a] for a in w.plan.anchors] for w in ws],
-                                     smalls=[(w.small, *w.scale) for w in ws])
+        firsts = [w.look for w in ws]
+        _track_looks(detector, firsts, [(w.small, *w.scale) for w in ws])
+
+        def second(i: int) -> Look | None:
+            replan = span_plan(firsts[i], settings.frames)
+            if replan is None:
+                return None
+            try:
+                return Look.decode(Path(todo[i].job.source), replan, settings, ws[i].info)
+            except Exception as e:  # noqa: BLE001 - this clip fails with the reason; the group goes on
+                todo[i].error = f"decoding the face span: {type(e).__name__}: {e}"
+                return None
+
+        views = detector.each(second, range(len(todo)))
+        _track_looks(detector, [v for v in views if v is not None])
     except Exception as e:  # noqa: BLE001 - the group's clips fail with the reason; the run goes on
         log.debug("face detection failed", exc_info=True)
         for p in todo:
@@ -406,9 +517,10 @@ def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector) -> N
         return
 
     def finish(i: int) -> None:
-        p, w = todo[i], ws[i]
+        p = todo[i]
         try:
-            use_track(p, w.frames, w.plan, tracks[i], detector.settings.crop_size)
+            if p.error is None:
+                use_track(p, ws[i].look, views[i], detector.settings.crop_size)
         except Exception as e:  # noqa: BLE001 - one bad clip must never stop a run; the reason is kept
             p.error = f"face detection error: {type(e).__name__}: {e}"
         p.waiting = None
@@ -417,6 +529,15 @@ def track_faces(prepared: Sequence[Prepared], detector: faces.FaceDetector) -> N
     share = (time.perf_counter() - t) / len(todo)
     for p in todo:
         p.seconds["faces"] = p.seconds.get("faces", 0.0) + share
+
+
+def _track_looks(detector: faces.FaceDetector, looks: Sequence[Look], smalls: Sequence[faces.Small] | None = None) -> None:
+    """Track the anchors of several looks in one batched MTCNN pass (`FaceDetector.track_many`)."""
+    if not looks:
+        return
+    frames, times, shots = zip(*(look.to_track() for look in looks))
+    for look, track in zip(looks, detector.track_many(list(frames), list(times), smalls=smalls, shots=list(shots))):
+        look.track = track
 
 
 _PREP_DETECTORS: dict[faces.FaceSettings, faces.FaceDetector] = {}
@@ -573,7 +694,7 @@ def _encode_groups(jobs: Sequence[ClipJob], stream: Iterator[Prepared], settings
         t = time.perf_counter()
         prepared = [next(stream) for _ in group]
         sec["wait"] = sec.get("wait", 0.0) + time.perf_counter() - t   # the encoding side idle
-        track_faces(prepared, m.detector)
+        track_faces(prepared, m.detector, settings)
         for micro in _chunks(prepared, max(1, settings.micro_batch)):
             _encode_micro(micro, m, keys, writer, result, preview_dir)
 
@@ -630,25 +751,50 @@ def _fail(writer, result: BatchResult, p: Prepared, reason: str) -> None:
     result.failed.append((p.job.id, reason))
 
 
+STATE_MARK = {faces.DETECTED: "d", faces.INTERPOLATED: "i", faces.BORROWED: "b", faces.UNSEEN: "-"}
+
+
+def face_summary(record: Mapping[str, Any]) -> str:
+    """One line on a clip's faces from its record (`use_track`)."""
+    if not record.get("face_found"):
+        return "NO FACE: centre squares of the whole frames"
+    d, i, a = (int(record.get(k, 0)) for k in ("face_detected", "face_interpolated", "face_absent"))
+    weak = "WEAK TRACK: " if faces.is_weak(d, i, a) else ""
+    first, last = record.get("face_span", (0, record.get("frames", 1) - 1))
+    return (f"{weak}main face detected {d}, interpolated {i}, absent {a} of {d + i + a} anchor frames; "
+            f"{record.get('shots', 1)} shot(s); face views from frames {first}-{last}")
+
+
 def write_preview(folder: Path, prep: Prepared, *, thumb: int = 112) -> Path:
-    """A contact sheet: the face crops in a grid, then the global frame, for a person to check."""
+    """A contact sheet for a person to check: a line on the faces, the crops each face input was given
+    (local, then temporal), each marked with the frame it was cut from and how its box was found (d
+    detected, i interpolated, b borrowed from the shot, - no face: the centre square), then the global frame."""
     from PIL import Image, ImageDraw
 
     folder.mkdir(parents=True, exist_ok=True)
-    crops = prep.crops if prep.crops is not None else prep.inputs[FACE_FRAMES]
-    cols = 8
-    rows = (len(crops) + cols - 1) // cols
+    cols, line = 8, 16
+    blocks = [(kind, prep.inputs[kind], prep.sources.get(kind)) for kind in (FACE_FRAMES, FACE_CLIP)]
+    rows = [-(-len(crops) // cols) for _, crops, _ in blocks]
     frame = Image.fromarray(prep.inputs[FRAME])
-    scale = cols * thumb / frame.width
-    frame = frame.resize((cols * thumb, max(1, int(frame.height * scale))))
-    sheet = Image.new("RGB", (cols * thumb, rows * thumb + frame.height + 20), "white")
-    for i, c in enumerate(crops):
-        sheet.paste(Image.fromarray(c).resize((thumb, thumb)), ((i % cols) * thumb, (i // cols) * thumb))
-    y = rows * thumb
-    face = "face found" if prep.record.get("face_found") else "NO FACE: whole frames used"
-    ImageDraw.Draw(sheet).text((4, y + 4), f"{prep.job.id}  {face}  global frame #{prep.record.get('global_index')}",
-                               fill="black")
-    sheet.paste(frame, (0, y + 20))
+    frame = frame.resize((cols * thumb, max(1, int(frame.height * cols * thumb / frame.width))))
+    height = line + sum(line + r * thumb for r in rows) + line + frame.height
+    sheet = Image.new("RGB", (cols * thumb, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 2), f"{prep.job.id}  {face_summary(prep.record)}", fill="black")
+    y = line
+    for (kind, crops, src), r in zip(blocks, rows):
+        draw.text((4, y + 2), f"{kind}: {len(crops)} crops", fill="black")
+        y += line
+        for i, c in enumerate(crops):
+            x0, y0 = (i % cols) * thumb, y + (i // cols) * thumb
+            sheet.paste(Image.fromarray(np.asarray(c)).resize((thumb, thumb)), (x0, y0))
+            if src is not None:
+                mark = f"#{src.frames[i]} {STATE_MARK[src.states[i]]}"
+                draw.rectangle((x0, y0, x0 + 7 * len(mark) + 4, y0 + 12), fill="black")
+                draw.text((x0 + 2, y0), mark, fill="white")
+        y += r * thumb
+    draw.text((4, y + 2), f"global frame #{prep.record.get('global_index')}", fill="black")
+    sheet.paste(frame, (0, y + line))
     out = folder / preview_name(prep.job.id)
     sheet.save(out, format="PNG")
     return out

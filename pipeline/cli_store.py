@@ -78,11 +78,33 @@ def ls(url: str = STORE) -> None:
     _damaged(st)
 
 
+def face_summary(records: dict[str, dict]) -> dict:
+    """The faces of the extracted clips, from their records (extract.step.use_track): how many clips
+    have a face record, which have no face, a weak track (extract.faces.is_weak: the main face absent in
+    more than WEAK_ABSENT of the anchor frames) or several shots. `without_counts`: clips extracted
+    before the records held the counts (re-extract them to know)."""
+    from emollama.extract.faces import WEAK_ABSENT, is_weak
+
+    ok = {c: r for c, r in records.items() if r.get("status") == "ok" and "face_found" in r}
+    counted = {c: r for c, r in ok.items() if "face_detected" in r}
+    return {"clips": len(ok), "no_face": sorted(c for c, r in ok.items() if not r["face_found"]),
+            "weak_track": sorted(c for c, r in counted.items() if r["face_found"] and is_weak(
+                r["face_detected"], r["face_interpolated"], r["face_absent"])),
+            "several_shots": sorted(c for c, r in counted.items() if r.get("shots", 1) > 1),
+            "without_counts": len(ok) - len(counted), "weak_absent": WEAK_ABSENT}
+
+
+def _some(ids: list[str], n: int = 10) -> str:
+    return ", ".join(ids[:n]) + (f" ... (+{len(ids) - n}, --json lists them all)" if len(ids) > n else "")
+
+
 @store_app.command("info")
 def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="Print the same as JSON.")) -> None:
-    """Sets, clips, bytes, files and failures of a store."""
+    """Sets, clips, bytes, files and failures of a store, and the faces of its clips (no face, a weak
+    track, several shots)."""
     st = _open(url)
     d = st.info()
+    d["faces"] = face_summary(st.records())
     if as_json:
         typer.echo(json.dumps(d, indent=2, sort_keys=True))
         return
@@ -97,6 +119,15 @@ def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="P
     for s in d["sets"]:
         shape = "x".join(str(x) for x in s["shape"])
         typer.echo(f"  {s['key']:<40} {s['clips']:>8} clips  [{shape}] {s['dtype']}  {_mb(s['bytes'])}")
+    f = d["faces"]
+    if f["clips"]:
+        typer.echo(f"faces    {f['clips']} clips: {len(f['no_face'])} with no face (whole frames used), "
+                   f"{len(f['weak_track'])} with a weak track (the main face absent in more than "
+                   f"{f['weak_absent']:.0%} of the frames), {len(f['several_shots'])} with several shots"
+                   + (f"; {f['without_counts']} extracted before the counts were recorded" if f["without_counts"] else ""))
+        for what, key in (("no face", "no_face"), ("weak track", "weak_track"), ("several shots", "several_shots")):
+            if f[key]:
+                typer.echo(f"  {what}: {_some(f[key])}")
     for clip, reason in sorted(d["failed"].items())[:20]:
         typer.echo(f"  failed {clip}: {reason}")
     if d["failures"] > 20:

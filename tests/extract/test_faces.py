@@ -15,25 +15,34 @@ import pytest
 
 from emollama.extract.decode import probe, read_frames, uniform_indices
 from emollama.extract.faces import (
+    BORROWED,
+    DETECTED,
+    INTERPOLATED,
+    CUT_BINS,
+    UNSEEN,
     FaceDetector,
     FaceSettings,
     FaceTrack,
     appearance,
+    centre_square,
+    colour_histogram,
     detection_frames,
     crop,
     detect_positions,
     fill_boxes,
+    is_weak,
     peak_frame_index,
     peak_index,
     refine_positions,
+    shot_ids,
     square_box,
     track_boxes,
 )
 from emollama.extract.sample import render_frames
 from emollama.extract.step import TEMPORAL_PER_SEGMENT, FrameSettings, frame_plan
 
-SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examples"
-TODAY = FaceSettings(detect_every=1, track_by="position")   # the face settings before detect_every and appearance
+# the face settings before detect_every, appearance and shots
+TODAY = FaceSettings(detect_every=1, track_by="position", cut_distance=1.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -56,7 +65,7 @@ def test_settings_to_dict_is_json():
     assert json.loads(json.dumps(d)) == d
     assert d == {"detector": "mtcnn", "crop_size": 224, "margin": 0.2, "min_face_size": 20,
                  "thresholds": [0.6, 0.7, 0.7], "detect_side": 640, "detect_every": 3, "track_by": "appearance",
-                 "appearance_min": 0.7, "detect_on": "auto"}
+                 "appearance_min": 0.7, "cut_distance": 0.2, "detect_on": "auto"}
 
 
 def test_square_box_adds_margin_and_squares():
@@ -132,8 +141,8 @@ def test_detect_positions_take_every_kth_frame_and_the_last():
 def test_boxes_between_detected_frames_are_interpolated_in_time():
     times = [0, 2, 3, 8, 10]   # frame indices of the anchors: not evenly spaced
     b0, b2, b4 = np.array([10., 20, 50, 70]), np.array([40., 20, 80, 76]), np.array([110., 48, 180, 125])
-    got, detected = fill_boxes(times, [0, 2, 4], np.stack([b0, b2, b4]), np.array([True, True, True]))
-    assert detected.all()
+    got, state = fill_boxes(times, [0, 2, 4], np.stack([b0, b2, b4]), np.array([True, True, True]))
+    assert state.tolist() == [DETECTED, INTERPOLATED, DETECTED, INTERPOLATED, DETECTED]
     assert np.array_equal(got[[0, 2, 4]], [b0, b2, b4])
     assert np.allclose(got[1], b0 + (2 / 3) * (b2 - b0))    # t = 2 between t = 0 and t = 3
     assert np.allclose(got[3], b2 + (5 / 7) * (b4 - b2))    # t = 8 between t = 3 and t = 10
@@ -142,15 +151,15 @@ def test_boxes_between_detected_frames_are_interpolated_in_time():
 def test_a_frame_next_to_a_failed_detection_borrows_like_today():
     b0, b4 = np.array([10., 20, 50, 70]), np.array([60., 20, 100, 70])
     # the track was not found in sampled frame 2: track_boxes lent it frame 0's box (the earlier on a tie)
-    got, detected = fill_boxes(range(5), [0, 2, 4], np.stack([b0, b0, b4]), np.array([True, False, True]))
-    assert detected.tolist() == [True, False, False, False, True]
+    got, state = fill_boxes(range(5), [0, 2, 4], np.stack([b0, b0, b4]), np.array([True, False, True]))
+    assert state.tolist() == [DETECTED, BORROWED, BORROWED, BORROWED, DETECTED]
     assert np.array_equal(got, [b0, b0, b0, b4, b4])   # nearest found frame, the earlier on a tie
 
 
 def test_every_frame_sampled_leaves_the_track_as_it_is():
     b = np.array([[10., 20, 50, 70], [12, 20, 52, 70], [12, 20, 52, 70], [16, 22, 56, 72]])
-    got, detected = fill_boxes(range(4), range(4), b.copy(), np.array([True, True, False, True]))
-    assert np.array_equal(got, b) and detected.tolist() == [True, True, False, True]
+    got, state = fill_boxes(range(4), range(4), b.copy(), np.array([True, True, False, True]))
+    assert np.array_equal(got, b) and state.tolist() == [DETECTED, DETECTED, BORROWED, DETECTED]
 
 
 def test_refine_where_the_track_is_lost_or_moves():
@@ -330,6 +339,109 @@ def test_at_a_cut_the_track_stays_with_the_face_seen_longest():
     assert np.allclose(raw_boxes(by_look), [a] * 10)   # after the cut: A's last box, borrowed
 
 
+# ---------------------------------------------------------------- shots
+
+
+def two_shots(n_first: int, n_second: int, size=(240, 320)) -> np.ndarray:
+    """Frames of a warm room, then of a cool one, each with a little noise (a camera's grain)."""
+    rng = np.random.default_rng(0)
+    frames = np.empty((n_first + n_second, *size, 3), np.uint8)
+    frames[:n_first] = (170, 120, 90)
+    frames[n_first:] = (60, 90, 150)
+    return np.clip(frames + rng.integers(-6, 7, frames.shape), 0, 255).astype(np.uint8)
+
+
+def test_shots_are_cut_where_the_colours_change():
+    frames = two_shots(3, 2)
+    h = colour_histogram(frames[0])
+    assert h.shape == (CUT_BINS ** 3,) and h.sum() == pytest.approx(1.0)
+    assert shot_ids(frames, 0.2).tolist() == [0, 0, 0, 1, 1]
+    assert shot_ids(frames, 1.0).tolist() == [0] * 5          # 1: no cuts
+    assert shot_ids(frames[:1], 0.2).tolist() == [0] and shot_ids(frames[:0], 0.2).tolist() == []
+    # a dark, grey frame whose grain changes every pixel's hue stays in its shot (RGB bins, not hue)
+    dark = np.clip(np.full((4, 120, 160, 3), 20) + np.random.default_rng(1).integers(-4, 5, (4, 120, 160, 3)),
+                   0, 255).astype(np.uint8)
+    assert shot_ids(dark, 0.2).tolist() == [0] * 4
+
+
+def test_a_chain_never_crosses_a_cut_and_the_main_face_is_the_one_detected_most():
+    a = [[100, 100, 140, 150], [102, 100, 142, 150], [104, 100, 144, 150], [106, 100, 146, 150]]
+    b = [90, 80, 170, 180]   # the next shot's face, in the same place and four times as large
+    per_frame = [boxes(x) for x in a] + [boxes(b)] * 2
+    probs = [np.array([0.999])] * 6
+    shots = [0, 0, 0, 0, 1, 1]
+    for looks in (None, [[np.eye(48)[0]]] * 6):   # by position, and by look (a look that B shares)
+        got, detected = track_boxes(per_frame, probs, looks, 0.7, shots)
+        assert detected.tolist() == [True] * 4 + [False] * 2     # A: 4 frames; B, larger in all, 2
+        assert np.allclose(got[:4], a) and np.isnan(got[4:]).all()   # nothing borrowed into B's shot
+        joined, detected = track_boxes(per_frame, probs, looks, 0.7)   # one shot: B continues A's chain
+        assert detected.all()
+    # in one shot, a face detected in more frames beats a larger one detected in fewer
+    big = [300, 50, 420, 190]
+    per_frame = [boxes(a[0], big), boxes(a[1], big), boxes(a[2])]
+    got, _ = track_boxes(per_frame, [np.array([0.999, 0.999]), np.array([0.999, 0.999]), np.array([0.999])])
+    assert np.allclose(got, a[:3])
+
+
+def test_boxes_are_never_interpolated_or_borrowed_across_a_cut():
+    b0, b2 = np.array([10., 20, 50, 70]), np.array([30., 20, 70, 70])
+    # detected on 0 and 2, not on 4; frames 4-5 are another shot
+    got, state = fill_boxes(range(6), [0, 2, 4], np.stack([b0, b2, b2]), np.array([True, True, False]),
+                            [0, 0, 0, 0, 1, 1])
+    assert state.tolist() == [DETECTED, INTERPOLATED, DETECTED, BORROWED, UNSEEN, UNSEEN]
+    assert np.allclose(got[1], (b0 + b2) / 2) and np.array_equal(got[3], b2) and np.isnan(got[4:]).all()
+    # two detected frames in different shots: no interpolation between them, each side borrows its own
+    got, state = fill_boxes(range(4), [0, 3], np.stack([b0, b2]), np.array([True, True]), [0, 0, 1, 1])
+    assert state.tolist() == [DETECTED, BORROWED, BORROWED, DETECTED]
+    assert np.array_equal(got[1], b0) and np.array_equal(got[2], b2)
+
+
+def test_refine_skips_the_shots_the_track_is_not_in():
+    steady = np.array([100., 100, 160, 170])
+    bx = np.stack([steady] * 4)
+    # lost from frame 6 on: 6 is a new shot, so only the frames between 3 and 6 are detected again
+    assert refine_positions([0, 3, 6, 9], bx, np.array([True, True, False, False]), [0, 0, 1, 1]) == [4, 5]
+    assert refine_positions([0, 3, 6, 9], bx, np.array([True, True, False, False])) == [4, 5, 7, 8]
+    assert refine_positions([0, 3], bx[:2], np.zeros(2, bool), [0, 1]) == [1, 2]   # no face yet: everywhere
+
+
+def test_the_next_shots_frames_get_centre_squares_not_the_main_faces_box():
+    a, b = [100, 80, 160, 140], [150, 70, 230, 150]
+    faces_at = [{"A": a}] * 7 + [{"B": b}] * 3
+    frames, table = scene(faces_at)
+    frames[7:][(frames[7:] == 100).all(axis=-1)] = (40, 150, 60)   # the next shot: another room
+    for k in range(10):
+        frames[k, 0, 0, 0] = k
+    track = fake_detector(table, detect_every=1).track(frames)
+    assert track.shots.tolist() == [0] * 7 + [1] * 3
+    assert track.state.tolist() == [DETECTED] * 7 + [UNSEEN] * 3
+    assert np.allclose(raw_boxes(track)[:7], [a] * 7)
+    assert np.allclose(track.boxes[7:], [centre_square(320, 240)] * 3)
+    assert track.counts() == {"detected": 7, "interpolated": 0, "absent": 3}
+    assert not is_weak(**track.counts()) and is_weak(3, 1, 5) and is_weak(0, 0, 0) and not is_weak(2, 2, 4)
+    # the caller's shots win over the frames' own (the step cuts over more frames than it tracks)
+    assert fake_detector(table, detect_every=1).track(frames, shots=[0] * 10).state.tolist() == [DETECTED] * 7 + [BORROWED] * 3
+
+
+@pytest.mark.samples
+@pytest.mark.slow
+def test_the_cut_distance_finds_the_one_real_cut_and_none_inside_the_real_shots(samples_dir):
+    """Calibration on every decoded frame of the ten real clips (the step cuts over all of them): one cut,
+    in samplenew_00061200 between frames 52 and 53 (its planned frames 50 and 54); the default is well
+    away from both sides (at most 0.10 inside a shot, 0.40 at the cut)."""
+    fr = FrameSettings()
+    inside, cut = [], []
+    for clip in sorted(samples_dir.glob("*.mp4")):
+        info = probe(clip)
+        wanted, _, _ = frame_plan(info.n_frames, fr)
+        hists = [colour_histogram(f) for f in read_frames(clip, wanted, max_side=fr.max_side, info=info)]
+        d = [0.5 * float(np.abs(y - x).sum()) for x, y in zip(hists, hists[1:])]
+        for (i, j), x in zip(zip(wanted, wanted[1:]), d):
+            (cut if clip.stem == "samplenew_00061200" and i < 53 <= j else inside).append(x)
+    assert len(cut) == 1 and len(inside) > 250
+    assert max(inside) < FaceSettings().cut_distance / 1.8 and cut[0] > 1.8 * FaceSettings().cut_distance
+
+
 # ---------------------------------------------------------------- MTCNN
 
 
@@ -410,7 +522,7 @@ def constructed_track(n: int = 6, odd: int = 4) -> FaceTrack:
     crops[:, 10:20, 10:20] = 90
     crops[odd, 20:30, 5:28] = 250  # an open mouth: the most different face
     crops[1, 12:14, 12:14] = 60  # a small change
-    return FaceTrack(crops, np.zeros((n, 4)), np.ones(n, bool), True)
+    return FaceTrack(crops, np.zeros((n, 4)), np.full(n, DETECTED), np.zeros(n, int), True)
 
 
 def test_peak_index_finds_the_most_different_face():
@@ -425,12 +537,12 @@ def test_the_peak_frame_is_the_most_different_crop():
     track = constructed_track(n=6, odd=4)
     assert peak_frame_index(track) == 4
     with pytest.raises(ValueError, match="empty track"):
-        peak_frame_index(FaceTrack(track.crops[:0], track.boxes[:0], track.detected[:0], True))
+        peak_frame_index(FaceTrack(track.crops[:0], track.boxes[:0], track.state[:0], track.shots[:0], True))
 
 
 def test_peak_ignores_frames_without_a_detected_face():
     track = constructed_track(n=6, odd=4)
-    track.detected[4] = False  # the odd crop came from a borrowed box: no face there
+    track.state[4] = BORROWED  # the odd crop came from a borrowed box: no face there
     assert peak_frame_index(track) == 1  # the next most different detected frame
 
 
@@ -439,9 +551,8 @@ def test_peak_ignores_frames_without_a_detected_face():
 
 @pytest.mark.samples
 @pytest.mark.slow
-@pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples/mer2023-examples is absent")
-def test_faces_found_on_every_real_clip(detector):
-    clips = sorted(SAMPLES.glob("*.mp4"))
+def test_faces_found_on_every_real_clip(detector, samples_dir):
+    clips = sorted(samples_dir.glob("*.mp4"))
     assert len(clips) == 10
     rates, report = [], []
     for clip in clips:
@@ -483,28 +594,19 @@ def test_the_track_does_not_jump_at_the_scene_cut_of_samplenew_00061200(samples_
     assert 0 < after.sum() < len(times)
     before_fix = FaceDetector(TODAY).track(frames, times)
     assert before_fix.detected.all() and (centre_x(before_fix)[after] > 560).all()   # it jumped to him
+    by_look = FaceDetector(FaceSettings(cut_distance=1.0)).track(frames, times)   # no cuts: the look alone
+    assert by_look.detected[~after].all() and not by_look.detected[after].any()
+    assert (centre_x(by_look) < 500).all()   # the first man's place (x about 400 of 1280), borrowed after the cut
     track = FaceDetector().track(frames, times)
-    assert track.detected[~after].all() and not track.detected[after].any()
-    assert (centre_x(track) < 500).all()   # the first man's place (x about 400 of 1280) throughout
-
-
-def write_clip(path: Path, frames: np.ndarray, fps: int = 25) -> None:
-    import av
-
-    with av.open(str(path), "w") as c:
-        vs = c.add_stream("libx264", rate=fps, options={"preset": "veryfast", "crf": "18"})
-        vs.height, vs.width = frames.shape[1:3]
-        vs.pix_fmt = "yuv420p"
-        for f in frames:
-            for pkt in vs.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(pkt)
-        for pkt in vs.encode():
-            c.mux(pkt)
+    assert track.shots.tolist() == after.astype(int).tolist()   # the cut is found, between frames 52 and 53
+    assert track.detected[~after].all() and (centre_x(track)[~after] < 500).all()
+    assert (track.state[after] == UNSEEN).all()   # nothing borrowed across the cut: the centre squares there
+    assert np.allclose(track.boxes[after], centre_square(frames.shape[2], frames.shape[1]))
 
 
 @pytest.mark.samples
 @pytest.mark.slow
-def test_a_clip_cut_from_two_real_clips_keeps_the_track_on_one_person(samples_dir, tmp_path):
+def test_a_clip_cut_from_two_real_clips_keeps_the_track_on_one_person(samples_dir, tmp_path, write_clip):
     # Two real 960 x 544 clips whose women sit at the same place in the frame (centre about (0.42, 0.49)
     # of the frame, a fifth of its width): A, then B, then A again. By position alone the track cannot
     # tell them apart.
@@ -519,7 +621,14 @@ def test_a_clip_cut_from_two_real_clips_keeps_the_track_on_one_person(samples_di
     before_fix = FaceDetector(TODAY).track(frames, times)
     assert before_fix.detected[in_b].all()   # B's face continued the track
 
+    # The cuts: three shots, and the track lives in one of them (no box crosses a cut)
     track = FaceDetector().track(frames, times)
+    assert track.shots.tolist() == [0 if t < 30 else 1 if t < 60 else 2 for t in times]
+    assert len(set(track.shots[track.detected])) == 1
+    assert (track.state[track.shots != track.shots[track.detected][0]] == UNSEEN).all()
+
+    # Without cuts (a cut the histograms miss), the look alone keeps B out of A's track
+    track = FaceDetector(FaceSettings(cut_distance=1.0)).track(frames, times)
     assert not track.detected[in_b].any()              # B never joins A's track ...
     assert track.detected[~in_b].mean() >= 0.9         # ... which runs through both of A's parts
     a_boxes = track.boxes[~in_b]

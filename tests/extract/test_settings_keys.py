@@ -99,7 +99,7 @@ AFFECTS = {
     "frames.max_side": {FACE_FRAMES, FACE_CLIP, FRAME}, "frames.folder_fps": set(),
     **{f"faces.{name}": set(FACE_INPUTS) for name in (
         "detector", "crop_size", "margin", "min_face_size", "thresholds", "detect_side", "detect_every", "track_by",
-        "appearance_min", "detect_on")},
+        "appearance_min", "cut_distance", "detect_on")},
     "sample_rate": {WAVEFORM}, "dtype": ALL, "missing_audio": set(), "offline": set(), "device": set(),
     "batch_size": set(), "micro_batch": set(), "prep_workers": set(), "max_pixels": set(),
 }

@@ -45,7 +45,7 @@ def test_settings_from_copies_every_step_setting(tmp_path):
     changes = {"frames": {"local_frames": 9, "global_frame": "middle", "max_side": 700, "folder_fps": 30.0},
                "faces": {"crop_size": 100, "margin": 0.1, "min_face_size": 12, "thresholds": [0.5, 0.6, 0.6],
                          "detect_side": 320, "detect_every": 2, "track_by": "position", "appearance_min": 0.5,
-                         "detect_on": "encoder"},
+                         "cut_distance": 0.3, "detect_on": "encoder"},
                "dtype": "float32", "missing_audio": "silence", "offline": True, "device": "cpu", "batch_size": 3,
                "micro_batch": 2, "prep_workers": 3, "max_pixels": 1000}
     cfg = _cfg(tmp_path, {"profile": "tiny", **changes})
