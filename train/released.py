@@ -304,7 +304,6 @@ def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "pape
     from .config import PAPER_LLM, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
     from .model import Projectors, projector_meta
     from .params import meta_model
-
     from .runfolder import check_out, clear_run, lock
 
     path, out = Path(path), Path(out)

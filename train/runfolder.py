@@ -39,7 +39,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +202,8 @@ def lock(path: str | Path, command: str) -> Iterator[Path]:
             break
         os.close(fd)
     try:
-        info: Mapping[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
-                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         with contextlib.suppress(OSError):   # who holds it is for the message only: a full disk must not stop us
             os.ftruncate(fd, 0)
             os.write(fd, (json.dumps(info) + "\n").encode())

@@ -56,17 +56,10 @@ def test_a_released_checkpoint_with_nan_or_inf_is_refused_at_import(tmp_path, ke
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """8 synthetic clips extracted with the tiny profile, and a 2-step audio-only run on them."""
-    from emollama.extract.sample import write_sample
-
-    tmp = tmp_path_factory.mktemp("finite")
-    data = write_sample(tmp / "data", clips=8, seed=6)
-    store = tmp / "store.zarr"
-    res = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(data), "--store", str(store),
-                              "--profile", "tiny", "--workers", "0", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    run = tmp / "run"
+def small(tiny_store, tmp_path_factory):
+    """The shared tiny store, and a 2-step audio-only run on it."""
+    data, store = tiny_store
+    run = tmp_path_factory.mktemp("finite") / "run"
     res = runner.invoke(app, train(data, store, run))
     assert res.exit_code == 0, res.output
     return data, store, run

@@ -13,35 +13,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from emollama.pipeline.cli import app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_helpers import tiny_toml  # noqa: E402
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 STEPS = 40
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}    # the same arithmetic in every process
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    from emollama.extract.sample import write_sample
-
-    tmp = tmp_path_factory.mktemp("interrupt")
-    data = write_sample(tmp / "data", clips=8, seed=9)
-    store = tmp / "store.zarr"
-    res = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(data), "--store", str(store),
-                              "--profile", "tiny", "--workers", "0", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    return data, store
 
 
 def train_cmd(toml: Path, *extra: str) -> list[str]:
@@ -55,8 +37,8 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
             **load_file(str(run / "adapter" / "adapter_model.safetensors"))}
 
 
-def test_ctrl_c_saves_the_current_step_and_resume_gives_the_uninterrupted_weights(small, tmp_path):
-    data, store = small
+def test_ctrl_c_saves_the_current_step_and_resume_gives_the_uninterrupted_weights(tiny_store, tmp_path):
+    data, store = tiny_store
     full_toml = tiny_toml(tmp_path / "full.toml", data, store, tmp_path / "full", steps=STEPS, save_every=1000,
                           batch_size=2, log_every=1)
     full = subprocess.run(train_cmd(full_toml), env=ENV, capture_output=True, text=True, timeout=600)
@@ -101,11 +83,11 @@ def test_ctrl_c_saves_the_current_step_and_resume_gives_the_uninterrupted_weight
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def test_a_second_ctrl_c_mid_step_names_the_last_complete_checkpoint(small, tmp_path, monkeypatch):
+def test_a_second_ctrl_c_mid_step_names_the_last_complete_checkpoint(tiny_store, tmp_path, monkeypatch):
     from emollama.train.config import load_train_config
     from emollama.train.loop import Recipe, TrainingInterrupted, train
 
-    data, store = small
+    data, store = tiny_store
     toml = tiny_toml(tmp_path / "t.toml", data, store, tmp_path / "run", steps=8, save_every=3, batch_size=2)
     real = Recipe.train_step
 

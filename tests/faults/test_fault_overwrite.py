@@ -90,72 +90,76 @@ def test_sample_rewrites_its_own_earlier_sample_but_not_a_file_edited_since(tmp_
 # ------------------------------------------------------------------------ defect 2: run folders
 
 
-@pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    """8 synthetic clips extracted with the tiny profile (one feature set is enough here)."""
-    from emollama.extract.sample import write_sample
-
-    tmp = tmp_path_factory.mktemp("overwrite")
-    data = write_sample(tmp / "data", clips=8, seed=4)
-    store = tmp / "store.zarr"
-    res = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(data), "--store", str(store),
-                              "--profile", "tiny", "--workers", "0", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    return data, store
-
-
-def train_args(small, out: Path, *extra: str, steps: int = 2, batch: int = 2, feature: str = "audio.hubert.mean"):
-    data, store = small
+def train_args(tiny_store, out: Path, *extra: str, steps: int = 2, batch: int = 2, feature: str = "audio.hubert.mean"):
+    data, store = tiny_store
     return ["train", "--data", str(data), "--store", str(store), "--out", str(out), "--profile", "tiny",
             "--steps", str(steps), "-b", str(batch), "-f", feature, "--no-progress", *extra]
 
 
 @pytest.mark.slow
-def test_train_twice_into_one_out_refuses_and_overwrite_replaces_the_run_whole(small, tmp_path):
+def test_train_twice_into_one_out_refuses_and_overwrite_replaces_the_run_whole(tiny_store, tmp_path):
     run = tmp_path / "run"
-    res = runner.invoke(app, train_args(small, run))
+    res = runner.invoke(app, train_args(tiny_store, run))
     assert res.exit_code == 0, res.output
     (run / "eval" / "merr").mkdir(parents=True)
     (run / "eval" / "merr" / "report.md").write_text("an earlier eval")
     (run / "notes.txt").write_text("mine")
     before = snapshot(run)
     # the second run into the same folder: refused, one line, nothing touched
-    res = runner.invoke(app, train_args(small, run, steps=3))
+    res = runner.invoke(app, train_args(tiny_store, run, steps=3))
     assert res.exit_code == 2 and "Traceback" not in res.output
     [err] = error_lines(res.output)
     assert "holds a run already" in err and "--resume" in err and "--overwrite" in err
     assert snapshot(run) == before
     # --overwrite: the old run goes whole (its step-2 checkpoint, events, eval report); the user's file stays
-    res = runner.invoke(app, train_args(small, run, "--overwrite", steps=3))
+    res = runner.invoke(app, train_args(tiny_store, run, "--overwrite", steps=3))
     assert res.exit_code == 0, res.output
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000003"]
     assert len(list((run / "tb").iterdir())) == 1 and not (run / "eval").exists()
     assert json.loads((run / "metrics.json").read_text())["step"] == 3
     assert (run / "notes.txt").read_text() == "mine" and not (run / ".lock").exists()
     # --resume continues it (nothing to do: the run is finished at its schedule)
-    res = runner.invoke(app, train_args(small, run, "--resume", steps=3))
+    res = runner.invoke(app, train_args(tiny_store, run, "--resume", steps=3))
     assert res.exit_code == 0, res.output
     assert "resumed from" in res.output and "at step 3" in res.output
 
 
-def test_an_out_with_other_files_or_that_is_a_file_is_refused_and_never_deleted(small, tmp_path):
+def test_an_out_with_other_files_or_that_is_a_file_is_refused_and_never_deleted(tiny_store, tmp_path):
     mine = tmp_path / "mine"
     (mine / "sub").mkdir(parents=True)
     (mine / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')   # a model folder, not a run
     (mine / "sub" / "weights.bin").write_bytes(b"\0" * 16)
     before = snapshot(mine)
     for extra in ([], ["--overwrite"], ["--resume"]):
-        res = runner.invoke(app, train_args(small, mine, *extra))
+        res = runner.invoke(app, train_args(tiny_store, mine, *extra))
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         [err] = error_lines(res.output)
         assert "not an emollama run" in err and "config.json" in err and "sub" in err
         assert snapshot(mine) == before and not (mine / ".lock").exists()
     afile = tmp_path / "out.txt"
     afile.write_text("x")
-    res = runner.invoke(app, train_args(small, afile))
+    res = runner.invoke(app, train_args(tiny_store, afile))
     assert res.exit_code == 2 and "is a file" in error_lines(res.output)[0] and afile.read_text() == "x"
-    res = runner.invoke(app, train_args(small, tmp_path / "new", "--resume", "--overwrite"))
+    res = runner.invoke(app, train_args(tiny_store, tmp_path / "new", "--resume", "--overwrite"))
     assert res.exit_code == 2 and "choose one" in error_lines(res.output)[0]
+
+
+def test_import_checkpoint_into_a_run_refuses_and_overwrite_replaces_it(tmp_path):
+    sys.path.insert(0, str(REPO / "tests" / "train"))
+    from test_released import released_state, write_released
+
+    ck = write_released(tmp_path / "Emotion_LLaMA.pth", released_state())
+    out = tmp_path / "released"
+    args = ["import-checkpoint", str(ck), "--out", str(out), "--profile", "tiny"]
+    assert runner.invoke(app, args).exit_code == 0
+    (out / "eval").mkdir()
+    before = snapshot(out)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2 and "holds a run already" in error_lines(res.output)[0]
+    assert snapshot(out) == before
+    res = runner.invoke(app, [*args, "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "eval").exists() and (out / "imported.json").is_file() and not (out / ".lock").exists()
 
 
 HOLD_THE_LOCK = """
@@ -167,12 +171,12 @@ with lock(sys.argv[1], "emollama train"):
 """
 
 
-def test_a_second_writer_gets_exit_5_and_a_stale_lock_never_blocks(small, tmp_path):
+def test_a_second_writer_gets_exit_5_and_a_stale_lock_never_blocks(tiny_store, tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        for cmd in (train_args(small, run), train_args(small, run, "--resume")):
+        for cmd in (train_args(tiny_store, run), train_args(tiny_store, run, "--resume")):
             res = runner.invoke(app, cmd)
             assert res.exit_code == 5, res.output
             [err] = error_lines(res.output)
@@ -193,9 +197,9 @@ def test_a_second_writer_gets_exit_5_and_a_stale_lock_never_blocks(small, tmp_pa
 
 
 @pytest.mark.slow
-def test_two_trainings_at_once_the_second_gets_exit_5(small, tmp_path):
+def test_two_trainings_at_once_the_second_gets_exit_5(tiny_store, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "emollama.pipeline.cli", *train_args(small, run, steps=4)],
+    first = subprocess.Popen([sys.executable, "-m", "emollama.pipeline.cli", *train_args(tiny_store, run, steps=4)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         deadline = time.time() + 120
@@ -204,7 +208,7 @@ def test_two_trainings_at_once_the_second_gets_exit_5(small, tmp_path):
                 break
             time.sleep(0.05)
         assert first.poll() is None, first.communicate()
-        res = runner.invoke(app, train_args(small, run, steps=4))
+        res = runner.invoke(app, train_args(tiny_store, run, steps=4))
         assert res.exit_code == 5, res.output
         assert f"(pid {first.pid}: emollama train, since " in error_lines(res.output)[0]
         out, err = first.communicate(timeout=300)
@@ -221,17 +225,17 @@ def test_two_trainings_at_once_the_second_gets_exit_5(small, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_refuses_other_settings_other_features_and_a_step_beyond_the_schedule(small, tmp_path):
+def test_resume_refuses_other_settings_other_features_and_a_step_beyond_the_schedule(tiny_store, tmp_path):
     run = tmp_path / "run"
-    res = runner.invoke(app, train_args(small, run, "--max-steps", "1", steps=4))
+    res = runner.invoke(app, train_args(tiny_store, run, "--max-steps", "1", steps=4))
     assert res.exit_code == 0, res.output
     before = snapshot(run)
 
-    res = runner.invoke(app, train_args(small, run, "--resume", steps=4, batch=4))
+    res = runner.invoke(app, train_args(tiny_store, run, "--resume", steps=4, batch=4))
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     [err] = error_lines(res.output)
     assert "optim.batch_size = 4 (the run has 2)" in err and "--resume" in err
-    res = runner.invoke(app, train_args(small, run, "--resume", steps=4, feature="local.vit_mae.mean"))
+    res = runner.invoke(app, train_args(tiny_store, run, "--resume", steps=4, feature="local.vit_mae.mean"))
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
     assert "data.features = ['local.vit_mae.mean'] (the run has ['audio.hubert.mean'])" in error_lines(res.output)[0]
     assert snapshot(run) == before
@@ -240,14 +244,14 @@ def test_resume_refuses_other_settings_other_features_and_a_step_beyond_the_sche
     good = json.loads(state.read_text())
     for bad, says in ((999999, "at step 999999, beyond this run's schedule of 4 steps"), ("x", "is damaged")):
         state.write_text(json.dumps({**good, "step": bad}))
-        res = runner.invoke(app, train_args(small, run, "--resume", steps=4))
+        res = runner.invoke(app, train_args(tiny_store, run, "--resume", steps=4))
         assert res.exit_code == 2 and "Traceback" not in res.output, res.output
         assert says in error_lines(res.output)[0]
     state.write_text(json.dumps({**good, "feature_keys": ["audio.other.mean-0000"]}))
-    res = runner.invoke(app, train_args(small, run, "--resume", steps=4))
+    res = runner.invoke(app, train_args(tiny_store, run, "--resume", steps=4))
     assert res.exit_code == 2 and "trained with feature sets ['audio.other.mean-0000']" in error_lines(res.output)[0]
     state.write_text(json.dumps(good))   # runtime settings may change: the device, --max-steps, ...
-    res = runner.invoke(app, train_args(small, run, "--resume", "--device", "cpu", steps=4))
+    res = runner.invoke(app, train_args(tiny_store, run, "--resume", "--device", "cpu", steps=4))
     assert res.exit_code == 0, res.output
     assert "resumed from" in res.output and json.loads((run / "metrics.json").read_text())["step"] == 4
 
