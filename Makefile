@@ -57,10 +57,15 @@ docs: venv ## Rewrite docs/config.md from the config dataclasses (a test checks 
 extract: venv ## Extract features: DATASET=merr|mer2023|dfew|folder DATA=dir STORE=path|url [PROFILE=paper]
 	$(EMOLLAMA) extract --dataset $(DATASET) --data $(DATA) --store $(STORE) --profile $(PROFILE) --workers $(WORKERS) $(ARGS)
 
+# The demo's runs are rebuilt on every `make demo` (--overwrite); a run of any other config is never
+# replaced: a second `make train STAGE1=...` stops and says how to go on (`emollama train -c ... --resume`
+# or `--overwrite`).
+demo_overwrite = $(if $(filter configs/demo-stage1.toml configs/demo-stage2.toml,$(1)),--overwrite)
+
 train: venv ## Stage two, curriculum: STAGE1 then STAGE2 from it (default: the demo configs, tiny profile)
 	@if [ "$(STAGE1)" = configs/demo-stage1.toml ] && [ ! -d demo/store.zarr ]; then $(MAKE) demo-extract; fi
-	$(EMOLLAMA) train -c $(STAGE1)
-	$(EMOLLAMA) train -c $(STAGE2)
+	$(EMOLLAMA) train -c $(STAGE1) $(call demo_overwrite,$(STAGE1))
+	$(EMOLLAMA) train -c $(STAGE2) $(call demo_overwrite,$(STAGE2))
 	@echo "NOTE: the tiny profile uses a random LM and random encoders: a test fixture, not a result."
 
 bench-store: venv ## Benchmark the feature store against npy-per-clip and HDF5 (not a test)

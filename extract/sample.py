@@ -13,13 +13,21 @@ The label shows in both picture and sound:
 
 The subtitles come from a neutral pool and do not give the label away.
 Everything is deterministic for a seed.
+
+A sample never replaces or deletes a file of the user's: it writes only into an empty or new folder,
+or over its own earlier sample, which it recognises by its marker file (``.emollama-sample.json``,
+the sha256 of every file it wrote). A folder that holds anything else is refused
+(``SampleFolderError``); with ``force`` the sample is written beside those files as long as none of
+them would be replaced. An earlier sample's file that was edited since counts as the user's.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -507,6 +515,61 @@ License: CC0 1.0 (public domain dedication); generated data, free to use for any
 """
 
 
+MARKER = ".emollama-sample.json"
+FILES = ("MERR_coarse_grained.txt", "MERR_fine_grained.txt", "MERR_coarse_grained.json", "MERR_fine_grained.json",
+         "transcription_en_all.csv", "split.csv", "README.md")
+
+
+class SampleFolderError(ValueError):
+    """The folder holds files of the user's that the sample would replace (or, without force, any)."""
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    """Every file (and symlink) under ``root``, relative, as posix paths."""
+    out = []
+    for top, dirs, files in os.walk(root):
+        rel = Path(top).relative_to(root)
+        out += [(rel / n).as_posix() for n in files]
+        out += [(rel / d).as_posix() for d in dirs if os.path.islink(os.path.join(top, d))]
+    return sorted(out)
+
+
+def _few(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def claim_folder(root: Path, planned: list[str], *, force: bool = False) -> list[str]:
+    """The files of an earlier sample in ``root`` (to be removed before the new one is written);
+    SampleFolderError when ``root`` holds anything else (with ``force``: when the sample would replace
+    any of it). ``planned``: the relative paths the new sample writes."""
+    if root.exists() and not root.is_dir():
+        raise SampleFolderError(f"{root} is a file: choose a folder for the sample")
+    if not root.is_dir():
+        return []
+    try:
+        earlier = json.loads((root / MARKER).read_text())["files"] if (root / MARKER).is_file() else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = {}
+    found = [f for f in _files(root) if f != MARKER]
+    # a file the sample wrote and nobody changed since (None: its write was interrupted)
+    ours = [f for f in found if f in earlier and (earlier[f] is None or _sha256(root / f) == earlier[f])]
+    theirs = sorted(set(found) - set(ours))
+    if theirs and not force:
+        raise SampleFolderError(f"{root} holds files that are not an emollama sample ({_few(theirs)}): choose an empty "
+                                "or new folder, or pass --force to write the sample beside them (a file of yours is "
+                                "never replaced or deleted)")
+    parents = {p.as_posix() for f in planned for p in Path(f).parents}
+    clash = [f for f in theirs if f in planned or f in parents]
+    if clash:
+        raise SampleFolderError(f"the sample would replace files in {root} that it did not write ({_few(clash)}): "
+                                "move them away or choose another folder")
+    return ours
+
+
 def write_sample(
     root: Path,
     clips: int = 24,
@@ -516,10 +579,13 @@ def write_sample(
     fps: int = 25,
     seconds: float = 2.0,
     size: tuple[int, int] = (320, 240),
+    force: bool = False,
 ) -> Path:
     """Write a synthetic labelled dataset in the MERR layout under ``root`` and return ``root``.
 
-    Deterministic for a seed. ``size`` is (width, height); both must be even (yuv420p).
+    Deterministic for a seed. ``size`` is (width, height); both must be even (yuv420p). ``root`` must
+    be new, empty or an earlier sample (``force``: or hold files the sample does not replace); else
+    SampleFolderError.
     """
     if clips < 1:
         raise ValueError(f"write_sample: clips must be >= 1, got {clips}")
@@ -529,12 +595,17 @@ def write_sample(
     if w % 2 or h % 2 or w < 64 or h < 64:
         raise ValueError(f"write_sample: size must be even and at least 64x64, got {size}")
     root = Path(root)
+    names = [f"sample_{i + 1:08d}" for i in range(clips)]
+    planned = [f"video/{n}.mp4" for n in names] + list(FILES)
+    for rel in claim_folder(root, planned, force=force):
+        (root / rel).unlink()
     (root / "video").mkdir(parents=True, exist_ok=True)
+    marker = {"seed": seed, "clips": clips, "files": dict.fromkeys(planned)}   # first: an interrupted write stays ours
+    (root / MARKER).write_text(json.dumps(marker, indent=1))
     n_frames = max(1, int(round(fps * seconds)))
     rng = np.random.default_rng(seed)
     labels = [LABELS[i % len(LABELS)] for i in range(clips)]
     labels = [labels[i] for i in rng.permutation(clips)]
-    names = [f"sample_{i + 1:08d}" for i in range(clips)]
 
     # stratified split
     split = {}
@@ -582,5 +653,7 @@ def write_sample(
     (root / "README.md").write_text(_README.format(
         seed=seed, clips=clips, seconds=seconds, w=w, h=h, fps=fps, labels=", ".join(LABELS),
         test_fraction=test_fraction))
+    marker["files"] = {rel: _sha256(root / rel) for rel in planned}
+    (root / MARKER).write_text(json.dumps(marker, indent=1))
     log.info("wrote %d synthetic clips to %s", clips, root)
     return root

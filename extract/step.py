@@ -720,9 +720,17 @@ def _encode_micro(prepared: Sequence[Prepared], m: Models, keys: dict[str, str],
         for p in good:
             _fail(writer, result, p, f"encoder error: {type(e).__name__}: {e}")
         return
+    from emollama.store.interop import non_finite
+
     t = time.perf_counter()
     for p, row in zip(good, rows):
         feats = {keys[name]: arr for name, arr in row.items() if name in keys}
+        # every array finite as it will be stored (NaN, Inf, or beyond float16's range fail the clip)
+        bad = [f"{name}: {why}" for name, arr in row.items() if name in keys
+               and (why := non_finite(arr, writer.store.spec(keys[name]).dtype))]
+        if bad:
+            _fail(writer, result, p, f"non-finite encoder output in {'; '.join(bad)}")
+            continue
         # replace: this commit's own mark supersedes the earlier copies (nothing is removed first)
         writer.add(p.job.id, feats, {**p.record, "status": "ok"}, replace=p.job.replace)
         result.ok.append(p.job.id)

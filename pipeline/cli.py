@@ -54,12 +54,21 @@ def sample(
     clips: int = typer.Option(24, "--clips", "-n", min=2, help="Number of clips."),
     seed: int = typer.Option(0, help="Random seed (same seed, same bytes)."),
     test_fraction: float = typer.Option(0.25, min=0.0, max=0.9, help="Share of clips in the test split."),
+    force: bool = typer.Option(False, "--force", help="Write into a folder that holds other files too (none of "
+                               "them is replaced or deleted)."),
 ) -> None:
     """Write a small synthetic labelled dataset in the MERR layout (real mp4 files with a face and a
-    voice-like sound, the label visible in both). The demo and the tests use it."""
-    from emollama.extract.sample import write_sample
+    voice-like sound, the label visible in both). The demo and the tests use it.
 
-    root = write_sample(folder, clips=clips, seed=seed, test_fraction=test_fraction)
+    FOLDER must be new, empty or an earlier sample (which is rewritten); a folder with other files is
+    refused (exit 2) unless --force, and a file of yours is never replaced."""
+    from emollama.extract.sample import SampleFolderError, write_sample
+
+    try:
+        root = write_sample(folder, clips=clips, seed=seed, test_fraction=test_fraction, force=force)
+    except SampleFolderError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2)
     typer.echo(f"wrote {clips} synthetic clips to {root} (MERR layout; see {root / 'README.md'})")
 
 

@@ -326,24 +326,32 @@ def export(
     dest: Path = typer.Argument(..., help="HDF5 file, or folder for npy (one folder per set when several)."),
     sets: List[str] = typer.Option(..., "--set", help="Set name or key (repeatable)."),
     fmt: str = typer.Option("hdf5", "--format", help="hdf5 | npy"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing file (npy: write into a folder that "
+                               "holds files)."),
 ) -> None:
-    """Export sets to one HDF5 file (/<key>/<clip>) or to npy folders (<clip>.npy)."""
-    from emollama.store.interop import export_hdf5, export_npy
+    """Export sets to one HDF5 file (/<key>/<clip>) or to npy folders (<clip>.npy).
 
+    An existing DEST is never replaced without --force (exit 2)."""
+    from emollama.store.interop import ExportExistsError, export_hdf5, export_npy
+
+    if fmt not in ("hdf5", "npy"):
+        typer.echo("error: --format must be hdf5 or npy", err=True)
+        raise typer.Exit(2)
     st = _open(url)
     try:
         keys = [st.resolve(s) for s in sets]
     except KeyError as e:
         typer.echo(f"error: {e.args[0]}", err=True)
         raise typer.Exit(2)
-    if fmt == "hdf5":
-        n = export_hdf5(st, keys, dest)
-    elif fmt == "npy":
-        n = 0
-        for k in keys:
-            n += export_npy(st, k, dest if len(keys) == 1 else dest / k)
-    else:
-        typer.echo("error: --format must be hdf5 or npy", err=True)
+    try:
+        with _storage_errors(f"exporting to {dest}"):
+            if fmt == "hdf5":
+                n = export_hdf5(st, keys, dest, force=force)
+            else:
+                folders = [dest if len(keys) == 1 else dest / k for k in keys]
+                n = sum(export_npy(st, k, d, force=force) for k, d in zip(keys, folders))
+    except ExportExistsError as e:
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     typer.echo(f"exported {n} arrays to {dest}")
 
@@ -354,14 +362,28 @@ def rm(
     clips: List[str] = typer.Option(..., "--clip", help="Clip id (repeatable)."),
     sets: List[str] = typer.Option([], "--set", help="Only from these sets (default: every set and the clip record)."),
 ) -> None:
-    """Remove clips' features (a rerun of extraction recomputes them)."""
+    """Remove clips' features (a rerun of extraction recomputes them).
+
+    A clip id the store does not know (in the --set sets, when given) removes nothing: exit 2, naming it."""
     st = _open(url)
     try:
-        with _storage_errors(f"removing clips from {url}"):
-            n = st.remove(clips, sets or None)
+        known = set().union(*(st.complete(k) for k in sets)) if sets else st.clips()
     except KeyError as e:
         typer.echo(f"error: {e.args[0]}", err=True)
         raise typer.Exit(2)
+    unknown = [c for c in dict.fromkeys(clips) if c not in known]
+    if unknown:
+        from difflib import get_close_matches
+
+        where = f"in {', '.join(sets)} of" if sets else "in"
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        near = get_close_matches(unknown[0], sorted(known), n=3)
+        typer.echo(f"error: no clip {', '.join(map(repr, unknown[:5]))}{more} {where} {url}: nothing removed"
+                   + (f" (did you mean {', '.join(map(repr, near))}?)" if near else f" ({len(known)} clips there)"),
+                   err=True)
+        raise typer.Exit(2)
+    with _storage_errors(f"removing clips from {url}"):
+        n = st.remove(clips, sets or None)
     typer.echo(f"removed {n} clip(s)")
 
 

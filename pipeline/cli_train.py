@@ -23,22 +23,29 @@ def import_checkpoint_cmd(
     profile: str = typer.Option("paper", "--profile", "-p", help="paper (LLaMA-2-7B-chat) | tiny (tests)."),
     llm: Optional[str] = typer.Option(None, "--llm", help="The base LM: a local folder (or hub id) of matching "
                                       "hidden size, e.g. your copy of Llama-2-7b-chat-hf."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print what was imported as JSON."),
 ) -> None:
     """Import a released Emotion-LLaMA checkpoint as a run folder that `eval`, `infer`, `params` and
     `train --init-from` accept: the LoRA adapter in PEFT's format, the five projectors in safetensors,
     a config with the emotion-llama prompt style, and the feature-set binding (at evaluation each of
     the run's four sets reads the store's set of the same modality and shape). Every key of the file
-    is used, ignored with a reason, or reported. No LM weights are loaded."""
+    is used, ignored with a reason, or reported; a tensor with NaN or Inf is refused. No LM weights are
+    loaded. --out must be new or empty (or --overwrite its run). Exit status 2 for a checkpoint or
+    folder that does not fit, 5 when another emollama process writes --out."""
     from emollama.train.checkpoint import CheckpointError
     from emollama.train.model import MissingModelError
     from emollama.train.released import import_checkpoint
+    from emollama.train.runfolder import RunFolderBusy
 
     if profile not in ("paper", "tiny"):
         typer.echo(f"error: --profile {profile!r}: choose paper or tiny", err=True)
         raise typer.Exit(2)
     try:
-        info = import_checkpoint(checkpoint, out, profile=profile, llm=llm or "")
+        info = import_checkpoint(checkpoint, out, profile=profile, llm=llm or "", overwrite=overwrite)
+    except RunFolderBusy as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(5)
     except (CheckpointError, MissingModelError, FileNotFoundError, ValueError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
@@ -82,24 +89,33 @@ def train_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N"),
     gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this step (the schedule is unchanged)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's newest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's newest checkpoint "
+                                "(with the run's own settings)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out: its checkpoints, "
+                                   "TensorBoard log, metrics and eval reports are removed first."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Show a progress bar (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
 ) -> None:
     """Stage two: train the projectors and the LoRA adapter over the feature store.
 
-    Under torchrun every process runs this same command (DDP; rank 0 writes the run folder).
+    --out must be new or empty, or hold a run that --resume continues or --overwrite replaces. Under
+    torchrun every process runs this same command (DDP; rank 0 writes the run folder). Without a
+    progress bar, a loss line goes to stderr every run.log_every steps. Ctrl-C stops after the current
+    step with a checkpoint of it (`--resume` continues exactly).
+
     Exit status: 2 a configuration error, 3 the loss diverged, 4 the run folder cannot be written
-    (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it."""
+    (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it;
+    5 another emollama process writes --out; 130 interrupted."""
     from emollama.corpora import DatasetError, parse_options
     from emollama.store import UnknownSetError
     from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
     from emollama.train.config import TrainConfigError, TrainSetupError, data_from_run, load_train_config, read_toml
-    from emollama.train.loop import TrainingDiverged, train
+    from emollama.train.loop import TrainingDiverged, TrainingInterrupted, train
     from emollama.train.model import MissingModelError
     from emollama.train.prompt import ChatTemplateError
     from emollama.train.run import RunError
+    from emollama.train.runfolder import RunFolderBusy, RunFolderError
 
     try:
         options = parse_options(option or [], labels_csv=labels_csv) or None
@@ -129,8 +145,20 @@ def train_cmd(
         from emollama.pipeline.cli import on_terminal
 
         show = on_terminal() if progress is None else progress  # bars only where someone watches
-        result = train(cfg, resume=resume, max_steps=max_steps, progress=show,
-                       echo=(lambda s: None) if as_json else typer.echo)
+        result = train(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps, progress=show,
+                       echo=(lambda s: None) if as_json else typer.echo, losses=lambda s: typer.echo(s, err=True))
+    except TrainingInterrupted as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(130)
+    except KeyboardInterrupt:   # outside the steps (loading, the final evaluation): --resume takes it from there
+        from emollama.train.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(Path(cfg.run.out))
+        typer.echo("interrupted: rerun with --resume" + (f" (it continues from {last})" if last else ""), err=True)
+        raise typer.Exit(130)
+    except RunFolderBusy as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(5)
     except TrainingDiverged as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)
@@ -138,7 +166,7 @@ def train_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(4)
     except (MissingModelError, DatasetError, CheckpointError, TrainSetupError, UnknownSetError, ChatTemplateError,
-            RunError, FileNotFoundError) as e:   # what the user can fix; anything else is a bug: its traceback
+            RunError, RunFolderError, FileNotFoundError) as e:   # what the user can fix; else a bug: its traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     except OSError as e:

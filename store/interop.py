@@ -20,13 +20,19 @@ the ``_23`` ones MER2024's). Every preset is shape ``(1024,)``, pooling ``mean``
 
 Imports keep the source precision by default (``dtype="keep"``, see :func:`storage_dtype`): float16
 and float32 files are stored as they are, bit for bit; float64 (and integer) files as float32, with
-the source dtype noted in the set's config.
+the source dtype noted in the set's config. A clip whose values are not finite as stored (NaN, Inf, or
+a value beyond float16's range in a float16 set) stops the import with ``NonFiniteError`` naming its
+file (:func:`non_finite`); the clips committed before it stay, and a rerun skips them.
+
+Exports never replace an existing file or fill a non-empty folder unless ``force`` is given; an
+HDF5 export is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
@@ -38,7 +44,8 @@ from .store import FeatureStore
 log = logging.getLogger(__name__)
 
 __all__ = ["import_npy_folder", "import_hdf5", "export_hdf5", "export_npy", "ImportResult", "RELEASED",
-           "ReleasedPreset", "released_preset", "released_spec", "import_released", "storage_dtype", "first_npy"]
+           "ReleasedPreset", "released_preset", "released_spec", "import_released", "storage_dtype", "first_npy",
+           "non_finite", "NonFiniteError", "ExportExistsError"]
 
 BATCH = 256  # clips per commit when importing
 
@@ -133,11 +140,44 @@ class ImportResult(dict):
     """{"key": set key, "imported": n, "skipped": n already complete}"""
 
 
-def _fit(spec: FeatureSpec, clip: str, x: np.ndarray) -> np.ndarray:
-    """Accept singleton leading dims around the declared shape (e.g. (1, 1024) for (1024,))."""
+class NonFiniteError(ValueError):
+    """An imported clip holds NaN or Inf (or overflows the storage dtype); the message names its file."""
+
+
+class ExportExistsError(FileExistsError):
+    """The export's destination exists (pass force to replace it)."""
+
+
+def non_finite(x: np.ndarray, dtype: str | np.dtype) -> str | None:
+    """What is not finite in ``x`` once stored as ``dtype``, in words ("3 NaN", "2 values beyond float16's
+    range (max 65504)"); None when every value is finite (and for integer data)."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        return None
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        nan = int(np.count_nonzero(np.isnan(x)))
+        return ", ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (bad - nan, "Inf")) if n) + f" of {x.size} values"
+    dt = np.dtype(dtype)
+    if np.issubdtype(dt, np.floating) and dt.itemsize < x.dtype.itemsize:
+        with np.errstate(over="ignore"):
+            over = int(x.size - np.count_nonzero(np.isfinite(x.astype(dt))))
+        if over:
+            return f"{over} value(s) beyond {dt.name}'s range (max {float(np.finfo(dt).max):g}), which become Inf"
+    return None
+
+
+def _fit(spec: FeatureSpec, clip: str, x: np.ndarray, source: str = "") -> np.ndarray:
+    """Accept singleton leading dims around the declared shape (e.g. (1, 1024) for (1024,)); refuse
+    values that are not finite as stored."""
     x = np.asarray(x)
     while x.ndim > len(spec.shape) and x.shape[0] == 1:
         x = x[0]
+    why = non_finite(x, spec.dtype)
+    if why:
+        raise NonFiniteError(f"{source or clip}: {why} (set {spec.name}, stored as {spec.dtype}); nothing of this clip "
+                             "was imported: fix or leave out the file (clips before it are kept; a rerun skips them)"
+                             + (", or import as --dtype float32" if "range" in why else ""))
     return spec.check(clip, x)
 
 
@@ -151,7 +191,11 @@ def _write_all(store: FeatureStore, spec: FeatureSpec, items: Iterator[tuple[str
         if clip in done:
             skipped += 1
             continue
-        w.add(clip, {key: _fit(spec, clip, x)}, rec)
+        try:
+            w.add(clip, {key: _fit(spec, clip, x, rec.get("imported_from", ""))}, rec)
+        except NonFiniteError:
+            w.commit()   # the clips before it are good: keep them
+            raise
         n += 1
         if w.pending >= batch:
             w.commit()
@@ -215,33 +259,50 @@ def _chunks(seq: Sequence[str], n: int) -> Iterable[Sequence[str]]:
 
 
 def export_hdf5(store: FeatureStore, keys: Sequence[str], path: str | Path, *, clip_ids: Sequence[str] | None = None,
-                batch: int = BATCH) -> int:
-    """Write ``/<set key>/<clip id>`` datasets (stored dtype) with the spec in each group's attrs.
-    Returns the number of datasets written."""
+                batch: int = BATCH, force: bool = False) -> int:
+    """Write ``/<set key>/<clip id>`` datasets (stored dtype) with the spec in each group's attrs, into a
+    temporary file renamed to ``path`` when complete. An existing ``path`` is replaced only with
+    ``force`` (ExportExistsError). Returns the number of datasets written."""
     import h5py
 
+    path = Path(path)
+    if path.is_dir():
+        raise ExportExistsError(f"{path} is a folder: name an HDF5 file to export to")
+    if path.exists() and not force:
+        raise ExportExistsError(f"{path} exists: pass --force to replace it, or name another file")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with h5py.File(Path(path), "w") as f:
-        f.attrs["emollama_store"] = store.url
-        for k in keys:
-            key = store.resolve(k)
-            spec = store.sets()[key]
-            g = f.create_group(key)
-            g.attrs["name"] = spec.name
-            g.attrs["spec"] = json.dumps(spec.to_dict(), sort_keys=True)
-            ids = sorted(store.complete(key)) if clip_ids is None else list(clip_ids)
-            for part in _chunks(ids, batch):
-                for clip, x in zip(part, store.read_many(part, key)):
-                    g.create_dataset(clip, data=x)
-                    n += 1
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["emollama_store"] = store.url
+            for k in keys:
+                key = store.resolve(k)
+                spec = store.sets()[key]
+                g = f.create_group(key)
+                g.attrs["name"] = spec.name
+                g.attrs["spec"] = json.dumps(spec.to_dict(), sort_keys=True)
+                ids = sorted(store.complete(key)) if clip_ids is None else list(clip_ids)
+                for part in _chunks(ids, batch):
+                    for clip, x in zip(part, store.read_many(part, key)):
+                        g.create_dataset(clip, data=x)
+                        n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n
 
 
 def export_npy(store: FeatureStore, key: str, folder: str | Path, *, clip_ids: Sequence[str] | None = None,
-               batch: int = BATCH) -> int:
-    """Write ``folder/<clip id>.npy`` (stored dtype) and ``folder/spec.json``. Returns the clip count."""
+               batch: int = BATCH, force: bool = False) -> int:
+    """Write ``folder/<clip id>.npy`` (stored dtype) and ``folder/spec.json``. A folder that holds files
+    already is written into only with ``force`` (ExportExistsError). Returns the clip count."""
     key = store.resolve(key)
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ExportExistsError(f"{folder} is a file: name a folder to export npy files to")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise ExportExistsError(f"{folder} is not empty: pass --force to write into it (files of the same name are "
+                                "replaced), or name a new folder")
     folder.mkdir(parents=True, exist_ok=True)
     spec = store.sets()[key]
     (folder / "spec.json").write_text(json.dumps({"key": key, **spec.to_dict()}, indent=2, sort_keys=True))

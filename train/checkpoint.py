@@ -12,8 +12,10 @@
                                        optimizer.pt, rng.pt and state.json (step, epoch, data position,
                                        scheduler, loss history)
 
-Every folder is built under a temporary name in the same parent and renamed into place, so a crash
-never leaves a half-written checkpoint; the newest ``step-*`` folder is always complete. A save that
+Weights are loaded only when every tensor is finite (``check_finite``: NaN or Inf is refused with the
+tensor's name), so no run, ``--init-from`` or ``--resume`` starts from a diverged checkpoint. Every
+folder is built under a temporary name in the same parent and renamed into place, so a crash never
+leaves a half-written checkpoint; the newest ``step-*`` folder is always complete. A save that
 cannot be written (disk full, quota, read-only) removes its temporary files and raises
 ``CheckpointWriteError`` naming the folder, the free space and the last complete checkpoint, which
 stays untouched (``emollama train`` exits 4; ``--resume`` continues from it once there is room).
@@ -164,17 +166,30 @@ def save_projectors(projectors, folder: Path, meta: Mapping[str, Any]) -> None:
     write_json(folder / PROJECTORS_JSON, dict(meta))
 
 
+def check_finite(tensors: Mapping[str, Any], source: str | Path) -> None:
+    """CheckpointError naming the first floating tensor of ``tensors`` that holds NaN or Inf."""
+    for name, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            what = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "Inf")) if n)
+            raise CheckpointError(f"{source}: tensor {name} holds {what} of {t.numel()} values; refusing to load it "
+                                  "(a diverged or damaged checkpoint: use an earlier one)")
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; CheckpointError when it is not one, or holds NaN or Inf."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a safetensors file ({e}); refusing to load it "
                               "(only safetensors checkpoints are accepted, never pickles)") from None
+    check_finite(state, path)
+    return state
 
 
 def load_torch(path: Path) -> Any:
@@ -318,16 +333,28 @@ def latest_checkpoint(run: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def read_state(folder: Path) -> dict[str, Any]:
+    """A checkpoint's state.json (step, data position, history, feature keys, ...)."""
+    try:
+        state = json.loads((Path(folder) / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{Path(folder) / 'state.json'} is unreadable: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{Path(folder) / 'state.json'} is not a JSON object")
+    return state
+
+
 def load_checkpoint(folder: Path, model, optimizer) -> dict[str, Any]:
     """Restore weights, optimizer and RNG from ``folder``; returns its state.json."""
+    state = read_state(folder)
     load_adapter(model.llm, folder)
     load_projectors(model.projectors, folder)
-    optimizer.load_state_dict(load_torch(folder / "optimizer.pt"))
+    try:
+        optimizer.load_state_dict(load_torch(folder / "optimizer.pt"))
+    except ValueError as e:   # other parameter groups or sizes
+        raise CheckpointError(f"{folder / 'optimizer.pt'} does not fit this model's parameters ({e})") from None
     rng = load_torch(folder / "rng.pt")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    try:
-        return json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{folder / 'state.json'} is unreadable: {e}") from None
+    return state

@@ -18,6 +18,12 @@ the learning rate of the step (linear warmup then cosine). A non-finite loss sto
 optimizer touches the weights; the last checkpoint on disk stays the last good one. Every checkpoint
 is saved beside the run's resolved ``config.json``.
 
+The run folder is claimed first (``Recipe.claim``, ``train.runfolder``): a new or empty folder, or a run
+that ``resume`` continues (with the same settings) or ``overwrite`` replaces; rank 0 holds its lock
+for the whole stage. Ctrl-C stops at the end of the current step with a checkpoint of it, so that
+``--resume`` continues exactly (``TrainingInterrupted``, exit status 130); a second Ctrl-C stops at
+once and the last complete checkpoint is the one to resume.
+
 Runs under ``torchrun`` as they are: each process reads WORLD_SIZE / RANK from the environment,
 joins a process group (gloo on CPU, nccl on GPU) and wraps the model in DDP; rank 0 writes.
 """
@@ -35,9 +41,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import (FULL_ERRNOS, CheckpointWriteError, latest_checkpoint, load_adapter, load_checkpoint,
-                         load_projectors, save_checkpoint, versions, write_json)
+from .checkpoint import (FULL_ERRNOS, STEP_PREFIX, CheckpointWriteError, latest_checkpoint, load_adapter,
+                         load_checkpoint, load_projectors, read_state, save_checkpoint, versions, write_json)
 from .config import TrainConfig, TrainSetupError
+from .runfolder import check_out, clear_run, lock, resume_differences
 from .data import (Batch, FeatureBatcher, PromptEncoder, StepLoader, TrainData, epoch_plan, fit_statistics,
                    resolve_labels, text_report, text_summary)
 from .evaluate import evaluate_closed_set, format_metrics
@@ -51,6 +58,15 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Ctrl-C (SIGINT) stopped training. ``step``: where ``--resume`` continues, ``checkpoint``: its folder
+    (None: nothing saved yet). The message is one line ("interrupted at step N: rerun with --resume ...")."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -76,10 +92,17 @@ def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
     return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * t))
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, max_steps: int | None = None, progress: bool = False,
-          echo: Callable[[str], None] | None = None) -> TrainResult:
-    """Run (or resume) one training stage as configured; returns the loss history and final metrics."""
-    return Recipe(cfg, echo=echo).setup(resume=resume, max_steps=max_steps, progress=progress).fit()
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, max_steps: int | None = None,
+          progress: bool = False, echo: Callable[[str], None] | None = None,
+          losses: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or resume) one training stage as configured; returns the loss history and final metrics.
+
+    ``run.out`` must be new or empty, or hold a run that ``resume`` continues or ``overwrite`` replaces
+    (``train.runfolder``). ``echo`` gets the summary lines, ``losses`` a loss line every ``run.log_every``
+    steps when there is no progress bar (default: both to the log at INFO)."""
+    recipe = Recipe(cfg, echo=echo, losses=losses)
+    with recipe.claim(resume=resume, overwrite=overwrite):
+        return recipe.setup(resume=resume, max_steps=max_steps, progress=progress).fit()
 
 
 def _dist() -> tuple[int, int, int]:
@@ -123,7 +146,8 @@ class Recipe:
     tb_before: set[str]
     ck_before: Path | None
 
-    def __init__(self, cfg: TrainConfig, *, echo: Callable[[str], None] | None = None):
+    def __init__(self, cfg: TrainConfig, *, echo: Callable[[str], None] | None = None,
+                 losses: Callable[[str], None] | None = None):
         cfg.validate()
         self.cfg = cfg
         self.world, self.rank, local_rank = _dist()
@@ -132,14 +156,44 @@ class Recipe:
         if self.ddp and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.main = self.rank == 0
-        self.say: Callable[[str], None] = (echo or log.info) if self.main else (lambda *_: None)
+        quiet = lambda *_: None  # noqa: E731
+        self.say: Callable[[str], None] = (echo or log.info) if self.main else quiet
+        self.tell: Callable[[str], None] = (losses or log.info) if self.main else quiet
         self.run = Path(cfg.run.out)
-        if self.main:
-            self.run.mkdir(parents=True, exist_ok=True)
         self.started = time.perf_counter()
         self.step, self.samples = 0, 0
         self.history: list[dict] = []
         self.evals: list[dict] = []
+        self.sigint = 0          # Ctrl-C presses seen by the handler fit installs
+        self.saving = False      # a checkpoint is being written: a second Ctrl-C waits for it
+
+    @contextlib.contextmanager
+    def claim(self, *, resume: bool = False, overwrite: bool = False) -> Iterator[None]:
+        """The run folder for this stage (``train.runfolder``): rank 0 locks it for the whole stage (a
+        second writer is told so at once), every rank checks it (all decide alike, before anyone
+        writes), then rank 0 removes the old run with ``overwrite``. A resumed run must keep the saved
+        config's settings."""
+        def check() -> str:
+            mode = check_out(self.run, resume=resume, overwrite=overwrite)
+            if mode == "resume" and (diff := resume_differences(self.run, self.cfg)):
+                raise TrainSetupError(f"--resume with settings that differ from the run's config.json: "
+                                      f"{'; '.join(diff)}. Resume with the run's settings, or start a new run "
+                                      "(another --out, or --overwrite)")
+            return mode
+
+        if not self.main:
+            check()
+            self.barrier()
+            yield
+            return
+        if self.run.exists() and not self.run.is_dir():
+            check()   # the one-line refusal, before the lock would try to make the folder
+        with lock(self.run, "emollama train"):
+            mode = check()
+            self.barrier()
+            if mode == "overwrite":
+                self.say(f"--overwrite: removed the earlier run in {self.run} ({', '.join(clear_run(self.run))})")
+            yield
 
     def setup(self, *, resume: bool = False, max_steps: int | None = None, progress: bool = False) -> "Recipe":
         self.setup_data()
@@ -231,10 +285,8 @@ class Recipe:
             if ck is None:
                 self.say(f"no checkpoint in {self.run}/checkpoints: starting from scratch")
             else:
-                state = load_checkpoint(ck, self.model, self.optimizer)
-                if state.get("feature_keys") != self.keys:
-                    raise TrainSetupError(f"{ck} was trained on feature sets {state.get('feature_keys')}, "
-                                     f"this config reads {self.keys}: resume with the same features")
+                state = self.resumable(ck, read_state(ck))
+                load_checkpoint(ck, self.model, self.optimizer)
                 self.step, self.history, self.evals = state["step"], state["history"], state.get("evals", [])
                 self.say(f"resumed from {ck} at step {self.step}")
         if not resume or self.step == 0:
@@ -244,6 +296,27 @@ class Recipe:
             write_json(self.run / "feature_sets.json", {k: {"name": s.name, "spec": s.to_dict()} for k, s in self.sets})
             write_json(self.run / "versions.json", versions())
         self.pmeta = projector_meta(self.model, cfg.data.patch_group)
+
+    def resumable(self, ck: Path, state: dict) -> dict:
+        """``state`` (checkpoint ``ck``'s state.json) when it fits this run: the same feature sets, labels
+        and global batch, a step within the schedule; else TrainSetupError saying what differs."""
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(state.get("history"), list):
+            raise TrainSetupError(f"{ck / 'state.json'} is damaged (step {step!r}): remove {ck} to resume from an "
+                                  "earlier checkpoint, or start a new run (--overwrite)")
+        if step > self.total:
+            raise TrainSetupError(f"{ck / 'state.json'} is at step {step}, beyond this run's schedule of {self.total} "
+                                  "steps: the checkpoint does not belong to this config (or is damaged); resume with "
+                                  "the run's own config, or start a new run (--overwrite)")
+        batch, spe = "global batch (batch_size x processes x grad_accum)", "steps per epoch"
+        have = {"feature sets": state.get("feature_keys"), "labels": state.get("labels"),
+                batch: state.get("global_batch", self.per_step), spe: state.get("steps_per_epoch", self.steps_per_epoch)}
+        want = {"feature sets": self.keys, "labels": self.labels, batch: self.per_step, spe: self.steps_per_epoch}
+        for what, theirs in have.items():
+            if theirs != want[what]:
+                raise TrainSetupError(f"{ck} was trained with {what} {theirs}, this run has {want[what]}: resume "
+                                      "with the run's own settings, or start a new run (another --out, or --overwrite)")
+        return state
 
     def setup_parallel(self) -> None:
         self.net = self.model
@@ -274,24 +347,31 @@ class Recipe:
         metrics: dict = {}
         disk_failed = False
         try:
-            for epoch, micro in self.batches():
-                lr = lr_at(self.step, cfg, self.total)
-                value, tokens, gnorm = self.train_step(micro, lr, epoch)
-                self.step += 1
-                self.samples += self.per_step
-                self.history.append({"step": self.step, "loss": value, "lr": lr, "tokens": tokens})
-                self.log_step(value, lr, gnorm)
-                if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.stop:
-                    if self.main:
-                        self.evals.append(self.evaluate())
-                        self.say(f"step {self.step}: held-out accuracy {self.evals[-1].get('accuracy')}")
-                    self.barrier()
-                if self.step % cfg.run.save_every == 0 and self.step < self.stop:
-                    if self.main:
-                        self.checkpoint()
-                    self.barrier()
-            metrics = self.finish(time.perf_counter() - t_loop)
-            self.barrier()
+            with self.interrupts():
+                for epoch, micro in self.batches():
+                    lr = lr_at(self.step, cfg, self.total)
+                    value, tokens, gnorm = self.train_step(micro, lr, epoch)
+                    self.step += 1
+                    self.samples += self.per_step
+                    self.history.append({"step": self.step, "loss": value, "lr": lr, "tokens": tokens})
+                    self.log_step(value, lr, gnorm)
+                    if cfg.run.eval_every and self.step % cfg.run.eval_every == 0 and self.step < self.stop:
+                        if self.main:
+                            self.evals.append(self.evaluate())
+                            self.say(f"step {self.step}: held-out accuracy {self.evals[-1].get('accuracy')}")
+                        self.barrier()
+                    if self.step % cfg.run.save_every == 0 and self.step < self.stop:
+                        if self.main:
+                            self.checkpoint()
+                        self.barrier()
+                    if self.stop_requested():
+                        if self.main and self.saved_step() != self.step:
+                            self.checkpoint()
+                        raise self.interrupted()
+                metrics = self.finish(time.perf_counter() - t_loop)
+                self.barrier()
+        except KeyboardInterrupt:   # a second Ctrl-C, mid-step: the last complete checkpoint stays the one to resume
+            raise self.interrupted() from None
         except (CheckpointWriteError, OSError) as e:
             disk_failed = isinstance(e, CheckpointWriteError) or e.errno in FULL_ERRNOS
             raise
@@ -299,6 +379,56 @@ class Recipe:
             self.close(disk_failed)
         return TrainResult(self.run, self.step, self.history, metrics, self.params, self.evals,
                            time.perf_counter() - self.started, self.samples)
+
+    @contextlib.contextmanager
+    def interrupts(self) -> Iterator[None]:
+        """Ctrl-C (SIGINT) during the loop asks it to stop after the current step (``stop_requested``),
+        where a checkpoint of that step makes ``--resume`` exact; a second one stops at once (between
+        checkpoints: the last complete one stays the place to resume), except while a checkpoint is
+        being written. Only where signals can be handled (the main thread)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            self.sigint += 1
+            if self.sigint == 1:
+                self.tell(f"Ctrl-C: stopping after step {self.step + 1} with a checkpoint (Ctrl-C again to stop at once)")
+            elif not self.saving:
+                raise KeyboardInterrupt
+
+        before = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, before)
+
+    def stop_requested(self) -> bool:
+        """Whether Ctrl-C was pressed on any process (all stop at the same step)."""
+        if not self.ddp:
+            return self.sigint > 0
+        flag = torch.tensor(float(self.sigint > 0), device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def saved_step(self) -> int | None:
+        """The step of the newest complete checkpoint on disk (None: none yet)."""
+        last = latest_checkpoint(self.run)
+        return None if last is None else int(last.name[len(STEP_PREFIX):])
+
+    def interrupted(self) -> TrainingInterrupted:
+        """The one-line TrainingInterrupted: the step ``--resume`` continues from, and its checkpoint."""
+        at, last = self.saved_step(), latest_checkpoint(self.run)
+        if last is None:
+            return TrainingInterrupted(f"interrupted at step {self.step}, before the first checkpoint: rerun with "
+                                       "--resume (it starts again from step 0)", 0, None)
+        if at == self.step:
+            return TrainingInterrupted(f"interrupted at step {at}: rerun with --resume (checkpoint {last})", at, last)
+        return TrainingInterrupted(f"interrupted at step {self.step}: rerun with --resume, which continues from the "
+                                   f"last complete checkpoint, step {at} ({last})", at, last)
 
     def batches(self) -> Iterator[tuple[int, list[Batch]]]:
         """(epoch, this rank's micro-batches) of every step from the current one up to ``stop``."""
@@ -312,7 +442,8 @@ class Recipe:
                 batch_size=None, shuffle=False, num_workers=cfg.data.workers, collate_fn=_identity,
                 # its own generator: a DataLoader draws a seed when iterated, which must not move
                 # the global RNG (dropout) differently in a resumed run
-                generator=torch.Generator().manual_seed(cfg.run.seed + epoch))
+                generator=torch.Generator().manual_seed(cfg.run.seed + epoch),
+                worker_init_fn=_ignore_sigint)   # Ctrl-C reaches the workers too: only this process stops
             it = iter(loader)
             for _ in range(len(plan) - pos):
                 if self.step >= self.stop:
@@ -372,7 +503,7 @@ class Recipe:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
         elif self.main and self.step % self.cfg.run.log_every == 0:
-            log.info("step %d/%d loss %.4f lr %.3g", self.step, self.stop, value, lr)
+            self.tell(f"step {self.step}/{self.stop} loss {value:.4f} lr {lr:.3g}")
 
     def evaluate(self) -> dict:
         """Closed-set metrics on the eval split at the current step."""
@@ -386,6 +517,16 @@ class Recipe:
 
     def checkpoint(self) -> Path:
         """A resumable checkpoint of the current step (and the exported weights beside config.json)."""
+        self.saving = True
+        try:
+            saved = self._save()
+        finally:
+            self.saving = False
+        if self.sigint > 1:   # a second Ctrl-C came while writing: stop now that the checkpoint is whole
+            raise KeyboardInterrupt
+        return saved
+
+    def _save(self) -> Path:
         at, spe = self.step, self.steps_per_epoch
         state = {"step": at, "epoch": at // spe, "position": at % spe, "steps_per_epoch": spe,
                  "total_steps": self.total, "lr": lr_at(max(at - 1, 0), self.cfg, self.total),
@@ -466,3 +607,9 @@ def _plot(history: list[dict], path: Path, title: str) -> None:
 
 def _identity(x):
     return x
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

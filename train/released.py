@@ -16,7 +16,7 @@ Emotion-LLaMA and start fresh. ``attention.*`` (a module the released code build
 ``*.rotary_emb.inv_freq`` (a buffer some transformers versions save) are ignored with that reason.
 Every other key is an error, and so is every expected key that is missing or mis-shaped: all of them
 are listed at once. Files are read with ``torch.load(weights_only=True)``: a pickle that needs code is
-refused.
+refused; a tensor that holds NaN or Inf is refused by name.
 
 Which projector a tensor feeds is decided by role (modality and part), not by name, so the mapping
 works whatever the run calls its feature sets.
@@ -31,7 +31,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .checkpoint import CheckpointError, load_torch
+from .checkpoint import CheckpointError, check_finite, load_torch
 
 # released projector name -> (modality, part) of our projector
 PROJECTORS: dict[str, tuple[str, str]] = {
@@ -83,6 +83,7 @@ def read_released(path: str | Path) -> dict[str, torch.Tensor]:
     bad = [k for k, v in state.items() if not torch.is_tensor(v)]
     if bad:
         raise ReleasedCheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
+    check_finite(state, path)
     return dict(state)
 
 
@@ -289,10 +290,13 @@ def _llm_config(profile: str, llm: str, home: Path | None):
 
 def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "paper", llm: str = "",
                       home: Path | None = None, kind: str | None = None,
-                      names: Mapping[str, str] | None = None) -> dict[str, Any]:
+                      names: Mapping[str, str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write a run folder from a released checkpoint: the PEFT adapter, the projectors (safetensors), a
     config with the ``emotion-llama`` prompt style and the feature-set binding. No LM weights are
-    loaded: the mapping is checked against a model built on the meta device from the LM's config."""
+    loaded: the mapping is checked against a model built on the meta device from the LM's config.
+
+    ``out`` must be new or empty, or hold a run that ``overwrite`` replaces (``train.runfolder``); the
+    checkpoint is read and checked first, then ``out`` is locked while it is written."""
     from peft import LoraConfig as PeftLoraConfig
     from safetensors.torch import save_file
 
@@ -300,8 +304,10 @@ def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "pape
     from .config import PAPER_LLM, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
     from .model import Projectors, projector_meta
     from .params import meta_model
+    from .runfolder import check_out, clear_run, lock
 
     path, out = Path(path), Path(out)
+    check_out(out, resume=False, overwrite=overwrite)
     state = read_released(path)
     kind = kind or guess_kind(state)
     dims = released_dims(state)
@@ -334,18 +340,22 @@ def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "pape
             linear = projectors.layers[name].linear
             linear.weight.copy_(tensors["weight"].float())
             linear.bias.copy_(tensors["bias"].float())
-    out.mkdir(parents=True, exist_ok=True)
-    adapter = out / "adapter"
-    adapter.mkdir(exist_ok=True)
-    PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
-                   target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
-                   base_model_name_or_path=llm or (PAPER_LLM if profile == "paper" else "tiny")).save_pretrained(adapter)
-    save_file({k: v.detach().float().contiguous() for k, v in mapped.lora.items()},
-              str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
-    save_projectors(projectors, out, projector_meta(meta, cfg.data.patch_group))
-    write_json(out / "config.json", cfg.to_dict())
-    write_json(out / "feature_sets.json", {k: {"name": s.name, "spec": s.to_dict(), "bind": True} for k, s in sets})
-    write_json(out / "versions.json", versions())
     info = {"source": str(path.resolve()), "kind": kind, "dims": dims, **mapped.summary()}
-    write_json(out / "imported.json", info)
+    with lock(out, "emollama import-checkpoint"):
+        if check_out(out, resume=False, overwrite=overwrite) == "overwrite":
+            clear_run(out)
+        adapter = out / "adapter"
+        adapter.mkdir(exist_ok=True)
+        PeftLoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout, bias="none",
+                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM",
+                       base_model_name_or_path=llm or (PAPER_LLM if profile == "paper" else "tiny")
+                       ).save_pretrained(adapter)
+        save_file({k: v.detach().float().contiguous() for k, v in mapped.lora.items()},
+                  str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_projectors(projectors, out, projector_meta(meta, cfg.data.patch_group))
+        write_json(out / "config.json", cfg.to_dict())
+        write_json(out / "feature_sets.json",
+                   {k: {"name": s.name, "spec": s.to_dict(), "bind": True} for k, s in sets})
+        write_json(out / "versions.json", versions())
+        write_json(out / "imported.json", info)
     return info

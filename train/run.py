@@ -5,10 +5,11 @@
 
 The model is rebuilt exactly as training built it (``train.model.build_model``: the same base LM,
 LoRA config and projector shapes), then the run's exported adapter (PEFT format) and projectors
-(safetensors, standardization statistics included) are loaded over it. ``run.prompt_encoder(labels)``
-gives the run's prompts (tokenizer, prompt style, layout) for scoring and generation. The feature specs come from
-the run's own ``feature_sets.json``, so a run loads even when its store has moved; the store is only
-needed to read features.
+(safetensors, standardization statistics included) are loaded over it; a tensor that holds NaN or Inf
+is refused with its name (``RunError``), so eval and infer never print a NaN probability from it.
+``run.prompt_encoder(labels)`` gives the run's prompts (tokenizer, prompt style, layout) for scoring
+and generation. The feature specs come from the run's own ``feature_sets.json``, so a run loads even
+when its store has moved; the store is only needed to read features.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def tiny_toml(path: Path, data: Path, store: Path, run: Path, *, steps: int, save_every: int = 2,
-              warmup_steps: int = 2, batch_size: int = 4) -> Path:
+              warmup_steps: int = 2, batch_size: int = 4, log_every: int = 10) -> Path:
     """The same audio-only tiny run as `tiny_cfg(..., data={"features": ["audio.hubert.mean"]})`, as a
     TOML file for `emollama train -c` in a subprocess."""
     path.write_text(f"""
@@ -31,6 +31,7 @@ out = "{run}"
 seed = 7
 save_every = {save_every}
 eval_every = 0
+log_every = {log_every}
 """)
     return path
 
