@@ -79,7 +79,10 @@ def ls(url: str = STORE) -> None:
 
 @store_app.command("info")
 def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="Print the same as JSON.")) -> None:
-    """Sets, clips, bytes, files and failures of a store."""
+    """Sets (with the profile that made each: paper, tiny, or imported), clips, bytes, files and
+    failures of a store."""
+    from emollama.store import profile_summary
+
     st = _open(url)
     d = st.info()
     if as_json:
@@ -88,6 +91,7 @@ def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="P
     typer.echo(f"store    {d['url']}")
     typer.echo(f"clips    {d['clips']}  (failures: {d['failures']})")
     typer.echo(f"size     {_mb(d['bytes'])} in {d['files']} files, {d['segments']} segments")
+    typer.echo(f"profile  {profile_summary({s['key']: s['profile'] for s in d['sets']}, note=True)}")
     if d["damaged_marks"]:
         typer.echo(f"damaged  {len(d['damaged_marks'])} commit mark(s) hide their clips; "
                    f"`emollama store repair {d['url']}` rebuilds them")
@@ -95,7 +99,8 @@ def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="P
             typer.echo(f"  {why}")
     for s in d["sets"]:
         shape = "x".join(str(x) for x in s["shape"])
-        typer.echo(f"  {s['key']:<40} {s['clips']:>8} clips  [{shape}] {s['dtype']}  {_mb(s['bytes'])}")
+        typer.echo(f"  {s['key']:<40} {s['clips']:>8} clips  [{shape}] {s['dtype']}  {_mb(s['bytes'])}  "
+                   f"{s['profile']}")
     for clip, reason in sorted(d["failed"].items())[:20]:
         typer.echo(f"  failed {clip}: {reason}")
     if d["failures"] > 20:
