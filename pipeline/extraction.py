@@ -35,6 +35,7 @@ from emollama.corpora import Clip, clip_has_sound, load_corpus
 
 log = logging.getLogger(__name__)
 
+
 @dataclass
 class ExtractSummary:
     store: str

@@ -235,7 +235,7 @@ def hub_offline() -> bool:
 
 
 # The download hint and the hub probe of `extract.sources` (DOWNLOAD_HINT, hub_reachable), which train
-# may not import; tests/test_offline_rule.py keeps the two equal.
+# may not import; tests/pipeline/test_profiles.py keeps the two equal.
 DOWNLOAD_HINT = "`hf download REPO --local-dir DIR`"
 PROBE_TIMEOUT_S, PROBE_TTL_S = 3.0, 60.0
 _PROBES: dict[str, tuple[float, bool]] = {}
