@@ -5,11 +5,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EMOLLAMA := $(BIN)/emollama
 
-# make extract DATASET=merr DATA=path/to/MERR STORE=stores/merr.zarr [PROFILE=paper] [WORKERS=0] [ARGS=...]
+# make extract DATASET=merr DATA=path/to/MERR STORE=stores/merr.zarr [PROFILE=paper|tiny] [WORKERS=0] [ARGS=...]
+# (the paper's encoders by default; the demo passes --profile tiny itself)
 DATASET ?= merr
 DATA ?= demo/data
 STORE ?= demo/store.zarr
-PROFILE ?= tiny
+PROFILE ?= paper
 WORKERS ?= 0
 ARGS ?=
 DEMO_CLIPS ?= 120
@@ -54,7 +55,7 @@ test-fast: venv ## The tests not marked slow
 docs: venv ## Rewrite docs/config.md from the config dataclasses (a test checks it is up to date)
 	$(BIN)/python -m emollama.pipeline.configdoc docs/config.md
 
-extract: venv ## Extract features: DATASET=merr|mer2023|dfew|folder DATA=dir STORE=path|url [PROFILE=paper]
+extract: venv ## Extract features: DATASET=merr|mer2023|dfew|folder DATA=dir STORE=path|url [PROFILE=paper (default)|tiny]
 	$(EMOLLAMA) extract --dataset $(DATASET) --data $(DATA) --store $(STORE) --profile $(PROFILE) --workers $(WORKERS) $(ARGS)
 
 # The demo's runs are rebuilt on every `make demo` (--overwrite); a run of any other config is never

@@ -26,8 +26,10 @@ the encoder is a registered class (`extract.registry`), with its weights (`Model
   of the overlap). A new encoder is one class with `@register_encoder` in its own file, plus its
   import below.
 
-Offline (HF_HUB_OFFLINE=1 or `offline=True`) a hub id missing from the local HF cache raises
-`MissingWeightsError` at once (`extract.sources`).
+`check_available` checks every entry before anything loads: offline (HF_HUB_OFFLINE=1 or
+`offline=True`), or when the hub does not answer one quick probe, a hub id missing from the local HF
+cache is missing, and one `MissingWeightsError` lists every missing entry with one download hint
+(`extract.sources`).
 
 Torch, transformers, timm and huggingface_hub are imported inside functions: `import
 extract.encoders` is cheap and sets nothing global.
@@ -55,9 +57,10 @@ from emollama.extract.paper_encoders import (EVA_CLIP_MEAN, EVA_CLIP_STD, IMAGEN
                                              HubertEncoder, MaeEncoder, VideoMaeEncoder)
 from emollama.extract.registry import (ENCODERS, INPUTS, Encoder, EncoderInfo, OutputInfo, encoder_class,
                                        register_encoder)
-from emollama.extract.sources import (MissingWeightsError, ModelSource, cached_snapshot, config_identity, file_hash,
-                                      file_sha256, folder_hash, hf_cache_dir, is_offline, missing_weights,
-                                      weights_identity, write_json_atomic)
+from emollama.extract.sources import (DOWNLOAD_HINT, MissingModel, MissingWeightsError, ModelSource, cached_snapshot,
+                                      config_identity, file_hash, file_sha256, folder_hash, hf_cache_dir, is_offline,
+                                      local_only_reason, missing_models, source_name, weights_identity,
+                                      write_json_atomic)
 
 __all__ = [
     "ModelSource", "EncoderEntry", "EncoderTable", "EncodersConfig", "OutputInfo", "MissingWeightsError",
@@ -65,7 +68,8 @@ __all__ = [
     "parse_encoders", "resolve_encoders", "weights_identity", "file_hash", "folder_hash", "file_sha256",
     "is_offline", "hf_cache_dir", "cached_snapshot", "Encoder", "register_encoder", "encoder_class",
     "HubertEncoder", "MaeEncoder", "VideoMaeEncoder", "EvaEncoder", "HfEncoder", "HfOptions",
-    "IMAGENET_MEAN", "IMAGENET_STD", "EVA_CLIP_MEAN", "EVA_CLIP_STD", "check_available", "load_encoders",
+    "IMAGENET_MEAN", "IMAGENET_STD", "EVA_CLIP_MEAN", "EVA_CLIP_STD", "check_available", "missing_encoders",
+    "MissingModel", "missing_models", "DOWNLOAD_HINT", "local_only_reason", "load_encoders",
     "load_encoder", "random_model", "random_encoder", "wrap_model", "EncoderInfo", "KnownOutputs",
     "known_outputs", "remember_outputs",
 ]
@@ -314,24 +318,45 @@ def load_encoder(view: str | EncoderEntry, source: ModelSource | None = None, *,
     return _entry(view, source).load(device=device, offline=offline, batch_size=batch_size, home=home)
 
 
-def check_available(cfg: EncodersConfig, *, offline: bool | None = None) -> None:
-    """Raise MissingWeightsError at once when offline and a source is neither a folder nor cached."""
-    if not is_offline(offline):
-        return
+def missing_encoders(cfg: EncodersConfig, reason: str | None) -> list[MissingModel]:
+    """The entries of `cfg` whose weights are not here: a path that does not exist, or, when models must
+    come from local files (`reason`, from `sources.local_only_reason`), a hub id not in the HF cache."""
+    out = []
     for entry in cfg:
         source = entry.source
-        if source.local_path() is None and cached_snapshot(source.model, source.revision) is None:
-            raise missing_weights(source, hf_cache_dir(), "not in the local HF cache and offline")
+        role = f"the {entry.name} encoder ({entry.encoder})"
+        setting = f"[extract.encoders.{entry.name}] model = DIR"
+        try:
+            local = source.local_path()
+        except FileNotFoundError:
+            out.append(MissingModel(source_name(source), role, setting, "no such folder or weights file"))
+            continue
+        except ValueError:
+            out.append(MissingModel(source_name(source), role, setting, "a file, but not a weights file"))
+            continue
+        if local is None and reason is not None and cached_snapshot(source.model, source.revision) is None:
+            out.append(MissingModel(source_name(source), role, setting))
+    return out
+
+
+def check_available(cfg: EncodersConfig, *, offline: bool | None = None) -> bool:
+    """Check every encoder's weights before anything is loaded or written: one MissingWeightsError lists
+    all the missing ones. Offline, or when the hub does not answer one quick probe, hub ids must be in the
+    HF cache. Returns True when the encoders must then load from local files only."""
+    reason = local_only_reason(offline) if any(e.source.on_hub() for e in cfg) else None
+    missing = missing_encoders(cfg, reason)
+    if missing:
+        raise missing_models(missing, reason)
+    return reason is not None
 
 
 def load_encoders(cfg: EncodersConfig, *, device: str = "auto", offline: bool | None = None,
                   batch_size: int = 32, home: Path | None = None) -> dict[str, Encoder]:
     """Every encoder of `cfg`, keyed by entry name ("audio", "local", "temporal", "global", ...).
 
-    Every source is checked before any model loads, so a missing checkpoint fails at once.
+    Every source is checked before any model loads, so missing checkpoints fail at once, all named.
     """
-    offline = is_offline(offline)
-    check_available(cfg, offline=offline)
+    offline = check_available(cfg, offline=offline) or is_offline(offline)
     return {e.name: e.load(device=device, offline=offline, batch_size=batch_size, home=home) for e in cfg}
 
 

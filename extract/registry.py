@@ -27,7 +27,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from emollama.extract.sources import MissingWeightsError, ModelSource, file_hash, is_offline, resolve_pretrained
+from emollama.extract.sources import (DOWNLOAD_HINT, MissingWeightsError, ModelSource, file_hash, is_offline,
+                                      resolve_pretrained)
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +221,11 @@ class Encoder:
                 return cls.from_pretrained(folder, name, kwargs, options, identity=identity, device=device,
                                            batch_size=batch_size, source=source)
         except OSError as e:
-            if offline or source.local_path() is not None:
+            if kwargs.get("local_files_only"):   # a local folder or cached snapshot (offline, or no hub)
                 raise MissingWeightsError(
                     f"{source.model}: the {cls.name} checkpoint in {folder} is incomplete or unreadable ({e}). "
-                    f"Re-download it (`hf download {source.model}` on a machine with internet) or point the "
-                    f"encoders config at a complete folder."
+                    f"Download it again with {DOWNLOAD_HINT} (REPO {source.model}) on a machine with internet, "
+                    f"or point the encoders config at a complete folder."
                 ) from e
             raise
 

@@ -9,7 +9,11 @@ again, and so is one hashed within RACY_NS of its mtime (it may have changed aga
 tick); a damaged cache entry is ignored and rewritten.
 
 Offline (HF_HUB_OFFLINE=1 or `offline=True`) a hub id missing from the local HF cache raises
-`MissingWeightsError` at once, naming it and how to supply it.
+`MissingWeightsError` at once, naming it and how to supply it (`DOWNLOAD_HINT`, the one spelling of
+the download command everywhere). Online, the hub is asked once with a short probe (`hub_reachable`)
+before anything is downloaded: when it does not answer, everything loads from local files only and a
+missing model fails at once, instead of after huggingface_hub's retries (about 50 s per model).
+`missing_models` lists every missing model of a job in one message.
 
 Nothing heavy is imported at module level (huggingface_hub only inside functions).
 """
@@ -32,7 +36,8 @@ from emollama.extract.models import WEIGHT_SUFFIXES, default_home
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ModelSource", "MissingWeightsError", "is_offline", "hf_cache_dir", "cached_snapshot", "file_sha256",
+    "ModelSource", "MissingWeightsError", "MissingModel", "DOWNLOAD_HINT", "is_offline", "hub_endpoint",
+    "hub_reachable", "local_only_reason", "missing_models", "hf_cache_dir", "cached_snapshot", "file_sha256",
     "file_hash", "folder_hash", "weights_identity", "config_identity", "resolve_pretrained", "read_json",
     "write_json_atomic",
 ]
@@ -73,6 +78,13 @@ class ModelSource:
                 "encoders config"
             )
         return None
+
+    def on_hub(self) -> bool:
+        """Whether `model` is a hub id (not a local folder or file, nor a path that does not exist)."""
+        try:
+            return self.local_path() is None
+        except (FileNotFoundError, ValueError):
+            return False
 
     def weights_file(self) -> Path | None:
         """The weights file if `model` names one, else None (a folder or a hub id)."""
@@ -152,14 +164,88 @@ def cached_snapshot(repo_id: str, revision: str | None = None, cache_dir: Path |
     return snap if (snap / "config.json").is_file() else None
 
 
-def missing_weights(source: ModelSource, cache_dir: Path, why: str) -> MissingWeightsError:
-    rev = f" --revision {source.revision}" if source.revision else ""
-    return MissingWeightsError(
-        f"{source.model}{'@' + source.revision if source.revision else ''}: {why} (HF cache: {cache_dir}). "
-        f"Supply it by running `hf download {source.model}{rev}` on a machine with internet and copying "
-        f"its HF cache (~/.cache/huggingface/hub, or $HF_HOME/hub) to this machine, or set a local "
-        f"folder for this encoder in the encoders config file."
-    )
+# The one download hint of every missing-model message (code and docs spell it the same way; train.model
+# keeps a copy, since train may not import extract, and a test keeps the two equal and checks that the
+# installed huggingface_hub CLI takes these arguments).
+DOWNLOAD_HINT = "`hf download REPO --local-dir DIR`"
+
+PROBE_TIMEOUT_S = 3.0     # the hub probe: one HEAD request, no retries
+PROBE_TTL_S = 60.0        # a probe's answer is reused this long (one probe per job, not one per model)
+_PROBES: dict[str, tuple[float, bool]] = {}
+
+
+def hub_endpoint() -> str:
+    """The hub the libraries download from: HF_ENDPOINT, else https://huggingface.co."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the hub answers one HEAD request within `timeout` (through huggingface_hub's own HTTP
+    client: its proxies and certificates). Any answer below 500 counts; an error, a timeout or a server
+    error does not. Answers are reused for PROBE_TTL_S per endpoint."""
+    url = hub_endpoint()
+    hit = _PROBES.get(url)
+    if hit is not None and time.monotonic() - hit[0] < PROBE_TTL_S:
+        return hit[1]
+    from huggingface_hub.utils import get_session
+
+    try:
+        ok = get_session().head(url, timeout=timeout, follow_redirects=False).status_code < 500
+    except Exception as e:  # noqa: BLE001 - any failure to get an answer means: not reachable now
+        log.info("the hub at %s cannot be reached (%s: %s)", url, type(e).__name__, e)
+        ok = False
+    _PROBES[url] = (time.monotonic(), ok)
+    return ok
+
+
+def local_only_reason(offline: bool | None = None) -> str | None:
+    """Why models must come from local files only: "offline" (HF_HUB_OFFLINE=1 or --offline), "the hub
+    at URL cannot be reached" (one probe), or None when they may be downloaded."""
+    if is_offline(offline):
+        return "offline: HF_HUB_OFFLINE=1 or --offline"
+    if not hub_reachable():
+        return f"the hub at {hub_endpoint()} cannot be reached"
+    return None
+
+
+@dataclass(frozen=True)
+class MissingModel:
+    """One model a job needs and cannot get: its hub id (or path), what it is for, where its folder is
+    set, and why it is missing."""
+
+    model: str                     # a hub id ("org/name", "@revision" appended when pinned) or a path
+    role: str = "a model"          # "the audio encoder (hubert)", "the language model"
+    setting: str = ""              # how to use a local folder instead: "[extract.encoders.audio] model = DIR"
+    why: str = "not in the local HF cache"
+
+
+def missing_models(missing: "list[MissingModel] | tuple[MissingModel, ...]", reason: str | None = None,
+                   cache_dir: Path | None = None) -> MissingWeightsError:
+    """One error naming every missing model, with one download hint (`DOWNLOAD_HINT`)."""
+    n = len(missing)
+    head = f"{n} model{'s are' if n != 1 else ' is'} missing"
+    where = [reason] if reason else []
+    where.append(f"HF cache: {cache_dir or hf_cache_dir()}")
+    lines = [f"{head} ({'; '.join(where)}):"]
+    for m in missing:
+        lines.append(f"  - {m.model}: {m.role}, {m.why}" + (f" (set its folder: {m.setting})" if m.setting else ""))
+    pinned = " (REPO@REV: add --revision REV)" if any("@" in m.model for m in missing) else ""
+    lines.append(f"Download {'each' if n != 1 else 'it'} with {DOWNLOAD_HINT}{pinned} on a machine with internet, "
+                 "copy DIR here and set it as shown; or copy that machine's HF cache (~/.cache/huggingface/hub) "
+                 "to this one's.")
+    return MissingWeightsError("\n".join(lines))
+
+
+def source_name(source: ModelSource) -> str:
+    """A source as the messages name it: the model, "@revision" appended when pinned."""
+    return f"{source.model}@{source.revision}" if source.revision else source.model
+
+
+def missing_weights(source: ModelSource, cache_dir: Path, reason: str | None,
+                    why: str = "not in the local HF cache") -> MissingWeightsError:
+    """The error for one encoder source missing here (`missing_models` with one entry)."""
+    return missing_models([MissingModel(source_name(source), "an encoder", "model = DIR in its encoders table",
+                                        why)], reason, cache_dir)
 
 
 def file_sha256(path: Path) -> str:
@@ -273,17 +359,19 @@ def weights_identity(source: ModelSource, *, offline: bool, home: Path | None = 
     """"sha256:<hex>" for a local folder (see `folder_hash`) or weights file (the file's sha256, see
     `file_hash`); "hub:<id>@<commit>" for a hub id.
 
-    A hub id's commit comes from the local HF cache when offline (MissingWeightsError at once when
-    absent) and from the hub when online (falling back to the cache if the hub cannot be reached).
+    A hub id's commit comes from the local HF cache when offline or when the hub does not answer its
+    probe (MissingWeightsError at once when absent), else from the hub (falling back to the cache if
+    the hub fails to answer this question).
     """
     local = source.local_path()
     if local is not None:
         return file_hash(local, home=home) if local.is_file() else folder_hash(local, home=home)
     cache_dir = hf_cache_dir()
     snap = cached_snapshot(source.model, source.revision, cache_dir)
-    if offline:
+    reason = local_only_reason(offline)
+    if reason is not None:
         if snap is None:
-            raise missing_weights(source, cache_dir, "not in the local HF cache and offline")
+            raise missing_weights(source, cache_dir, reason)
         return f"hub:{source.model}@{snap.name}"
     if source.revision and _SHA.match(source.revision):
         return f"hub:{source.model}@{source.revision}"
@@ -294,7 +382,7 @@ def weights_identity(source: ModelSource, *, offline: bool, home: Path | None = 
         if snap is not None:
             log.warning("hub unreachable for %s (%s): using the cached snapshot %s", source.model, e, snap.name)
             return f"hub:{source.model}@{snap.name}"
-        raise missing_weights(source, cache_dir, f"the hub could not be asked ({type(e).__name__}: {e})") from e
+        raise missing_weights(source, cache_dir, None, f"the hub could not be asked ({type(e).__name__}: {e})") from e
     return f"hub:{source.model}@{sha}"
 
 
@@ -323,24 +411,26 @@ def read_json(path: Path) -> dict | None:
 def resolve_pretrained(source: ModelSource, offline: bool, home: Path | None):
     """-> (folder with the configs, pretrained name, from_pretrained kwargs, identity).
 
-    Local folders and cached snapshots load with local_files_only; online hub ids download the json
-    files first (to pin the commit), then the weights through the library's own loader.
+    Local folders and cached snapshots load with local_files_only (offline, or when the hub does not
+    answer its probe); online hub ids download the json files first (to pin the commit), then the
+    weights through the library's own loader.
     """
     local = source.local_path()
     if local is not None:
         return local, str(local), {"local_files_only": True}, folder_hash(local, home=home)
     cache_dir = hf_cache_dir()
-    if offline:
+    reason = local_only_reason(offline)
+    if reason is not None:
         snap = cached_snapshot(source.model, source.revision, cache_dir)
         if snap is None:
-            raise missing_weights(source, cache_dir, "not in the local HF cache and offline")
+            raise missing_weights(source, cache_dir, reason)
         return snap, str(snap), {"local_files_only": True}, f"hub:{source.model}@{snap.name}"
     from huggingface_hub import snapshot_download
     try:
         snap = Path(snapshot_download(source.model, revision=source.revision, cache_dir=cache_dir,
                                       allow_patterns=["*.json"]))
     except Exception as e:
-        raise missing_weights(source, cache_dir, f"download failed ({type(e).__name__}: {e})") from e
+        raise missing_weights(source, cache_dir, None, f"download failed ({type(e).__name__}: {e})") from e
     kwargs = {"revision": snap.name, "cache_dir": str(cache_dir)}
     return snap, source.model, kwargs, f"hub:{source.model}@{snap.name}"
 

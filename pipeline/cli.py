@@ -79,7 +79,9 @@ def extract(
     data: Optional[str] = typer.Option(None, "--data", help="The corpus folder."),
     store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store: a folder or an fsspec URL."),
     profile: Optional[str] = typer.Option(None, "--profile", "-p",
-                                          help="Encoders: paper (hub ids / stand-ins) or tiny (random, local, tests only)."),
+                                          help="Encoders: paper (the default: hub ids / stand-ins, or the folders "
+                                               "of the config's encoder tables) or tiny (random, local: tests "
+                                               "and the demo only)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A TOML config file (see docs/config.md)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Local dask workers (default 0: in this process, the fastest on one machine)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
@@ -169,15 +171,7 @@ def extract(
             raise typer.Exit(2)
         raise
     if as_json:
-        typer.echo(json.dumps({"store": summary.store, "keys": summary.keys, "total": summary.total,
-                               "skipped": summary.skipped, "ok": summary.ok, "failed": summary.failed,
-                               "rejected": summary.rejected, "no_face": summary.no_face,
-                               "recomputed": summary.recomputed, "kept": summary.kept,
-                               "unchanged": summary.unchanged, "preview_failed": summary.preview_failed,
-                               "seconds": summary.seconds, "wall": summary.wall, "executor": summary.executor,
-                               "batch_clips": summary.batch_clips, "prep_workers": summary.prep_workers,
-                               "detect_on": summary.detect_on,
-                               "compact_error": summary.compact_error}, indent=2))
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
     else:
         for line in summary.lines():
             typer.echo(line)

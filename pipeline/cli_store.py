@@ -100,8 +100,10 @@ def _some(ids: list[str], n: int = 10) -> str:
 
 @store_app.command("info")
 def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="Print the same as JSON.")) -> None:
-    """Sets, clips, bytes, files and failures of a store, and the faces of its clips (no face, a weak
-    track, several shots)."""
+    """Sets (with the profile that made each: paper, tiny, or imported), clips, bytes, files and
+    failures of a store, and the faces of its clips (no face, a weak track, several shots)."""
+    from emollama.store import profile_summary
+
     st = _open(url)
     d = st.info()
     d["faces"] = face_summary(st.records())
@@ -111,6 +113,7 @@ def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="P
     typer.echo(f"store    {d['url']}")
     typer.echo(f"clips    {d['clips']}  (failures: {d['failures']})")
     typer.echo(f"size     {_mb(d['bytes'])} in {d['files']} files, {d['segments']} segments")
+    typer.echo(f"profile  {profile_summary({s['key']: s['profile'] for s in d['sets']}, note=True)}")
     if d["damaged_marks"]:
         typer.echo(f"damaged  {len(d['damaged_marks'])} commit mark(s) hide their clips; "
                    f"`emollama store repair {d['url']}` rebuilds them")
@@ -118,7 +121,8 @@ def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="P
             typer.echo(f"  {why}")
     for s in d["sets"]:
         shape = "x".join(str(x) for x in s["shape"])
-        typer.echo(f"  {s['key']:<40} {s['clips']:>8} clips  [{shape}] {s['dtype']}  {_mb(s['bytes'])}")
+        typer.echo(f"  {s['key']:<40} {s['clips']:>8} clips  [{shape}] {s['dtype']}  {_mb(s['bytes'])}  "
+                   f"{s['profile']}")
     f = d["faces"]
     if f["clips"]:
         typer.echo(f"faces    {f['clips']} clips: {len(f['no_face'])} with no face (whole frames used), "

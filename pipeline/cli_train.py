@@ -95,6 +95,8 @@ def train_cmd(
                                    "TensorBoard log, metrics and eval reports are removed first."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Show a progress bar (default: when stderr is a terminal)."),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online",
+                                           help="Never/also ask the model hub for the LM (default: HF_HUB_OFFLINE)."),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
 ) -> None:
     """Stage two: train the projectors and the LoRA adapter over the feature store.
@@ -125,7 +127,7 @@ def train_cmd(
     overrides = {
         "data": {"root": data, "dataset": dataset, "store": store, "features": list(features) if features else None,
                  "tasks": list(tasks) if tasks else None, "options": options},
-        "model": {"profile": profile, "llm": llm, "gradient_checkpointing": gradient_checkpointing},
+        "model": {"profile": profile, "llm": llm, "gradient_checkpointing": gradient_checkpointing, "offline": offline},
         "optim": {"lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum},
         "run": {"out": out, "init_from": init_from, "seed": seed, "device": device},
     }
@@ -143,7 +145,9 @@ def train_cmd(
         raise typer.Exit(2)
     try:
         from emollama.pipeline.cli import on_terminal
+        from emollama.pipeline.models import check_models
 
+        check_models(llm=cfg)   # the LM checked before the run folder exists (all missing models in one message)
         show = on_terminal() if progress is None else progress  # bars only where someone watches
         result = train(cfg, resume=resume, overwrite=overwrite, max_steps=max_steps, progress=show,
                        echo=(lambda s: None) if as_json else typer.echo, losses=lambda s: typer.echo(s, err=True))

@@ -15,7 +15,7 @@ runs (`extract.settings`): the feature-set keys follow from that, never from a h
 
     [extract]
     store = "stores/merr.zarr"    # a folder or any fsspec URL (s3://bucket/prefix)
-    profile = "paper"             # paper | tiny
+    profile = "paper"             # paper (the default) | tiny (random tiny encoders: tests and the demo)
     workers = 1
     [extract.frames]
     global_frame = "peak"         # first | middle | peak
@@ -78,7 +78,7 @@ class ExtractConfig(StepSettings):
     offline, device, batch sizes, max_pixels), the encoders, and where the job runs."""
 
     store: str = runtime("")         # a folder or an fsspec URL
-    profile: str = value("tiny", spec="encoder", choices=PROFILES)   # the paper's views: paper | tiny
+    profile: str = value("paper", spec="encoder", choices=PROFILES)  # paper (real models) | tiny (random: tests, demo)
     encoders: dict[str, EncoderTable] = value(spec="encoder", default_factory=dict)   # name -> table
     workers: int = runtime(0, min=0)             # 0 = in this process (the fastest on one machine); N: a local dask cluster
     scheduler: str | None = runtime(None)        # address of an existing dask scheduler

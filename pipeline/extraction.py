@@ -16,20 +16,21 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from emollama.extract.encoders import (EncodersConfig, KnownOutputs, check_available, file_sha256, known_outputs,
-                                       remember_outputs, resolve_encoders)
+from emollama.extract.encoders import (EncodersConfig, KnownOutputs, file_sha256, known_outputs, remember_outputs,
+                                       resolve_encoders)
 from emollama.extract.step import (ClipJob, ExtractSettings, StepSettings, build_specs, describe_encoders, resolved,
                                    run_batch, run_batches)
 from emollama.pipeline.config import Config
 from emollama.extract.prep import default_workers
 from emollama.pipeline.executors import InlineExecutor, make_executor
-from emollama.store import FeatureSpec, FeatureStore, StorageError
+from emollama.pipeline.models import check_models
+from emollama.store import FeatureSpec, FeatureStore, StorageError, profile_summary
 from emollama.corpora import Clip, clip_has_sound, load_corpus
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 class ExtractSummary:
     store: str
     keys: dict[str, str]                  # output name -> feature-set key
+    profiles: dict[str, str] = field(default_factory=dict)   # output name -> the profile that made its set
     total: int = 0                        # clips in the corpus (accepted by the adapter)
     skipped: int = 0                      # already complete
     ok: list[str] = field(default_factory=list)
@@ -61,8 +63,18 @@ class ExtractSummary:
     def exit_code(self) -> int:
         return 4 if self.compact_error else 1 if self.failed else 0
 
+    @property
+    def profile(self) -> str:
+        """The profile that made the sets, in one word when they agree (`store.profile_summary`)."""
+        return profile_summary(self.profiles)
+
+    def to_dict(self) -> dict:
+        """The summary as `--json` prints it: every field, and `profile`."""
+        return {**asdict(self), "profile": self.profile}
+
     def lines(self) -> list[str]:
         out = [f"store {self.store}  ({self.executor})",
+               f"profile: {profile_summary(self.profiles, note=True)}",
                f"clips: {self.total} in corpus, {self.skipped} already complete, {len(self.ok)} extracted, "
                f"{len(self.failed)} failed, {len(self.rejected)} rejected by the dataset adapter"]
         if self.ok:
@@ -277,6 +289,12 @@ def plan_clips(store: FeatureStore, clips: Sequence[Clip], keys: dict[str, str])
     return ClipPlan(dict(keys), todo, len(clips) - len(todo), sorted(changed), unchanged)
 
 
+def _profiles(store: FeatureStore, keys: dict[str, str]) -> dict[str, str]:
+    """Output name -> the profile recorded with its set (a set made earlier keeps the config that made it)."""
+    made = store.profiles(list(keys.values()))
+    return {name: made[key] for name, key in keys.items()}
+
+
 def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
                 clips: Sequence[Clip] | None = None, expect_keys: Sequence[str] | None = None) -> ExtractSummary:
     """Extract the corpus of `cfg` (or the given `clips`) into its store; `expect_keys`: the feature
@@ -289,7 +307,9 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
         clips, rejected = list(clips), []
     clips = clips[:limit] if limit else clips
     settings = settings_from(cfg)
-    check_available(settings.encoders, offline=settings.offline)   # fail before starting any worker
+    # every encoder checked before the store exists or any worker starts; without a hub: local files only
+    if check_models(encoders=settings.encoders, offline=settings.offline) and not settings.offline:
+        settings = replace(settings, offline=True)
     try:
         store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
     except OSError as err:
@@ -309,8 +329,8 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
         plan = plan_clips(store, clips, {name: spec.key for name, spec in guess.items()})
         if not plan.todo:
             keys = {name: store.ensure_set(spec, config=config) for name, spec in guess.items()}
-            summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected,
-                                     executor=NOTHING_TO_DO, detect_on=settings.faces.detect_on)
+            summary = ExtractSummary(store=e.store, keys=keys, profiles=_profiles(store, keys), total=len(clips),
+                                     rejected=rejected, executor=NOTHING_TO_DO, detect_on=settings.faces.detect_on)
             plan.fill(summary)
             summary.wall = time.perf_counter() - t0
             return summary
@@ -327,8 +347,8 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
                 f"{sorted(spec.key for spec in specs.values())}): the encoder weights or code changed since "
                 "those features were made. Extract with the original models, or use only clips already stored.")
         keys = {name: store.ensure_set(spec, config=config) for name, spec in specs.items()}
-        summary = ExtractSummary(store=e.store, keys=keys, total=len(clips), rejected=rejected, executor=ex.name,
-                                 detect_on=settings.faces.detect_on)
+        summary = ExtractSummary(store=e.store, keys=keys, profiles=_profiles(store, keys), total=len(clips),
+                                 rejected=rejected, executor=ex.name, detect_on=settings.faces.detect_on)
         if plan is None or plan.keys != keys:   # the cached guess was wrong (or absent): plan again
             plan = plan_clips(store, clips, keys)
         plan.fill(summary)

@@ -22,9 +22,9 @@ tracked the other way (--detect-on prep <-> encoder) for about --compare-budget-
     `load_encoders(settings.encoders, ...)`, a name it imported from `extract.encoders`, so this script
     replaces `extract.step.load_encoders` (patching `extract.encoders.load_encoders` would not reach it)
     with a function returning `extract.encoders.wrap_model(view, random_model(view, size))`, i.e.
-    `random_encoder` built directly on the GPU. The config says `offline = false` so that
-    `check_available` does not look for the paper's hub ids in the HF cache; HF_HUB_OFFLINE=1 is set
-    in the environment, so nothing can be downloaded by accident.
+    `random_encoder` built directly on the GPU. It also replaces `pipeline.extraction.check_models`,
+    which would look for the paper's hub ids in the HF cache (the random encoders need none).
+    HF_HUB_OFFLINE=1 is set in the environment, so nothing can be downloaded by accident.
 
 Part 2, training: a LLaMA-2-7B-shaped LM (train.params.LLAMA2_7B) with random weights, built on the
 GPU in bf16 (parameters are counted first on the meta device, as `emollama params` does), LoRA r64 /
@@ -279,10 +279,13 @@ def install_encoder_hook(encs: dict) -> None:
             raise RuntimeError("bench_gpu: the random encoders were freed")
         return dict(_RANDOM_ENCODERS)
 
+    import emollama.pipeline.extraction as extraction
+
     _RANDOM_ENCODERS.clear()
     _RANDOM_ENCODERS.update(encs)
     step.load_encoders = load_random_encoders
     step._MODELS.clear()
+    extraction.check_models = lambda **kw: False   # the random encoders need no weights
 
 
 def extract_config(root: Path, store: Path, args):

@@ -5,6 +5,7 @@ Layout under the root (a local directory or any fsspec URL)::
     zarr.json                   root group, attrs {"emollama": {"format": 1, "version": ...}}
     sets/zarr.json              plain group
     sets/<key>/zarr.json        one group per feature set, attrs {key, name, spec, version, config}
+                                (config: the job that made it; its [extract] profile: `profiles()`)
     sets/<key>/<segment>/       one sharded array per (set, segment): the clips of one committed batch
     _commits/<segment>.json     the completion mark of a segment, written last in one whole-object write
     _commits/.copies/<seg>.json a copy of that mark, written just before it (``repair()`` restores a
@@ -48,7 +49,25 @@ from .writer import StoreWriter
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "new_segment_id",
-           "FORMAT"]
+           "FORMAT", "IMPORTED", "TINY_NOTE", "profile_summary"]
+
+
+IMPORTED = "imported"   # the profile of a set that records no extraction config (FeatureStore.profiles)
+TINY_NOTE = "tiny: random tiny encoders, a test fixture; these features say nothing about emotion"
+
+
+def profile_summary(profiles: dict[str, str], *, note: bool = False) -> str:
+    """Several sets' profiles (`FeatureStore.profiles`) in one word when they agree ("tiny"), else each
+    profile with its number of sets ("paper (3 sets), imported (1 set)"); `note`: TINY_NOTE appended
+    in brackets when any set is tiny (the printed summaries; JSON keeps the plain word)."""
+    counts: dict[str, int] = {}
+    for p in profiles.values():
+        counts[p] = counts.get(p, 0) + 1
+    if len(counts) <= 1:
+        out = next(iter(counts), "none")
+    else:
+        out = ", ".join(f"{p} ({n} set{'s' if n > 1 else ''})" for p, n in counts.items())
+    return out + (f"  ({TINY_NOTE})" if note and "tiny" in counts else "")
 
 
 def _version() -> str:
@@ -177,6 +196,18 @@ class FeatureStore:
     def set_attrs(self, key: str) -> dict:
         """The set group's attributes (key, name, spec, version, config)."""
         return json.loads(self._b.read_bytes(f"{SETS}/{self.resolve(key)}/zarr.json"))["attributes"]
+
+    def profiles(self, keys: Sequence[str] | None = None) -> dict[str, str]:
+        """Which encoder profile made each set (`keys`, names or keys; default every set): key -> the
+        `[extract] profile` of the config stage one records with every set it makes ("paper", "tiny"),
+        or IMPORTED for a set that records no extraction config (`store import`: released features, .npy
+        folders). The one place that answers it: extraction, `store info`, training and eval all ask here."""
+        out = {}
+        for k in (self.sets() if keys is None else keys):
+            key = self.resolve(k)
+            extract = (self.set_attrs(key).get("config") or {}).get("extract")
+            out[key] = str(extract.get("profile") or "unknown") if isinstance(extract, dict) else IMPORTED
+        return out
 
     def resolve(self, name_or_key: str) -> str:
         """A set key from a key or a readable name (when exactly one set has that name)."""
@@ -372,7 +403,7 @@ class FeatureStore:
             return self._maintenance.compact(min_segments, full=full, grace_s=grace_s, keep_s=keep_s)
 
     def info(self) -> dict:
-        """Sets (key, name, clips, bytes, shape, dtype), clips, failures, bytes, files."""
+        """Sets (key, name, clips, bytes, shape, dtype, profile), clips, failures, bytes, files."""
         self.refresh()
         files = self._b.walk("")
         per_set: dict[str, int] = {}
@@ -383,10 +414,12 @@ class FeatureStore:
         failures = self.failures()
         copies = self.commits.live.copies
         sets = []
+        profiles = self.profiles()
         for key, spec in sorted(self._specs.items(), key=lambda kv: (kv[1].name, kv[0])):
             sets.append({"key": key, "name": spec.name, "modality": spec.modality, "encoder": spec.encoder,
                          "clips": len(copies.get(key, ())), "bytes": per_set.get(key, 0),
-                         "shape": ["T" if d is None else d for d in spec.shape], "dtype": spec.dtype})
+                         "shape": ["T" if d is None else d for d in spec.shape], "dtype": spec.dtype,
+                         "profile": profiles[key]})
         return {"url": self.url, "sets": sets, "clips": len(self.clips()), "failures": len(failures),
                 "failed": failures, "segments": len(self.commits.live.active), "bytes": sum(s for _, s in files),
                 "files": len(files), "damaged_marks": dict(self.commits.damaged)}

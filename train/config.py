@@ -56,6 +56,11 @@ class TrainConfigError(ConfigError):
     what = "training configuration"
 
 
+class MissingModelError(RuntimeError):
+    """A language model or tokenizer could not be loaded; the message says what and how to supply it.
+    (Here, not in train.model, so that a check that needs no torch can raise it.)"""
+
+
 class TrainSetupError(ValueError):
     """A valid configuration that does not fit what it meets: the store's sets and shapes, the splits, a
     checkpoint. One line saying what and how to fix it; the CLI prints it with exit status 2 (other

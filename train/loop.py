@@ -536,14 +536,19 @@ class Recipe:
 
     def finish(self, train_seconds: float) -> dict:
         """Rank 0: the final evaluation and checkpoint, metrics.json, the loss plot; the metrics."""
+        from emollama.store import profile_summary
+
         if not self.main:
             return {}
         cfg = self.cfg
         metrics = self.evaluate()
         self.evals.append(metrics)
         self.checkpoint()
+        made = self.store.profiles(self.keys)   # the profile that made each feature set (store.profiles)
         metrics = {**metrics, "split": cfg.data.eval_split, "step": self.step, "run": str(self.run),
-                   "profile": cfg.model.profile, "features": cfg.data.features, "tasks": cfg.data.tasks,
+                   "profile": cfg.model.profile, "feature_profile": profile_summary(made),
+                   "feature_profiles": {f: made[k] for f, k in zip(cfg.data.features, self.keys)},
+                   "features": cfg.data.features, "tasks": cfg.data.tasks,
                    "note": self.note or None, "train_seconds": round(train_seconds, 2),
                    "final_loss": self.history[-1]["loss"] if self.history else None,
                    "text": text_report(self.train_data, self.eval_data)}
@@ -554,6 +559,7 @@ class Recipe:
         for line in format_metrics(metrics, f"held-out ({cfg.data.eval_split})"):
             self.say(line)
         self.say(text_summary(metrics["text"]))
+        self.say(f"feature profile: {profile_summary(made, note=True)}")
         if self.note:
             self.say(self.note)
         return metrics

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,16 +36,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .config import PAPER_LLM, TrainConfig, TrainSetupError
+from .config import PAPER_LLM, MissingModelError, TrainConfig, TrainSetupError  # noqa: F401 (re-exported)
 from .modalities import token_rank
 from .prompt import Layout, Slot
 from .tiny import default_home, ensure_tiny_llm
 
 log = logging.getLogger(__name__)
-
-
-class MissingModelError(RuntimeError):
-    """A language model or tokenizer could not be loaded; the message says what and how to supply it."""
 
 
 @dataclass(frozen=True)
@@ -237,30 +234,59 @@ def hub_offline() -> bool:
                for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+# The download hint and the hub probe of `extract.sources` (DOWNLOAD_HINT, hub_reachable), which train
+# may not import; tests/pipeline/test_profiles.py keeps the two equal.
+DOWNLOAD_HINT = "`hf download REPO --local-dir DIR`"
+PROBE_TIMEOUT_S, PROBE_TTL_S = 3.0, 60.0
+_PROBES: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether the hub (HF_ENDPOINT, else huggingface.co) answers one HEAD request within `timeout`, through
+    huggingface_hub's HTTP client; an answer below 500 counts. Reused for PROBE_TTL_S per endpoint."""
+    url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    hit = _PROBES.get(url)
+    if hit is not None and time.monotonic() - hit[0] < PROBE_TTL_S:
+        return hit[1]
+    from huggingface_hub.utils import get_session
+
+    try:
+        ok = get_session().head(url, timeout=timeout, follow_redirects=False).status_code < 500
+    except Exception as e:  # noqa: BLE001 - any failure to get an answer means: not reachable now
+        log.info("the hub at %s cannot be reached (%s: %s)", url, type(e).__name__, e)
+        ok = False
+    _PROBES[url] = (time.monotonic(), ok)
+    return ok
+
+
 def load_llm(source: str, *, revision: str | None = None, offline: bool | None = None,
              dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) with ``from_pretrained`` from a hub id or a local folder."""
+    """(model, tokenizer) with ``from_pretrained`` from a hub id or a local folder.
+
+    A hub id loads from local files only when offline, or when the hub does not answer one quick probe
+    (``hub_reachable``): a missing model then fails at once, not after huggingface_hub's retries."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(source).expanduser()
     if offline is None:
         offline = hub_offline()
     is_dir = local.is_dir()
+    unreachable = not offline and not is_dir and not hub_reachable()
     kwargs: dict[str, Any] = {"revision": revision} if revision and not is_dir else {}
-    if offline or is_dir:
+    if offline or is_dir or unreachable:
         kwargs["local_files_only"] = True
     where = str(local) if is_dir else source
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        how = ("download it once with `huggingface-cli download " + source + "` (accept the licence on the hub "
-               "first for Llama-2), then run offline, or set model.llm to a local folder holding config.json, "
-               "the safetensors weights and the tokenizer files")
+        how = (f"download it with {DOWNLOAD_HINT} (REPO {source}; accept the licence on the hub first for "
+               "Llama-2) on a machine with internet, copy DIR here and set it as the local folder of the LM "
+               "(--llm DIR, model.llm)")
         if is_dir:
             how = "the folder must hold config.json, the weights (*.safetensors) and the tokenizer files"
-        raise MissingModelError(f"cannot load the language model {where!r}"
-                                f"{' (offline)' if offline else ''}: {e.__class__.__name__}: "
+        state = " (offline)" if offline else " (the hub cannot be reached)" if unreachable else ""
+        raise MissingModelError(f"cannot load the language model {where!r}{state}: {e.__class__.__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}\n  {how}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token

@@ -110,7 +110,7 @@ def test_missing_processor_offline_hub_and_bad_layer_are_clear_errors(home, tmp_
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     cfg = E.EncodersConfig((E.EncoderEntry("wav2vec2", "hf", E.ModelSource("facebook/wav2vec2-base"),
                                            HfOptions("waveform")),))
-    with pytest.raises(E.MissingWeightsError, match=r"facebook/wav2vec2-base.*hf download"):
+    with pytest.raises(E.MissingWeightsError, match=r"(?s)facebook/wav2vec2-base.*`hf download REPO --local-dir DIR`"):
         E.load_encoders(cfg, device="cpu", home=home)
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"x")
