@@ -10,9 +10,10 @@ files. (The dataset adapters live in ``corpora``.)
 
 from .spec import FeatureSpec
 from .errors import UnknownSetError
-from .store import FeatureStore, StorageError, StoreFullError, StoreWriter, VerifyReport
+from .store import FeatureStore, NotAStoreError, StorageError, StoreFullError, StoreWriter, VerifyReport
 
-__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "UnknownSetError",
+__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "NotAStoreError",
+           "UnknownSetError",
            "FeatureDataset"]
 
 
