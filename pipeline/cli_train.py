@@ -88,7 +88,7 @@ def train_cmd(
     Exit status: 2 a configuration error, 3 the loss diverged, 4 the run folder cannot be written
     (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it."""
     from emollama.corpora import DatasetError
-    from emollama.store import UnknownSetError
+    from emollama.store import StorageError, UnknownSetError
     from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
     from emollama.train.config import TrainConfigError, TrainSetupError, load_train_config
     from emollama.train.loop import TrainingDiverged, train
@@ -124,6 +124,9 @@ def train_cmd(
             RunError, FileNotFoundError) as e:   # what the user can fix; anything else is a bug: its traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except StorageError as e:   # one line of its own: e.g. the model cache (EMOLLAMA_HOME) is read-only
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(4)
     except OSError as e:
         if not storage_error(e, Path(cfg.run.out)):
             raise
