@@ -171,6 +171,11 @@ def parse_table(name: str, value: Any, where: str, problems: list[str]) -> Encod
         problems.append(f"{where}: expected a table with `model` (hub id, folder or weights file)")
         return None
     n = len(problems)
+    for key in ("model", "encoder"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            problems.append(f"{where}.{key} = {value[key]!r}: expected a string")
+    if len(problems) > n:
+        return None
     if not _NAME.match(name):
         problems.append(f"{where}: the name {name!r} starts its feature sets' names: use letters, digits, _ and - "
                         "(starting with a letter)")
@@ -314,14 +319,36 @@ def load_encoder(view: str | EncoderEntry, source: ModelSource | None = None, *,
     return _entry(view, source).load(device=device, offline=offline, batch_size=batch_size, home=home)
 
 
+def config_problem(folder: Path) -> str | None:
+    """What is wrong with a model folder's config.json (None: nothing, or there is none: loading says so).
+    It must be a JSON object that names its model (transformers' `model_type`, timm's `architecture`):
+    a config of `{}` would build the class's default geometry and fail on the weights' shapes."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        return f"{file} is not readable JSON ({e})"
+    if not isinstance(meta, dict) or not (meta.get("model_type") or meta.get("architecture")):
+        return f"{file} names no model (neither transformers' model_type nor timm's architecture)"
+    return None
+
+
 def check_available(cfg: EncodersConfig, *, offline: bool | None = None) -> None:
-    """Raise MissingWeightsError at once when offline and a source is neither a folder nor cached."""
-    if not is_offline(offline):
-        return
+    """Raise MissingWeightsError at once when offline and a source is neither a folder nor cached, or when
+    a local or cached model folder's config.json is not a model's config (`config_problem`)."""
+    offline = is_offline(offline)
     for entry in cfg:
         source = entry.source
-        if source.local_path() is None and cached_snapshot(source.model, source.revision) is None:
+        local = source.local_path()
+        folder = local if local is not None else cached_snapshot(source.model, source.revision)
+        if folder is None and offline:
             raise missing_weights(source, hf_cache_dir(), "not in the local HF cache and offline")
+        why = config_problem(folder) if folder is not None and folder.is_dir() else None
+        if why:
+            raise MissingWeightsError(f"{source.model}: {why}: restore the model's own config.json (download the "
+                                      "model again) or point the encoders config at a complete folder")
 
 
 def load_encoders(cfg: EncodersConfig, *, device: str = "auto", offline: bool | None = None,
