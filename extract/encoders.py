@@ -175,6 +175,11 @@ def parse_table(name: str, value: Any, where: str, problems: list[str]) -> Encod
         problems.append(f"{where}: expected a table with `model` (hub id, folder or weights file)")
         return None
     n = len(problems)
+    for key in ("model", "encoder"):
+        if value.get(key) is not None and not isinstance(value[key], str):
+            problems.append(f"{where}.{key} = {value[key]!r}: expected a string")
+    if len(problems) > n:
+        return None
     if not _NAME.match(name):
         problems.append(f"{where}: the name {name!r} starts its feature sets' names: use letters, digits, _ and - "
                         "(starting with a letter)")
@@ -318,6 +323,22 @@ def load_encoder(view: str | EncoderEntry, source: ModelSource | None = None, *,
     return _entry(view, source).load(device=device, offline=offline, batch_size=batch_size, home=home)
 
 
+def config_problem(folder: Path) -> str | None:
+    """What is wrong with a model folder's config.json (None: nothing, or there is none: loading says so).
+    It must be a JSON object that names its model (transformers' `model_type`, timm's `architecture`):
+    a config of `{}` would build the class's default geometry and fail on the weights' shapes."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        return f"{file} is not readable JSON ({e})"
+    if not isinstance(meta, dict) or not (meta.get("model_type") or meta.get("architecture")):
+        return f"{file} names no model (neither transformers' model_type nor timm's architecture)"
+    return None
+
+
 def missing_encoders(cfg: EncodersConfig, reason: str | None) -> list[MissingModel]:
     """The entries of `cfg` whose weights are not here: a path that does not exist, or, when models must
     come from local files (`reason`, from `sources.local_only_reason`), a hub id not in the HF cache."""
@@ -334,8 +355,12 @@ def missing_encoders(cfg: EncodersConfig, reason: str | None) -> list[MissingMod
         except ValueError:
             out.append(MissingModel(source_name(source), role, setting, "a file, but not a weights file"))
             continue
-        if local is None and reason is not None and cached_snapshot(source.model, source.revision) is None:
+        folder = local if local is not None else cached_snapshot(source.model, source.revision)
+        if folder is None and reason is not None:
             out.append(MissingModel(source_name(source), role, setting))
+        elif folder is not None and folder.is_dir() and (why := config_problem(folder)):
+            out.append(MissingModel(source_name(source), role, setting, f"{why}: restore the model's own "
+                                    "config.json (download the model again) or point the setting at a complete folder"))
     return out
 
 

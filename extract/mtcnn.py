@@ -161,6 +161,10 @@ def detect(mtcnn, frames: np.ndarray, batched: bool | None = None) -> tuple[list
     ``batched``: None = on every device but the CPU. On a CPU the loop is the cheaper one (one thread,
     8 frames of 640 x 360 and 1,300 candidates: the table alone takes 266 ms, the loop's crops 119 ms),
     so there facenet-pytorch's ``detect`` runs; the values are the same either way."""
+    if len(frames) and min(frames.shape[1:3]) * (12.0 / mtcnn.min_face_size) < 12:
+        # shorter than the smallest face MTCNN looks for: its image pyramid has no level (facenet-pytorch
+        # would fail with "torch.cat(): expected a non-empty list"), and no face can be found
+        return [None] * len(frames), [[None]] * len(frames)
     if batched is None:
         batched = torch.device(mtcnn.device).type != "cpu"
     if not batched:

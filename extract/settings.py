@@ -23,6 +23,9 @@ that lands nowhere), and `tests/extract/test_settings_keys.py` changes every one
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import MISSING, fields, is_dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -200,12 +203,30 @@ def problems(obj: Any, where: str) -> list[str]:
     return out
 
 
-def _coerce(value: Any, default: Any, name: str, problems: list[str]) -> tuple[bool, Any]:
-    """(ok, value) with the type of `default` (int -> float, list -> tuple, a lone item -> a 1-tuple)."""
-    if default is None or default is MISSING or value is None:
+def _plain_type(hint: Any) -> type | None:
+    """The class of a hint `X` or `X | None` when it is str, int, float or bool (else None)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = members[0] if len(members) == 1 else None
+    return hint if hint in (str, int, float, bool) else None
+
+
+def _coerce(value: Any, default: Any, name: str, problems: list[str], hint: Any = None) -> tuple[bool, Any]:
+    """(ok, value) with the type of `default` (int -> float, list -> tuple, a lone item -> a 1-tuple), or
+    of the field's type hint when the default is None or missing (`layer: int | None`). A float must be
+    finite (TOML's nan and inf are never a setting); None only stands for a default of None."""
+    if value is None:
+        if default is None or default is MISSING:
+            return True, value
+        problems.append(f"{name} = None: expected {type(default).__name__}")
+        return False, value
+    kind = type(default) if default is not None and default is not MISSING else _plain_type(hint)
+    if kind is None:
         return True, value
-    kind = type(default)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            problems.append(f"{name} = {value!r}: expected a finite number")
+            return False, value
         return True, float(value)
     if kind is tuple:
         items = list(value) if isinstance(value, (list, tuple)) else [value]
@@ -232,6 +253,7 @@ def build(cls: type, data: Mapping[str, Any] | None, where: str, problems: list[
     `parsers`: field name -> function(value, where, problems) for fields with their own format."""
     data = dict(data or {})
     known = {f.name: f for f in settings_fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, v in data.items():
         name = f"{where}.{key}"
@@ -252,7 +274,7 @@ def build(cls: type, data: Mapping[str, Any] | None, where: str, problems: list[
             continue
         default = f.default if f.default is not MISSING else (
             f.default_factory() if f.default_factory is not MISSING else MISSING)  # type: ignore[misc]
-        good, v = _coerce(v, default, name, problems)
+        good, v = _coerce(v, default, name, problems, hints.get(key))
         if good:
             kwargs[key] = v
     required = [f.name for f in known.values() if f.default is MISSING and f.default_factory is MISSING]

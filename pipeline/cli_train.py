@@ -110,7 +110,7 @@ def train_cmd(
     (disk full, read-only): the last complete checkpoint is kept and `--resume` continues from it;
     5 another emollama process writes --out; 130 interrupted."""
     from emollama.corpora import DatasetError, parse_options
-    from emollama.store import UnknownSetError
+    from emollama.store import StorageError, UnknownSetError
     from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
     from emollama.train.config import TrainConfigError, TrainSetupError, data_from_run, load_train_config, read_toml
     from emollama.train.loop import TrainingDiverged, TrainingInterrupted, train
@@ -173,6 +173,9 @@ def train_cmd(
             RunError, RunFolderError, FileNotFoundError) as e:   # what the user can fix; else a bug: its traceback
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except StorageError as e:   # one line of its own: e.g. the model cache (EMOLLAMA_HOME) is read-only
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(4)
     except OSError as e:
         if not storage_error(e, Path(cfg.run.out)):
             raise

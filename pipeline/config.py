@@ -116,6 +116,9 @@ def _unflatten(extract: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_extract(extract: Mapping[str, Any], problems: list[str]) -> ExtractConfig:
     """[extract] from a mapping (a TOML table, or a config recorded by any version); problems listed."""
+    if not isinstance(extract, Mapping):
+        problems.append(f"[extract] = {extract!r}: expected a table of settings ([extract] with key = value lines)")
+        return ExtractConfig()
     built = build(ExtractConfig, _unflatten(extract), "extract", problems, parsers={"encoders": parse_encoders})
     return built if built is not None else ExtractConfig()
 
@@ -144,8 +147,8 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> Config:
     """Read a TOML file (if any), apply overrides ({section: {key: value}}, None = keep), validate."""
-    data = read_toml(path, overrides)
     problems: list[str] = []
+    data = read_toml(path, overrides, problems=problems)
     for section in data:
         if section not in ("dataset", "extract"):
             problems.append(f"[{section}]: unknown section (known: dataset, extract)")

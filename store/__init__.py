@@ -10,11 +10,11 @@ files. (The dataset adapters live in ``corpora``.)
 
 from .spec import FeatureSpec
 from .errors import UnknownSetError
-from .store import (IMPORTED, TINY_NOTE, FeatureStore, StorageError, StoreFullError, StoreWriter, VerifyReport,
-                    profile_summary)
+from .store import (IMPORTED, TINY_NOTE, FeatureStore, NotAStoreError, StorageError, StoreFullError, StoreWriter,
+                    VerifyReport, profile_summary)
 
-__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "UnknownSetError",
-           "FeatureDataset", "IMPORTED", "TINY_NOTE", "profile_summary"]
+__all__ = ["FeatureSpec", "FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError",
+           "NotAStoreError", "UnknownSetError", "FeatureDataset", "IMPORTED", "TINY_NOTE", "profile_summary"]
 
 
 def __getattr__(name: str):  # torch is imported only when the Dataset is asked for

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ._backend import Backend, open_backend
+from ._backend import Backend, LocalBackend, open_backend
 from .errors import StorageError, StoreFullError, UnknownSetError, storage_error
 from .maintenance import GRACE_S, Maintenance, VerifyReport, warn_damaged
 from .marks import COMMITS, FORMAT, ClipCopy, CommitLog, dumps, mark_header, new_segment_id
@@ -48,7 +48,8 @@ from .writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "new_segment_id",
+__all__ = ["FeatureStore", "StoreWriter", "VerifyReport", "StorageError", "StoreFullError", "NotAStoreError",
+           "new_segment_id",
            "FORMAT", "IMPORTED", "TINY_NOTE", "profile_summary"]
 
 
@@ -79,6 +80,21 @@ def _version() -> str:
         return "0+unknown"
 
 
+class NotAStoreError(FileNotFoundError, ValueError):
+    """The path holds something that is not an emollama feature store (a file, another Zarr group): it is
+    refused as it is, nothing is written into it. A FileNotFoundError (no store there) and a ValueError."""
+
+
+def _store_format(raw: bytes) -> int | None:
+    """The emollama store format a root zarr.json declares, None when it declares none (or is no JSON)."""
+    try:
+        meta = json.loads(raw)
+        fmt = meta["attributes"]["emollama"]["format"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return fmt if isinstance(fmt, int) and not isinstance(fmt, bool) else None
+
+
 class FeatureStore:
     """A Zarr v3 feature store; open it with :meth:`FeatureStore.open`.
 
@@ -104,13 +120,17 @@ class FeatureStore:
     ) -> "FeatureStore":
         """Open (and by default create) a store at a local path or fsspec URL (``s3://bucket/prefix``)."""
         b = open_backend(url, storage_options)
+        if isinstance(b, LocalBackend) and b.root.exists() and not b.root.is_dir():
+            raise NotAStoreError(f"{b.url} is a file, not a feature store (a store is a folder): pass the folder "
+                                 "that `emollama extract` wrote, or a new path for a new store")
         try:
             raw = b.read_bytes("zarr.json")
         except (FileNotFoundError, OSError, KeyError):
             raw = None
         if raw is None:
             if not create:
-                raise FileNotFoundError(f"no feature store at {b.url} (open it with create=True to make one)")
+                raise FileNotFoundError(f"no feature store at {b.url}: pass the folder (or URL) that "
+                                        "`emollama extract` wrote")
             if not b.is_empty():
                 raise FileExistsError(
                     f"{b.url} exists, is not empty and is not an emollama feature store (no zarr.json); "
@@ -122,10 +142,11 @@ class FeatureStore:
             b.write_atomic(f"{SETS}/zarr.json", dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}),
                            exclusive=True)
         else:
-            meta = json.loads(raw)
-            fmt = (meta.get("attributes") or {}).get("emollama", {}).get("format")
+            fmt = _store_format(raw)
             if fmt is None:
-                raise ValueError(f"{b.url} is a Zarr group but not an emollama feature store (no attrs.emollama)")
+                raise NotAStoreError(f"{b.url} is a Zarr group but not an emollama feature store (its zarr.json has "
+                                     "no attributes.emollama, or is not JSON): nothing was written into it; pick an empty or new "
+                                     "location for a store")
             if fmt > FORMAT:
                 raise ValueError(
                     f"{b.url} has store format {fmt}, this emollama reads format <= {FORMAT}: upgrade emollama"

@@ -198,9 +198,26 @@ def load_torch(path: Path) -> Any:
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError) as e:
+    except (pickle.UnpicklingError, AttributeError, TypeError) as e:   # weights_only refused what it holds
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        why = ([ln for ln in lines if "GLOBAL" in ln] or lines or [type(e).__name__])[0]
         raise CheckpointError(f"{path} holds something other than tensors and plain data; refusing to load it "
-                              f"(weights_only=True): {str(e).splitlines()[0]}") from None
+                              f"(weights_only=True): {why}") from None
+    except (RuntimeError, EOFError, OSError) as e:   # a zip without its directory, a record past the end
+        raise damaged_file(path, e) from None
+
+
+def damaged_file(path: Path, e: BaseException) -> CheckpointError:
+    """One line for a checkpoint file torch cannot read: truncated (an interrupted copy or download) or
+    corrupt; its size and torch's first sentence."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    why = lines[0].split(". ")[0] if lines else type(e).__name__
+    try:
+        size = f"{path.stat().st_size:,} bytes"
+    except OSError:
+        size = "size unknown"
+    return CheckpointError(f"{path} is truncated or corrupt ({size}; torch cannot read it: {why}): copy or "
+                           "download it again")
 
 
 def _role_names(projectors, folder: Path) -> dict[str, str]:

@@ -22,8 +22,10 @@ The resolved config (every default filled in) is saved as ``config.json`` in the
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import tomllib
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -181,6 +183,9 @@ class OptimConfig:
             out.append("optim.min_lr must be within [0, lr]")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append("optim.betas must be two numbers in [0, 1)")
+        for name in ("weight_decay", "clip_norm"):
+            if getattr(self, name) < 0:
+                out.append(f"optim.{name} must be 0 or more")
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
                 out.append(f"optim.{name} must be at least 1")
@@ -263,27 +268,74 @@ _CLASSES = {"data": DataConfig, "model": ModelConfig, "lora": LoraConfig, "optim
             "init": InitConfig}
 
 
-def build_section(cls, data: Mapping[str, Any], where: str, problems: list[str]):
-    """Dataclass `cls` from a mapping; unknown keys and wrong types are added to `problems`."""
+def check_value(value: Any, hint: Any, name: str, problems: list[str]) -> tuple[bool, Any]:
+    """(ok, value) for one setting against its type hint (str, int, float, bool, list[X], dict[K, V],
+    X | None, Any): int becomes float, a tuple a list; a float must be finite (TOML's nan and inf are
+    never a setting); each item of a list is checked with its index. A problem is added when not ok."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True, value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return True, None
+        kinds = [a for a in args if a is not type(None)]
+        for kind in kinds:
+            ok, v = check_value(value, kind, name, scratch := [])
+            if ok:
+                return True, v
+        problems.append(scratch[0] if len(kinds) == 1 else
+                        f"{name} = {value!r}: expected {' or '.join(map(_type_name, kinds))}")
+        return False, value
+    if origin is list or hint is list:
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{name} = {value!r}: expected a list")
+            return False, value
+        items = []
+        for i, x in enumerate(value):
+            ok, x = check_value(x, args[0] if args else Any, f"{name}[{i}]", problems)
+            if not ok:
+                return False, value
+            items.append(x)
+        return True, items
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            problems.append(f"{name} = {value!r}: expected a table (dict)")
+            return False, value
+        return True, dict(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            problems.append(f"{name} = {value!r}: expected float")
+            return False, value
+        if not math.isfinite(value):
+            problems.append(f"{name} = {value!r}: expected a finite number")
+            return False, value
+        return True, float(value)
+    if isinstance(hint, type) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        problems.append(f"{name} = {value!r}: expected {hint.__name__}")
+        return False, value
+    return True, value
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint)
+
+
+def build_section(cls, data: Any, where: str, problems: list[str]):
+    """Dataclass `cls` from a mapping; unknown keys and values of the wrong type (checked against the
+    fields' type hints, `check_value`) are added to `problems` and left at their defaults."""
+    if not isinstance(data, Mapping):
+        problems.append(f"[{where}] = {data!r}: expected a table of settings ([{where}] with key = value lines)")
+        return cls()
     known = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in known:
             problems.append(f"{where}.{key}: unknown setting (known: {', '.join(known)})")
             continue
-        f = known[key]
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        if default is not None and value is not None:
-            kind = type(default)
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            elif kind is list and isinstance(value, tuple):
-                value = list(value)
-            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                problems.append(f"{where}.{key} = {value!r}: expected {kind.__name__}")
-                continue
-        kwargs[key] = value
+        ok, value = check_value(value, hints[key], f"{where}.{key}", problems)
+        if ok:
+            kwargs[key] = value
     return cls(**kwargs)
 
 
@@ -292,14 +344,15 @@ def from_dict(data: Mapping[str, Mapping[str, Any]], problems: list[str] | None 
     for section in data:
         if section not in _CLASSES:
             problems.append(f"[{section}]: unknown section (known: {', '.join(_CLASSES)})")
-    parts = {name: build_section(cls, data.get(name, {}) or {}, name, problems) for name, cls in _CLASSES.items()}
+    parts = {name: build_section(cls, data.get(name, {}), name, problems) for name, cls in _CLASSES.items()}
     return TrainConfig(**parts)
 
 
 def read_toml(path: str | Path | None, overrides: Mapping[str, Mapping[str, Any]] | None,
-              error: type[ConfigError] = ConfigError) -> dict[str, dict[str, Any]]:
+              error: type[ConfigError] = ConfigError, problems: list[str] | None = None) -> dict[str, dict[str, Any]]:
     """A TOML file's sections (if a path is given) with overrides applied ({section: {key: value}};
-    None values keep the file's)."""
+    None values keep the file's). A section that is not a table (`data = 5`) goes into `problems` (raised
+    at once when none is given) and only the overrides fill it."""
     data: dict[str, dict[str, Any]] = {}
     if path is not None:
         p = Path(path)
@@ -309,6 +362,13 @@ def read_toml(path: str | Path | None, overrides: Mapping[str, Mapping[str, Any]
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise error([f"{p}: not valid TOML: {e}"]) from None
+    bad = [f"{section} = {v!r}: expected a table of settings ([{section}] with key = value lines)"
+           for section, v in data.items() if not isinstance(v, Mapping)]
+    if bad and problems is None:
+        raise error(bad)
+    if bad:
+        problems += bad
+        data = {section: v for section, v in data.items() if isinstance(v, Mapping)}
     for section, values in (overrides or {}).items():
         for key, value in (values or {}).items():
             if value is not None:
@@ -337,7 +397,7 @@ def load_train_config(path: str | Path | None = None,
     """Read a TOML file (if any) over ``defaults``, apply overrides ({section: {key: value}}, None = keep),
     validate."""
     problems: list[str] = []
-    data = read_toml(path, overrides, TrainConfigError)
+    data = read_toml(path, overrides, TrainConfigError, problems)
     for section, values in (defaults or {}).items():
         for key, value in values.items():
             data.setdefault(section, {}).setdefault(key, value)
