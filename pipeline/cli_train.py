@@ -133,7 +133,7 @@ def train_cmd(
     }
     try:
         # the data of the run this one continues (--resume) or starts from (--init-from), where not given
-        given = read_toml(config, overrides, TrainConfigError)
+        given = read_toml(config, overrides, TrainConfigError, [])   # a peek: load_train_config lists problems
         lender = given.get("run", {}).get("out" if resume else "init_from")
         lent = data_from_run(lender) if lender else {}
         mine = given.get("data", {})
