@@ -54,9 +54,12 @@ def register(app: typer.Typer) -> None:
 
 def _fail(e: Exception, code: int = 2) -> None:
     from emollama.pipeline.features import EvalStorageError
+    from emollama.train.runfolder import RunFolderBusy
 
     if isinstance(e, EvalStorageError):
         code = 4          # a storage error: the eval store cannot be written
+    elif isinstance(e, RunFolderBusy):
+        code = 5          # another eval writes the same report folder
     typer.echo(f"error: {e}", err=True)
     raise typer.Exit(code)
 
@@ -70,9 +73,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from emollama.train.model import MissingModelError
     from emollama.train.prompt import ChatTemplateError
     from emollama.train.run import RunError
+    from emollama.train.runfolder import RunFolderError
 
-    return (EvalError, RunError, DatasetError, CheckpointError, MissingModelError, JudgeError, ChatTemplateError,
-            FileNotFoundError, KeyError)
+    return (EvalError, RunError, RunFolderError, DatasetError, CheckpointError, MissingModelError, JudgeError,
+            ChatTemplateError, FileNotFoundError, KeyError)
 
 
 CACHE_HELP = ("Where clips missing from the training store are extracted (default: <run>/eval-store.zarr). "
@@ -130,6 +134,8 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     llm: Optional[str] = typer.Option(None, "--llm", help="The base LM (a local folder or hub id) instead of the "
                                       "run's: e.g. your copy of Llama-2-7b-chat-hf for an imported run."),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub "
+                                           "(default: HF_HUB_OFFLINE decides)."),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="EMER judge: OpenAI-compatible base URL "
                                             "(env EMOLLAMA_JUDGE_URL)."),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="EMER judge model (env EMOLLAMA_JUDGE_MODEL)."),
@@ -171,24 +177,31 @@ def eval_cmd(
                        batch_size=batch_size, workers=workers, extract=extract, generate=generate,
                        out=str(out) if out else None, overwrite=overwrite, device=device,
                        progress=_progress(progress), judge_url=judge_url, judge_model=judge_model, layout=layout,
-                       features=list(feature or []), cache_store=cache_store, missing_audio=missing_audio)
+                       features=list(feature or []), cache_store=cache_store, missing_audio=missing_audio,
+                       offline=offline)
     say = (lambda s: None) if as_json else typer.echo
     try:
-        res = evaluate(opts, say=say, run=_load_run(run, device, llm))
+        res = evaluate(opts, say=say, run=_load_run(run, device, llm, offline))
     except _user_errors() as e:
         _fail(e)
     if as_json:
         typer.echo(json.dumps(res, indent=2, default=str))
 
 
-def _load_run(run: Path, device: str, llm: Optional[str]):
-    """The run folder loaded quietly (no library loading bars), with ``llm`` instead of its LM if given."""
+def _load_run(run: Path, device: str, llm: Optional[str], offline: Optional[bool]):
+    """The run folder loaded quietly (no library loading bars), with ``llm`` instead of its LM if given;
+    its LM checked first (one message lists what is missing, before anything is created)."""
     from emollama.pipeline.inference import quiet_loading
-    from emollama.train.run import load_run
+    from emollama.pipeline.models import check_run_models
+    from emollama.train.run import load_run, read_run
 
     try:
+        cfg, _, _ = read_run(Path(run))
+        if llm:
+            cfg.model.llm = llm
+        check_run_models(cfg, offline=offline)
         with quiet_loading():
-            return load_run(run, device=device, llm=llm)
+            return load_run(run, device=device, llm=llm, offline=offline)
     except _user_errors() as e:
         _fail(e)
 
@@ -210,6 +223,8 @@ def infer_cmd(
     workers: int = typer.Option(0, "--workers", "-w", help="Extraction: 0 = in this process."),
     device: str = typer.Option("auto", "--device"),
     llm: Optional[str] = typer.Option(None, "--llm", help="The base LM (a local folder or hub id) instead of the run's."),
+    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub "
+                                           "(default: HF_HUB_OFFLINE decides)."),
     layout: str = typer.Option("trained", "--layout", help="trained | public-eval (see `emollama eval --help`)."),
     feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET for an imported run (repeat)."),
     preview: Optional[Path] = typer.Option(None, "--preview", help="Write each clip's contact sheet (face crops, "
@@ -233,7 +248,7 @@ def infer_cmd(
     if out is not None and out.suffix.lower() not in (".csv", ".jsonl"):
         _fail(ValueError(f"--out {out}: write a .csv or a .jsonl file"))
     say = (lambda s: None) if as_json else (lambda s: typer.echo(s, err=True))
-    loaded = _load_run(run, device, llm)
+    loaded = _load_run(run, device, llm, offline)
     try:
         from emollama.pipeline.features import run_stores
 
@@ -243,7 +258,7 @@ def infer_cmd(
                                     labels=[x for x in labels.split(",") if x.strip()] if labels else None,
                                     reason=reason, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     workers=workers, progress=_progress(progress), preview=preview,
-                                    missing_audio=missing_audio)
+                                    missing_audio=missing_audio, offline=offline)
         if out is not None:
             written = write_predictions(results, out, predictor.run.labels if not labels else
                                         [x.strip().lower() for x in labels.split(",") if x.strip()])

@@ -20,6 +20,7 @@ holds a report of another scope is refused unless ``overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ import numpy as np
 from emollama.corpora import ADAPTERS, Clip, Corpus, EmerOptions, get_adapter, load_corpus, read_emer
 from emollama.pipeline.features import (EvalError, EvalStorageError, EvalStores, ExtractReport, extract_missing,
                                         feature_batcher, features_profile, run_stores)
+from emollama.train.runfolder import lock
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class EvalOptions:
     features: list[str] = field(default_factory=list)   # ROLE=SET bindings for imported runs
     cache_store: str | None = None           # the eval store for clips missing from the training store
     missing_audio: str | None = None         # a clip without sound: fail | silence | auto (default: as recorded)
+    offline: bool | None = None              # models from local files only (None: HF_HUB_OFFLINE decides)
 
 
 def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
@@ -197,15 +200,25 @@ def claim_report_dir(out: Path, scope: Mapping[str, Any], overwrite: bool) -> No
                     "or --overwrite to replace it")
 
 
+@contextlib.contextmanager
+def report_lock(out: Path, scope: Mapping[str, Any], overwrite: bool):
+    """The report folder ``out``, locked (``train.runfolder.lock``: a second eval into it gets exit 5) and
+    claimed for ``scope`` (``claim_report_dir``) while the block writes it; left empty, it is removed."""
+    fresh = not out.exists()
+    try:
+        with lock(out, "emollama eval"):
+            claim_report_dir(out, scope, overwrite)
+            yield out
+    finally:
+        if fresh:
+            with contextlib.suppress(OSError):
+                out.rmdir()      # only when empty: the eval wrote nothing
+
+
 def evaluate_corpus(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, *,
                     say: Callable[[str], None] = log.info) -> dict:
-    """One evaluation (one dataset, split and fold); writes the report and returns the result."""
-    from emollama.train.evaluate import score_labels
-    from emollama.train.generate import generate
-    from emollama.train.report import write_report
-    from emollama.train.tiny import TINY_WARNING
-    from emollama.train.scoring import classification_metrics, parse_label, public_label
-
+    """One evaluation (one dataset, split and fold); writes the report (its folder locked meanwhile:
+    a second eval into it gets ``RunFolderBusy``) and returns the result."""
     t0 = time.perf_counter()
     default = default_split(corpus)
     split = opts.split or default
@@ -226,15 +239,26 @@ def evaluate_corpus(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
         say(f"clips labelled {outside} are outside --labels and are not evaluated")
         clips = [c for c in clips if c.label in targets]
     label_map = parse_label_map(opts.label_map, targets)
-    cands = candidates(targets, label_map)
     out = report_dir(run, opts, report_name(opts, corpus.name, split, default))
     scope = scope_of(opts, split, targets, label_map)
-    claim_report_dir(out, scope, opts.overwrite)
+    with report_lock(out, scope, opts.overwrite):
+        return _evaluate_clips(run, stores, corpus, opts, clips, split, targets, label_map, out, scope, say, t0)
+
+
+def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, clips: list[Clip], split: str,
+                    targets: list[str], label_map: dict[str, str], out: Path, scope: dict, say, t0: float) -> dict:
+    from emollama.train.evaluate import score_labels
+    from emollama.train.generate import generate
+    from emollama.train.report import write_report
+    from emollama.train.tiny import TINY_WARNING
+    from emollama.train.scoring import classification_metrics, parse_label, public_label
+
+    cands = candidates(targets, label_map)
     rep = ExtractReport(reused=len(clips))
     if opts.extract:
         rep = extract_missing(stores, run.feature_keys, clips, run=run, workers=opts.workers, progress=opts.progress,
                               dataset=corpus.name if corpus.name in ADAPTERS else "folder",
-                              root=corpus.root, missing_audio=opts.missing_audio, say=say)
+                              root=corpus.root, missing_audio=opts.missing_audio, offline=opts.offline, say=say)
         if rep.extracted:
             say(f"extracted {len(rep.extracted)} clip(s) missing from the training store into the eval store "
                 f"{rep.cache} ({rep.seconds:.1f} s)")
@@ -348,11 +372,10 @@ def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=No
     note = TINY_WARNING if run.tiny else None
     out = report_dir(run, opts, report_name(replace(opts, fold=None), adapter.name, opts.split or "test", "test"))
     scope = scope_of(replace(opts, fold=None), opts.split, None, None)
-    claim_report_dir(out, scope, opts.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
     summary.update(dataset=adapter.name, run=str(run.path), note=note, tiny=run.tiny, out_dir=str(out), scope=scope)
-    write_json(out / "metrics.json", summary, sort_keys=False)
-    (out / "report.md").write_text(fold_markdown(summary, str(run.path), note))
+    with report_lock(out, scope, opts.overwrite):
+        write_json(out / "metrics.json", summary, sort_keys=False)
+        (out / "report.md").write_text(fold_markdown(summary, str(run.path), note))
     for line in fold_lines(summary, note):
         say(line)
     return summary
@@ -364,12 +387,6 @@ def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=No
 
 def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=None) -> dict:
     """Reason texts for the EMER clips, scored by the judge (or the lexical proxy, named so)."""
-    from emollama.train.checkpoint import write_json
-    from emollama.train.emer import Judge, JudgeConfig, score_emer
-    from emollama.train.generate import generate
-    from emollama.train.report import report_markdown
-    from emollama.train.tiny import TINY_WARNING
-
     if not opts.data:
         raise EvalError("--data is needed for --dataset emer: the EMER CSV (name,chinese,english) or its folder")
     run, stores = _load(opts, run)
@@ -378,12 +395,23 @@ def evaluate_emer(opts: EvalOptions, *, say: Callable[[str], None] = log.info, r
     out = report_dir(run, opts, "emer" + (f"-{opts.layout}" if opts.layout != "trained" else "")
                      + (f"-first{opts.limit}" if opts.limit else ""))
     scope = scope_of(replace(opts, dataset="emer"), "emer")
-    claim_report_dir(out, scope, opts.overwrite)
+    with report_lock(out, scope, opts.overwrite):
+        return _evaluate_emer(run, stores, opts, emer, out, scope, say)
+
+
+def _evaluate_emer(run, stores: EvalStores, opts: EvalOptions, emer, out: Path, scope: dict, say) -> dict:
+    from emollama.train.checkpoint import write_json
+    from emollama.train.emer import Judge, JudgeConfig, score_emer
+    from emollama.train.generate import generate
+    from emollama.train.report import report_markdown
+    from emollama.train.tiny import TINY_WARNING
+
+    clips, refs, absent, video_dir = emer.clips, emer.references(), emer.absent, emer.video_dir
     t0 = time.perf_counter()
     if opts.extract:
         todo = [c for c in clips if c.id not in absent]
         extract_missing(stores, run.feature_keys, todo, run=run, workers=opts.workers, progress=opts.progress,
-                        root=video_dir, missing_audio=opts.missing_audio, say=say)
+                        root=video_dir, missing_audio=opts.missing_audio, offline=opts.offline, say=say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")

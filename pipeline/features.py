@@ -200,7 +200,7 @@ def _storage_error(stores: EvalStores, e: OSError, what: str) -> EvalStorageErro
 
 def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Clip], *, run=None,
                     workers: int = 0, progress: bool = False, dataset: str = "folder", root: str | Path = ".",
-                    preview: str | None = None, missing_audio: str | None = None,
+                    preview: str | None = None, missing_audio: str | None = None, offline: bool | None = None,
                     say: Callable[[str], None] = log.info) -> ExtractReport:
     """Extract the clips complete neither in the training store nor in the eval store, with the settings
     that made ``keys``, into the eval store (``stores.cache_url``); the training store is only read.
@@ -209,7 +209,9 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
     re-extracted with other encoders: the clips they lack are reported by name in ``not_extractable``.
     A run without a training store (``run`` given, its eval store empty) starts the eval store with
     ``default_extraction`` and binds its sets to what that made. ``preview`` (a folder for contact sheets) and
-    ``missing_audio`` (fail | silence | auto, for a clip without sound) change no value of any set."""
+    ``missing_audio`` (fail | silence | auto, for a clip without sound) and ``offline`` change no value of any
+    set. Every encoder is checked before the eval store is created (``pipeline.models``): one message lists
+    the missing ones."""
     from emollama.pipeline.extraction import SettingsChanged, run_extract
 
     if isinstance(stores, FeatureStore):
@@ -220,7 +222,8 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
             raise EvalError("no store holds the run's feature sets yet")
         cfg = default_extraction(run, stores.cache_url, dataset=dataset, root=root, workers=workers,
                                  target_options=stores.cache_options)
-        cfg.extract = _adjusted(cfg.extract, preview, missing_audio)
+        cfg.extract = _adjusted(cfg.extract, preview, missing_audio, offline)
+        _check_encoders(cfg)
         say(f"the run has no feature store: extracting with its {run.config.model.profile} profile's encoders "
             f"into {stores.cache_url}")
         summary = _run(stores, lambda: run_extract(cfg, progress=progress, clips=list(clips)), SettingsChanged)
@@ -252,7 +255,8 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
         return rep
     cfg = extraction_config(reader, made, dataset=dataset, root=root, workers=workers, target=stores.cache_url,
                             target_options=stores.cache_options)
-    cfg.extract = _adjusted(cfg.extract, preview, missing_audio)
+    cfg.extract = _adjusted(cfg.extract, preview, missing_audio, offline)
+    _check_encoders(cfg)
     if stores.train is not None:
         try:
             stores.cache(create=True)
@@ -271,14 +275,24 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
     return rep
 
 
-def _adjusted(extract, preview: str | None, missing_audio: str | None):
+def _adjusted(extract, preview: str | None, missing_audio: str | None, offline: bool | None):
     """The extraction's runtime and policy settings for this call (they change no value of any set)."""
     from dataclasses import replace
 
     if missing_audio is not None and missing_audio not in ("auto", "fail", "silence"):
         raise EvalError(f"--missing-audio {missing_audio!r}: choose fail, silence or auto")
     return replace(extract, **({"preview": str(preview)} if preview else {}),
-                   **({"missing_audio": missing_audio} if missing_audio else {}))
+                   **({"missing_audio": missing_audio} if missing_audio else {}),
+                   **({"offline": offline} if offline is not None else {}))
+
+
+def _check_encoders(cfg: Config) -> None:
+    """Every encoder of an extraction here, before any store is created (one message lists the missing)."""
+    from emollama.pipeline.extraction import encoders_config
+    from emollama.pipeline.models import check_models
+
+    if cfg.extract.profile != "tiny" or cfg.extract.encoders:
+        check_models(encoders=encoders_config(cfg), offline=cfg.extract.offline)
 
 
 def _run(stores: EvalStores, call, settings_changed: type[Exception]):

@@ -36,15 +36,13 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from emollama.corpora import Clip, clip_id_for, read_transcripts
+from emollama.extract.faces import WEAK_ABSENT
 from emollama.pipeline.features import (EvalError, EvalStores, ExtractReport, extract_missing, feature_batcher,
                                         known_by_content, not_computable, run_stores)
 
 log = logging.getLogger(__name__)
 
 LIST_SUFFIXES = (".txt", ".lst", ".list")
-# A track is weak when the main face was detected (not interpolated or borrowed) in fewer than this share
-# of the sampled frames: its crops may show someone else, or no one.
-WEAK_TRACK = 0.5
 
 
 @dataclass
@@ -55,7 +53,7 @@ class FaceInfo:
     frames: int | None = None            # sampled frames the track ran on
     detected: float | None = None        # share of them where the main face was detected
     interpolated: float | None = None    # ... where its box was interpolated between detections
-    absent: float | None = None          # ... where it was not seen (no crop of it there)
+    absent: float | None = None          # ... where it was not seen (its shot lacks it, or MTCNN missed it there)
     shots: int | None = None             # shots found in the clip
 
     @property
@@ -69,13 +67,11 @@ class FaceInfo:
 
     @property
     def weak(self) -> bool:
-        """A face was found, but the main face was detected in fewer than ``WEAK_TRACK`` of the frames
-        (records made before the detected/interpolated split: present in fewer than that share)."""
-        if not self.found:
-            return False
-        if self.detected is not None:
-            return self.detected < WEAK_TRACK
-        return self.present is not None and self.present < WEAK_TRACK
+        """A face was found, but the main face is absent in more than ``extract.faces.WEAK_ABSENT`` of the
+        sampled frames (the rule of ``extract.faces.is_weak`` and ``store info``): its crops may show someone
+        else, or no one. (Between two detections the face is present: with ``detect_every = 3`` two frames in
+        three are interpolated by design.)"""
+        return self.found and self.absent is not None and self.absent > WEAK_ABSENT
 
     @classmethod
     def from_record(cls, rec: Mapping[str, Any]) -> "FaceInfo | None":
@@ -96,9 +92,9 @@ class FaceInfo:
                     "scene")
         if self.weak:
             pct = lambda x: "?" if x is None else f"{100 * x:.0f}%"   # noqa: E731
-            return (f"weak face track: the main face was detected in {pct(self.detected)} of the sampled frames "
-                    f"(interpolated {pct(self.interpolated)}, absent {pct(self.absent)}): check its contact sheet "
-                    "(--preview DIR)")
+            return (f"weak face track: the main face is absent from {pct(self.absent)} of the sampled frames "
+                    f"(detected in {pct(self.detected)}, interpolated in {pct(self.interpolated)}): check its "
+                    "contact sheet (--preview DIR)")
         return None
 
 
@@ -294,16 +290,24 @@ class Predictor:
     @classmethod
     def from_run(cls, run: str | Path, *, store: str | None = None, cache_store: str | None = None,
                  device: str = "auto", layout: str = "trained", features: Sequence[str] = (),
-                 quiet: bool = True, say: Callable[[str], None] = log.info) -> "Predictor":
+                 llm: str | None = None, offline: bool | None = None, quiet: bool = True,
+                 say: Callable[[str], None] = log.info) -> "Predictor":
         """Load ``run`` (a run folder of ``emollama train`` or ``emollama import-checkpoint``) on ``device``.
 
         ``store``: the feature store to read (default: the run's; never written). ``cache_store``: where
         clips missing from it are extracted (default ``<run>/eval-store.zarr``). ``features``: ``ROLE=SET``
-        bindings for an imported run. ``quiet``: no loading bars or library info lines."""
-        from emollama.train.run import load_run
+        bindings for an imported run. ``llm``: its base LM instead of the run's. ``offline``: models from local
+        files only. ``quiet``: no loading bars or library info lines. The LM is checked before anything is
+        loaded (``pipeline.models.check_run_models``: one message lists what is missing)."""
+        from emollama.pipeline.models import check_run_models
+        from emollama.train.run import load_run, read_run
 
+        cfg, _, _ = read_run(Path(run))
+        if llm:
+            cfg.model.llm = llm
+        check_run_models(cfg, offline=offline)
         with quiet_loading() if quiet else contextlib.nullcontext():
-            loaded = load_run(run, device=device)
+            loaded = load_run(run, device=device, llm=llm, offline=offline)
         return cls(loaded, run_stores(loaded, store, cache_store, features, say), layout=layout, say=say)
 
     @property
@@ -313,11 +317,12 @@ class Predictor:
     def predict(self, paths: Sequence[str | Path], *, subtitles: str | Path | Mapping[str, str] | None = None,
                 subtitle: str | None = None, labels: Sequence[str] | None = None, reason: bool = True,
                 max_new_tokens: int = 96, batch_size: int = 8, workers: int = 0, progress: bool = False,
-                preview: str | Path | None = None, missing_audio: str | None = None) -> list[Prediction]:
+                preview: str | Path | None = None, missing_audio: str | None = None,
+                offline: bool | None = None) -> list[Prediction]:
         """One ``Prediction`` per clip of ``paths`` (see the module docstring), in order. ``subtitles``: a
         ``name,sentence`` CSV (or a mapping); ``subtitle``: one text for every clip. ``labels``: the label
         set to score (default: the run's). ``missing_audio``: how a clip without sound is extracted (fail,
-        silence, auto; default: as the run's sets were). A clip that cannot be read or extracted gets its
+        silence, auto; default: as the run's sets were); ``offline``: encoders from local files only. A clip that cannot be read or extracted gets its
         ``error``; the others go on."""
         from emollama.train.evaluate import score_labels
         from emollama.train.generate import generate
@@ -340,7 +345,7 @@ class Predictor:
         if todo:
             rep = extract_missing(stores, run.feature_keys, todo, run=run, workers=workers, progress=progress,
                                   root=todo[0].source.parent, preview=str(preview) if preview else None,
-                                  missing_audio=missing_audio, say=self.say)
+                                  missing_audio=missing_audio, offline=offline, say=self.say)
         failed = dict(rep.failed)
         failed.update(not_computable(run, stores, rep))
         batcher, usable, _ = feature_batcher(run, stores, todo)

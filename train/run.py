@@ -142,11 +142,13 @@ def read_run(path: Path) -> tuple[TrainConfig, dict[str, dict], list[str]]:
     return cfg, sets, order_keys(cfg, sets)
 
 
-def load_run(path: str | Path, *, device: str = "auto", store: str | None = None, llm: str | None = None) -> LoadedRun:
+def load_run(path: str | Path, *, device: str = "auto", store: str | None = None, llm: str | None = None,
+             offline: bool | None = None) -> LoadedRun:
     """Rebuild a run's model (base LM + LoRA + projectors) and tokenizer from its folder.
 
     ``store`` overrides the run's feature store (``config.data.store``) for reading features; ``llm`` its
-    base LM (``config.model.llm``: a local folder or hub id of the same architecture)."""
+    base LM (``config.model.llm``: a local folder or hub id of the same architecture); ``offline`` (not
+    None) whether the LM may come from the hub (``config.model.offline``)."""
     from emollama.store.spec import FeatureSpec
 
     from .model import build_model, pick_device
@@ -157,6 +159,8 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
         cfg.data.store = store
     if llm:
         cfg.model.llm = llm
+    if offline is not None:
+        cfg.model.offline = offline
     specs = {k: FeatureSpec.from_dict(sets[k]["spec"]) for k in keys}
     for name in ("adapter/adapter_model.safetensors", "projectors.safetensors"):
         if not (path / name).is_file():
