@@ -273,6 +273,10 @@ def infer_cmd(
             typer.echo("NOTE: " + TINY_WARNING)
         for line in table_lines(results):
             typer.echo(line)
+        if predictor.skipped:
+            typer.echo(f"skipped {len(predictor.skipped)} file(s) that are no videos: "
+                       + ", ".join(f"{Path(f).name} ({why})" for f, why in predictor.skipped[:5])
+                       + (" ..." if len(predictor.skipped) > 5 else ""))
         if out is not None:
             typer.echo(f"results: {written}")
     if any(r.error for r in results):

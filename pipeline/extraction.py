@@ -284,8 +284,9 @@ def plan_clips(store: FeatureStore, clips: Sequence[Clip], keys: dict[str, str])
         # recomputed without removing anything first: the new rows supersede the old ones only when
         # they are committed, so an interrupted or failed recompute leaves the earlier features
         log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(changed))
-    todo = [ClipJob(c.id, str(c.source), replace=c.id in changed, has_sound=clip_has_sound(c)) for c in clips
-            if c.id not in complete or c.id in changed]
+    # absolute sources: the preparation processes (and dask workers) may run in another folder
+    todo = [ClipJob(c.id, str(Path(c.source).absolute()), replace=c.id in changed, has_sound=clip_has_sound(c))
+            for c in clips if c.id not in complete or c.id in changed]
     return ClipPlan(dict(keys), todo, len(clips) - len(todo), sorted(changed), unchanged)
 
 

@@ -162,16 +162,22 @@ def not_a_clip(path: str | Path) -> str | None:
     return f"{kind}, not a video file: save the stream to a file first"
 
 
-def _videos_in(folder: Path) -> tuple[list[Input], list[Input]]:
-    """The videos of a folder, as the folder dataset finds and names them, and its rejected entries."""
+def _videos_in(folder: Path) -> tuple[list[Input], list[Input], list[tuple[str, str]]]:
+    """The videos of a folder, as the folder dataset finds and names them; the entries it rejects that
+    look like clips (a broken link, a FIFO named .mp4: failed inputs); the files that are no videos at
+    all (a labels CSV, images, notes: skipped, with the reason)."""
     from emollama.corpora import FOLDER, id_to_path
 
     corpus = FOLDER.load(folder)
     found = [Input(str(c.source), c.source.resolve(), c.id,
                    (c.id, id_to_path(c.id), c.source.stem, c.source.name)) for c in corpus.clips]
-    rejected = [Input(str(folder / id_to_path(cid)), (folder / id_to_path(cid)).resolve(), cid, error=why)
-                for cid, why in corpus.rejected]
-    return found, rejected
+    rejected, skipped = [], []
+    for cid, why in corpus.rejected:
+        if "not a video" in why:
+            skipped.append((str(folder / why.split(": ", 1)[0]), why.split(": ", 1)[-1]))
+        else:
+            rejected.append(Input(str(folder / id_to_path(cid)), (folder / id_to_path(cid)).resolve(), cid, error=why))
+    return found, rejected, skipped
 
 
 def _list_file(path: Path) -> list[str]:
@@ -184,22 +190,26 @@ def _list_file(path: Path) -> list[str]:
             for s in lines if s.strip() and not s.lstrip().startswith("#")]
 
 
-def collect_inputs(paths: Sequence[str | Path]) -> list[Input]:
-    """Every clip named by ``paths``: files, frame folders, folders of videos (recursive), list files. A
-    path that does not exist is an ``EvalError`` (all of them named); one that cannot be a clip is an
-    ``Input`` with its ``error``."""
+def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Input], list[tuple[str, str]]]:
+    """Every clip named by ``paths`` (files, frame folders, folders of videos searched recursively, list
+    files) and the files of those folders that are no videos (skipped: (path, why)). A path that does not
+    exist is an ``EvalError`` (all of them named); one that cannot be a clip is an ``Input`` with its
+    ``error``."""
     missing = [f"{p} (a broken link)" if Path(p).expanduser().is_symlink() else str(p)
                for p in paths if not Path(p).expanduser().exists()]
     if missing:
         raise EvalError(f"no such file: {', '.join(missing)}")
     out: list[Input] = []
+    skipped: list[tuple[str, str]] = []
     for given in paths:
         p = Path(given).expanduser()
         if p.is_file() and p.suffix.lower() in LIST_SUFFIXES:
             listed = _list_file(p)
             if not listed:
                 raise EvalError(f"the list file {p} names no clip (one path a line; # starts a comment)")
-            out += collect_inputs(listed)
+            more, more_skipped = collect_inputs(listed)
+            out += more
+            skipped += more_skipped
             continue
         if p.is_dir():
             from emollama.extract.decode import list_frame_files
@@ -208,7 +218,8 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[Input]:
                 frames = bool(list_frame_files(p))
             except OSError:
                 frames = False
-            videos, rejected = _videos_in(p)
+            videos, rejected, other = _videos_in(p)
+            skipped += other
             if videos or rejected or not frames:
                 if not videos and not rejected:
                     out.append(Input(str(given), p.resolve(), clip_id_for(p),
@@ -217,7 +228,7 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[Input]:
                 continue
         why = not_a_clip(p)
         out.append(Input(str(given), p.resolve(), clip_id_for(p), (p.stem, p.name), error=why))
-    return _unique_ids(out)
+    return _unique_ids(out), skipped
 
 
 def _unique_ids(inputs: list[Input]) -> list[Input]:
@@ -286,6 +297,7 @@ class Predictor:
 
         check_layout(run, layout)
         self.run, self.stores, self.layout, self.say = run, stores, layout, say
+        self.skipped: list[tuple[str, str]] = []    # the last predict's files that are no videos: (path, why)
 
     @classmethod
     def from_run(cls, run: str | Path, *, store: str | None = None, cache_store: str | None = None,
@@ -321,7 +333,8 @@ class Predictor:
                 offline: bool | None = None) -> list[Prediction]:
         """One ``Prediction`` per clip of ``paths`` (see the module docstring), in order. ``subtitles``: a
         ``name,sentence`` CSV (or a mapping); ``subtitle``: one text for every clip. ``labels``: the label
-        set to score (default: the run's). ``missing_audio``: how a clip without sound is extracted (fail,
+        set to score (default: the run's). Files of the folders that are no videos (a labels CSV, images) are
+        left out and listed in ``self.skipped``. ``missing_audio``: how a clip without sound is extracted (fail,
         silence, auto; default: as the run's sets were); ``offline``: encoders from local files only. A clip that cannot be read or extracted gets its
         ``error``; the others go on."""
         from emollama.train.evaluate import score_labels
@@ -331,7 +344,7 @@ class Predictor:
         if subtitles is not None and subtitle is not None:
             raise EvalError("give per-clip subtitles (a CSV) or one subtitle for every clip, not both")
         table = read_subtitles(subtitles) if isinstance(subtitles, (str, Path)) else dict(subtitles or {})
-        inputs = collect_inputs(paths)
+        inputs, self.skipped = collect_inputs(paths)
         run, stores = self.run, self.stores
         targets = [l.strip().lower() for l in labels] if labels else list(run.labels)
         good = [i for i in inputs if i.error is None]

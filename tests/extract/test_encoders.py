@@ -115,7 +115,8 @@ def test_concurrent_tiny_builds_are_safe(tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     folder = tmp_path / "models" / "tiny" / "temporal"
     assert {o[0].strip() for o in outs} == {str(folder)}
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "emollama-tiny.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".emollama-tiny-files.json", "config.json", "emollama-tiny.json",
+                                                        "model.safetensors"]   # the file list checks the build
     assert [p.name for p in folder.parent.iterdir()] == ["temporal"]
 
 

@@ -116,8 +116,8 @@ def sampled(path: Path, frames: FrameSettings = FrameSettings()) -> list[int]:
     """The frame numbers shown by the face frames `prepare` decodes for the clip at `path`."""
     prep = prepare(ClipJob("x", str(path)), ExtractSettings(encoders=None, frames=frames), detector=None)
     assert prep.error is None, prep.error
-    w = prep.waiting
-    return [frame_number(f) for f in w.frames[w.plan.local]]
+    look = prep.waiting.look
+    return [frame_number(f) for f in look.frames[look.plan.local]]
 
 
 def test_audio_longer_than_video_is_recorded_with_the_videos_duration_and_frames(media):
