@@ -7,7 +7,8 @@ its config section (TOML table), defaults and checks included:
 - `value(...)`   changes feature values. It goes into the spec, hence the key, of every feature set
                  whose encoder reads one of its `inputs` (spec params, under the field's name or the
                  name given for that input), or into a spec attribute (`spec="dtype"`; `spec="encoder"`:
-                 the encoder puts it into its own specs: weights identity, layer, pooling, options).
+                 the encoder puts it into its own specs: weights identity, layer, pooling, options;
+                 `spec="compute"`: the sets computed on a CPU hold it, cpu_threads).
 - `policy(...)`  decides which clips get features, or what is recorded about them; never a value. It is
                  not in the key, but belongs to a job's settings (eval re-extraction keeps it).
 - `runtime(...)` says where and how the work runs (device, workers, batch sizes, the store): not in the
@@ -44,8 +45,9 @@ def value(default: Any = MISSING, *, inputs: Sequence[str] | Mapping[str, str] =
     """A field that changes feature values.
 
     inputs: the input kinds whose spec params hold it (a mapping gives its param name per input, else
-    the field's name); spec: a FeatureSpec attribute it becomes instead ("dtype"), or "encoder" when
-    each encoder records it in its own specs. choices / min / max: what `problems` accepts.
+    the field's name); spec: a FeatureSpec attribute it becomes instead ("dtype"), "encoder" when
+    each encoder records it in its own specs, or "compute" when the specs of the sets computed on a CPU
+    hold it (`extract.step.build_specs`: cpu_threads). choices / min / max: what `problems` accepts.
     """
     inputs = dict(inputs) if isinstance(inputs, Mapping) else {k: None for k in inputs}
     if not inputs and spec is None:
@@ -141,7 +143,7 @@ def spec_params(obj: Any, input_kind: str) -> dict[str, Any]:
 def spec_attrs(obj: Any) -> dict[str, Any]:
     """FeatureSpec attributes given by value fields (`spec="dtype"` -> {"dtype": ...})."""
     return {meta(f)["spec"]: v for _, f, v in walk(obj)
-            if meta(f)["kind"] == VALUE and meta(f).get("spec") not in (None, "encoder")}
+            if meta(f)["kind"] == VALUE and meta(f).get("spec") not in (None, "encoder", "compute")}
 
 
 def value_dict(obj: Any) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from emollama.corpora import source_has_sound
 from emollama.extract import decode, faces, prep
 from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
 from emollama.extract.registry import (FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, EncoderInfo, gpu_visible,
-                                      resolve_device)
+                                      resolve_device, torch_threads)
 from emollama.extract.settings import policy, runtime, section, spec_attrs, spec_params, value
 from emollama.store import FeatureSpec, FeatureStore
 
@@ -51,6 +51,11 @@ FACE_THREADS = 8   # at most this many threads for the CPU work around a face gr
 # one MTCNN pass and FACE_THREADS threads for them. On an H200 with micro-batches of 4, faces cost the
 # encoding process 0.086 s a clip; found for 16 clips at once, 0.060 s (bench-gpu: 6.7 -> 8.6 clips/s).
 FACE_GROUP = 16
+# the default of `cpu_threads`: fixed, not the machine's cores, so that a store's CPU sets mean the same
+# on every machine and executor. One thread never oversubscribes a core and scales by processes
+# (`--workers N` on N cores); its cost in one process and the measurements: docs/design.md "One key, one
+# meaning"
+CPU_THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ class StepSettings:
     # (its torch threads); 0: one thread of the encoding process (extract.prep)
     prep_workers: int | None = runtime(None, min=0)
     max_pixels: int = runtime(decode.DEFAULT_MAX_PIXELS, min=0)   # a larger decoded frame fails the clip (0: no limit)
+    # torch intra-op threads of the encoders (and of MTCNN on the encoding side) on a CPU. Float sums
+    # depend on the thread count, so every executor computes with this one and a CPU set records it in
+    # its key: one key, one meaning (`--workers 2` and in-process agree bit for bit). A GPU ignores it.
+    cpu_threads: int = value(CPU_THREADS, spec="compute", min=1, max=256)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,6 +188,7 @@ class Models:
     encoders: dict[str, Any]
     detector: faces.FaceDetector
     specs: dict[str, FeatureSpec]   # output name ("audio.hubert.frames") -> spec
+    threads: int | None = None      # torch intra-op threads while encoding (settings.cpu_threads on a CPU)
 
 
 _MODELS: dict[ExtractSettings, Models] = {}
@@ -198,7 +208,8 @@ def _load_models(settings: ExtractSettings) -> Models:
         det = faces.FaceDetector(settings.faces, device=resolve_device(settings.device),
                                  threads=min(FACE_THREADS, prep.default_workers()))
         _MODELS.clear()   # one settings set per process at a time: free the previous models
-        _MODELS[settings] = Models(encs, det, build_specs(encs, settings))
+        on_cpu = resolve_device(settings.device) == "cpu"
+        _MODELS[settings] = Models(encs, det, build_specs(encs, settings), settings.cpu_threads if on_cpu else None)
     return _MODELS[settings]
 
 
@@ -210,6 +221,8 @@ def build_specs(encoders: Mapping[str, Any], settings: StepSettings) -> dict[str
     attrs, specs = spec_attrs(settings), {}
     for view, enc in encoders.items():
         params = {**enc.params, **input_params(settings, enc.input_kind), "compute_dtype": enc.compute_dtype}
+        if computes_on_cpu(enc):
+            params["cpu_threads"] = settings.cpu_threads
         for out, info in enc.outputs.items():
             name = f"{view}.{enc.name}.{out}"
             specs[name] = FeatureSpec(
@@ -218,6 +231,12 @@ def build_specs(encoders: Mapping[str, Any], settings: StepSettings) -> dict[str
                 frame_rate=enc.frame_rate if info.shape and info.shape[0] is None else None, params=params,
             )
     return specs
+
+
+def computes_on_cpu(enc: Any) -> bool:
+    """Whether `enc` (an Encoder or its EncoderInfo) computes on a CPU: its compute dtype is float32 there
+    and float16 on a GPU (`registry.Encoder`), as the worker that described it saw it."""
+    return enc.compute_dtype == "float32"
 
 
 def describe(settings: ExtractSettings) -> dict[str, FeatureSpec]:
@@ -611,7 +630,8 @@ def encode(prepared: Sequence[Prepared], m: Models, seconds: dict[str, float]) -
     rows: list[dict[str, np.ndarray]] = [{} for _ in prepared]
     for view, enc in m.encoders.items():
         t = time.perf_counter()
-        outs = enc.encode([p.inputs[enc.input_kind] for p in prepared])
+        with torch_threads(m.threads):
+            outs = enc.encode([p.inputs[enc.input_kind] for p in prepared])
         seconds[view] = seconds.get(view, 0.0) + time.perf_counter() - t
         for row, out in zip(rows, outs):
             for name, arr in out.items():
@@ -694,7 +714,8 @@ def _encode_groups(jobs: Sequence[ClipJob], stream: Iterator[Prepared], settings
         t = time.perf_counter()
         prepared = [next(stream) for _ in group]
         sec["wait"] = sec.get("wait", 0.0) + time.perf_counter() - t   # the encoding side idle
-        track_faces(prepared, m.detector, settings)
+        with torch_threads(m.threads):
+            track_faces(prepared, m.detector, settings)
         for micro in _chunks(prepared, max(1, settings.micro_batch)):
             _encode_micro(micro, m, keys, writer, result, preview_dir)
 

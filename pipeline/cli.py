@@ -83,7 +83,7 @@ def extract(
                                                "of the config's encoder tables) or tiny (random, local: tests "
                                                "and the demo only)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="A TOML config file (see docs/config.md)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Local dask workers (default 0: in this process, the fastest on one machine)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Local dask workers (default 0: in this process, the fastest with a GPU; on a CPU each process encodes on [extract] cpu_threads threads, default 1, so N workers use N cores)."),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of an existing dask scheduler."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N"),
     local_frames: Optional[int] = typer.Option(None, "--frames", help="Face frames sampled per clip (local view)."),

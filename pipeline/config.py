@@ -80,7 +80,7 @@ class ExtractConfig(StepSettings):
     store: str = runtime("")         # a folder or an fsspec URL
     profile: str = value("paper", spec="encoder", choices=PROFILES)  # paper (real models) | tiny (random: tests, demo)
     encoders: dict[str, EncoderTable] = value(spec="encoder", default_factory=dict)   # name -> table
-    workers: int = runtime(0, min=0)             # 0 = in this process (the fastest on one machine); N: a local dask cluster
+    workers: int = runtime(0, min=0)             # 0 = in this process (the fastest with a GPU); N: a local dask cluster (on a CPU, N workers use N x cpu_threads cores)
     scheduler: str | None = runtime(None)        # address of an existing dask scheduler
     batch_clips: int | None = runtime(None, min=1)   # clips per task (one store commit); unset: 4 per preparation process, at least 8
     preview: str | None = runtime(None)          # folder for contact sheets

@@ -119,6 +119,7 @@ class InlineExecutor:
     dashboard: str | None = None
     resources: dict[str, float] | None = None
     threads: int | None = None
+    local_processes: int | None = 1   # computing processes on this machine (None: a cluster elsewhere)
 
     def call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
@@ -181,6 +182,7 @@ class DaskExecutor(InlineExecutor):
                     raise RuntimeError(f"no dask worker joined {scheduler} within {wait_for_workers_s:.0f} s: "
                                        "start some with `dask worker ADDRESS` (docs/scale.md)") from None
             self.threads = threads_per_worker   # None: leave the workers' own setting
+            self.local_processes = None
             info = self.client.scheduler_info()["workers"]
             gpu_workers = sum(1 for w in info.values() if (w.get("resources") or {}).get(GPU, 0) >= 1)
             self.resources = {GPU: 1} if gpu_workers else None
@@ -200,6 +202,7 @@ class DaskExecutor(InlineExecutor):
                 if gpus:
                     self._cluster, threads = self._gpu_cluster(gpus, env, threads_per_worker)
                     self.resources = {GPU: 1}
+                    self.local_processes = len(gpus)
                     self.name = f"local dask cluster, {len(gpus)} GPU worker(s) (GPUs {','.join(gpus)})"
                 else:
                     from distributed import LocalCluster
@@ -212,6 +215,7 @@ class DaskExecutor(InlineExecutor):
                                                  host="127.0.0.1", dashboard_address=":0",
                                                  silence_logs=logging.ERROR, env=env)
                     self.name = f"local dask cluster, {workers} worker(s) x {threads} thread(s)"
+                    self.local_processes = workers
             self.client = Client(self._cluster, set_as_default=False)
             self.threads = threads
             try:

@@ -24,16 +24,31 @@ from tqdm.auto import tqdm
 
 from emollama.extract.encoders import (EncodersConfig, KnownOutputs, file_sha256, known_outputs, remember_outputs,
                                        resolve_encoders)
-from emollama.extract.step import (ClipJob, ExtractSettings, StepSettings, build_specs, describe_encoders, resolved,
-                                   run_batch, run_batches)
+from emollama.extract.step import (ClipJob, ExtractSettings, StepSettings, build_specs, computes_on_cpu,
+                                   describe_encoders, resolved, run_batch, run_batches)
 from emollama.pipeline.config import Config
 from emollama.extract.prep import default_workers
-from emollama.pipeline.executors import InlineExecutor, make_executor
+from emollama.pipeline.executors import InlineExecutor, available_cores, make_executor
 from emollama.pipeline.models import check_models
 from emollama.store import FeatureSpec, FeatureStore, StorageError, profile_summary
 from emollama.corpora import Clip, clip_has_sound, load_corpus
 
 log = logging.getLogger(__name__)
+
+
+def cpu_threads_note(threads: int, infos: dict, processes: int | None, cores: int | None = None) -> str | None:
+    """A warning when encoders computing on a CPU, each process on `threads` (extract.cpu_threads, fixed:
+    part of the key), ask for more threads than this machine's cores; None when they fit, compute on a
+    GPU, or run on a cluster elsewhere (`processes` None)."""
+    if processes is None or not any(computes_on_cpu(i) for i in infos.values()):
+        return None
+    cores = cores or available_cores()
+    if processes * threads <= cores:
+        return None
+    who = f"{processes} worker(s) x {threads}" if processes > 1 else f"{threads}"
+    return (f"encoding on the CPU asks for {who} thread(s) ([extract] cpu_threads) on {cores} core(s): "
+            "oversubscribed threads make it several times slower; use fewer --workers, or a lower "
+            "cpu_threads (a new feature-set key: values depend on the thread count)")
 
 
 @dataclass
@@ -340,6 +355,9 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
             tqdm.write(f"dask dashboard: {ex.dashboard}", file=sys.stderr)
         infos = ex.call(describe_encoders, settings)   # the encoders as the workers load them: they decide
         remember_outputs(known, infos)
+        note = cpu_threads_note(settings.cpu_threads, infos, ex.local_processes)
+        if note:
+            log.warning("%s", note)
         specs = build_specs(infos, settings)
         lost = lost_keys(specs, expect_keys)
         if lost:

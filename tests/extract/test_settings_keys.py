@@ -102,6 +102,7 @@ AFFECTS = {
         "appearance_min", "cut_distance", "detect_on")},
     "sample_rate": {WAVEFORM}, "dtype": ALL, "missing_audio": set(), "offline": set(), "device": set(),
     "batch_size": set(), "micro_batch": set(), "prep_workers": set(), "max_pixels": set(),
+    "cpu_threads": ALL,   # encoded on a CPU here (the GPU case: the test below)
 }
 
 
@@ -232,3 +233,18 @@ def test_auto_asks_the_driver_for_a_gpu_without_importing_torch(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Driver(2))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert not gpu_visible() and detect_on(auto) == "prep"
+
+
+def test_cpu_threads_is_in_the_keys_of_sets_computed_on_a_cpu_only(encs):
+    """Float sums on a CPU depend on the thread count, so a CPU set's key holds `cpu_threads`; a set
+    computed on a GPU (float16 compute, as its worker describes it) ignores it and keeps its key."""
+    from emollama.extract.step import CPU_THREADS, computes_on_cpu
+
+    on_gpu = {name: dataclasses.replace(enc.info(), compute_dtype="float16") for name, enc in encs.items()}
+    assert all(computes_on_cpu(e) for e in encs.values()) and not any(computes_on_cpu(i) for i in on_gpu.values())
+    one, four = ExtractSettings(encoders=None), ExtractSettings(encoders=None, cpu_threads=4)
+    assert one.cpu_threads == CPU_THREADS == 1
+    assert all(s.params["cpu_threads"] == 1 for s in build_specs(encs, one).values())
+    assert _keys(on_gpu, one) == _keys(on_gpu, four)
+    assert all("cpu_threads" not in s.params for s in build_specs(on_gpu, one).values())
+    assert not set(_keys(encs, one).values()) & set(_keys(encs, four).values())
