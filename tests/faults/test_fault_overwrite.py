@@ -6,7 +6,8 @@
 - two writers of one run folder: the second gets exit 5 naming the first; a stale lock file never blocks;
 - ``--resume`` with another batch size, other features, or a ``state.json`` step beyond the schedule is
   one line with exit 2;
-- ``store export`` onto an existing file, ``store rm --clip nosuch``: exit 2, nothing changed.
+- ``store export`` onto an existing file, ``store rm --clip nosuch``: exit 2, nothing changed;
+- ``score`` of a predictions file that lists a clip twice: exit 2 naming it, not counted twice.
 """
 
 from __future__ import annotations
@@ -305,3 +306,22 @@ def test_store_rm_of_an_unknown_clip_exits_2_and_removes_nothing(tmp_path):
     assert res.exit_code == 0 and "removed 1 clip(s)" in res.output
     res = runner.invoke(app, ["store", "rm", str(tmp_path / "s.zarr"), "--clip", "a", "--set", SPEC.name])
     assert res.exit_code == 2 and f"no clip 'a' in {SPEC.name} of" in error_lines(res.output)[0]
+
+
+def test_score_refuses_a_clip_listed_twice_instead_of_counting_it_twice(tmp_path):
+    """Defect 12: `score` counted a duplicate id twice (its accuracy then weighed that clip double)."""
+    import csv
+
+    pred = tmp_path / "p.csv"
+    with open(pred, "w", newline="") as f:
+        csv.writer(f).writerows([("name", "label", "prediction"), ("a", "happy", "happy"), ("a", "happy", "sad"),
+                                 ("b", "sad", "sad")])
+    res = runner.invoke(app, ["score", "--pred", str(pred), "--dataset", "mer2023"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        f"error: {pred}: clips listed more than once: a (each clip must have one row: which prediction counts "
+        "is ambiguous)"]
+    ok = tmp_path / "ok.csv"
+    ok.write_text("name,label,prediction\na,happy,happy\nb,sad,happy\n")
+    res = runner.invoke(app, ["score", "--pred", str(ok), "--dataset", "mer2023", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["accuracy"] == 0.5

@@ -46,9 +46,3 @@ def test_score_gives_one_macro_f1_whatever_the_label_set_lists(tmp_path):
     assert full["macro_f1"] == pytest.approx(sub["macro_f1"]) == pytest.approx(
         f1_score(truth, guess, average="macro", zero_division=0))
     assert len(full["labels"]) == 9 and full["weighted_f1"] == pytest.approx(sub["weighted_f1"])
-
-
-def test_score_refuses_a_clip_listed_twice(tmp_path):
-    pred = _preds(tmp_path / "p.csv", [("a", "happy", "happy"), ("a", "happy", "sad"), ("b", "sad", "sad")])
-    res = runner.invoke(app, ["score", "--pred", str(pred), "--dataset", "mer2023"])
-    assert res.exit_code == 2 and "listed more than once: a" in res.output
