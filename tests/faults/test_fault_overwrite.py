@@ -6,6 +6,8 @@
 - two writers of one run folder: the second gets exit 5 naming the first; a stale lock file never blocks;
 - ``--resume`` with another batch size, other features, or a ``state.json`` step beyond the schedule is
   one line with exit 2;
+- ``eval --limit 3`` after a full eval writes its own folder; an eval of another scope into a report's
+  folder is refused;
 - ``store export`` onto an existing file, ``store rm --clip nosuch``: exit 2, nothing changed;
 - ``score`` of a predictions file that lists a clip twice: exit 2 naming it, not counted twice.
 """
@@ -325,3 +327,36 @@ def test_score_refuses_a_clip_listed_twice_instead_of_counting_it_twice(tmp_path
     ok.write_text("name,label,prediction\na,happy,happy\nb,sad,happy\n")
     res = runner.invoke(app, ["score", "--pred", str(ok), "--dataset", "mer2023", "--json"])
     assert res.exit_code == 0 and json.loads(res.output)["accuracy"] == 0.5
+
+
+@pytest.mark.slow
+def test_a_quick_eval_never_replaces_the_full_report_and_another_scope_is_refused(tiny_store, tmp_path):
+    """Defect 2: `eval --limit 3` overwrote the full report of an earlier eval."""
+    import shutil
+
+    data, _ = tiny_store
+    run = tmp_path / "run"
+    res = runner.invoke(app, train_args(tiny_store, run))
+    assert res.exit_code == 0, res.output
+    evals = ["eval", "--run", str(run), "--split", "train", "--no-generate", "--no-progress", "--json"]
+    res = runner.invoke(app, evals)
+    assert res.exit_code == 0, res.output
+    full = run / "eval" / "merr-train"
+    assert json.loads((full / "metrics.json").read_text())["scope"]["limit"] is None
+    before = snapshot(full)
+    res = runner.invoke(app, [*evals, "--limit", "3"])
+    assert res.exit_code == 0, res.output
+    quick = run / "eval" / "merr-train-first3"
+    assert json.loads((quick / "metrics.json").read_text())["n"] == 3
+    assert snapshot(full) == before                  # the full report as it was
+    # the same dataset name from another folder: another scope, so the report is not replaced
+    other = tmp_path / "other-data"
+    shutil.copytree(data, other)
+    res = runner.invoke(app, [*evals, "--data", str(other)])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    [err] = error_lines(res.output)
+    assert str(full) in err and "another evaluation (data " in err and "--out DIR" in err and "--overwrite" in err
+    assert snapshot(full) == before
+    # a rerun of the same scope replaces its own report
+    res = runner.invoke(app, evals)
+    assert res.exit_code == 0 and json.loads((full / "metrics.json").read_text())["scope"]["limit"] is None
