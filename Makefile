@@ -18,7 +18,7 @@ STAGE1 ?= configs/demo-stage1.toml
 STAGE2 ?= configs/demo-stage2.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-extract test test-fast docs extract train bench-store bench-extract bench-faces bench-scale bench-train gpu-wheels bench-gpu clean
+.PHONY: help venv demo demo-extract test test-fast docs extract train bench-store bench-extract bench-faces bench-scale bench-train bench-serve serve gpu-wheels bench-gpu clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -80,6 +80,12 @@ bench-faces: venv ## Face detection settings against full detection on the ten r
 
 bench-scale: venv ## Benchmark extraction with 1 and 2 local dask workers: clips/s and scaling efficiency (not a test)
 	$(BIN)/python scripts/bench_scale.py $(ARGS)
+
+serve: venv ## Serve a run on http://127.0.0.1:8000/ (RUN=demo/runs/stage1 by default; ARGS=--token ...)
+	$(EMOLLAMA) serve --run $${RUN:-demo/runs/stage1} $(ARGS)
+
+bench-serve: venv ## Benchmark emollama serve: requests/s, p50/p95 latency for stored and new clips (tiny run; not a test)
+	$(BIN)/python scripts/bench_serve.py $(ARGS)
 
 bench-train: venv ## Benchmark the training loop: batched + length-grouped vs batch 1 (not a test)
 	$(BIN)/python scripts/bench_train.py $(ARGS)

@@ -399,7 +399,7 @@ class Predictor:
             p.face = FaceInfo.from_record(rec) if rec else None
             if p.face is not None and p.error is None and (w := p.face.warning()):
                 p.warnings.append(w)
-            if p.face is not None and (p.face.shots or 1) > 1 and p.error is None:
+            if p.face is not None and p.face.found and (p.face.shots or 1) > 1 and p.error is None:
                 p.warnings.append(f"{p.face.shots} shots: the face crops come from the main face's shot only")
             p.preview = sheets.get(cid)
             results.append(p)
