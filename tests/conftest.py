@@ -41,3 +41,4 @@ def s3_endpoint():
                  aws_secret_access_key="x").create_bucket(Bucket="feats")
     yield endpoint
     server.stop()
+

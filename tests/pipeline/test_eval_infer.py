@@ -16,19 +16,11 @@ SAMPLES = Path(__file__).resolve().parents[2] / "../shared/samples/mer2023-examp
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from emollama.extract.sample import write_sample
+    from tiny_runs import tiny_run
 
-    tmp = tmp_path_factory.mktemp("infer")
-    data = write_sample(tmp / "data", clips=8, seed=2)
-    store = tmp / "store.zarr"
-    res = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(data), "--store", str(store),
-                              "--profile", "tiny", "--workers", "0", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["train", "--data", str(data), "--store", str(store), "--out", str(tmp / "run"),
-                              "--profile", "tiny", "--steps", "2", "-b", "2", "--no-progress", "--json",
-                              "-f", "local.vit_mae.mean", "-f", "temporal.videomae.mean", "-f", "audio.hubert.mean"])
-    assert res.exit_code == 0, res.output
-    return tmp / "run", store, data
+    run, store, data = tiny_run(tmp_path_factory.mktemp("infer"),
+                                features=("local.vit_mae.mean", "temporal.videomae.mean", "audio.hubert.mean"))
+    return run, store, data
 
 
 @pytest.mark.skipif(not SAMPLES.is_dir(), reason="../shared/samples/mer2023-examples is absent")

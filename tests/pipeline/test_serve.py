@@ -24,18 +24,11 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from emollama.extract.sample import write_sample
+    from tiny_runs import tiny_run
 
     tmp = tmp_path_factory.mktemp("serve")
-    data = write_sample(tmp / "data", clips=8, seed=2)
-    store = tmp / "store.zarr"
-    res = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(data), "--store", str(store),
-                              "--profile", "tiny", "--workers", "0", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["train", "--data", str(data), "--store", str(store), "--out", str(tmp / "run"),
-                              "--profile", "tiny", "--steps", "2", "-b", "2", "--no-progress", "--json"])
-    assert res.exit_code == 0, res.output
-    return {"tmp": tmp, "run": tmp / "run", "data": data, "predictor": Predictor.from_run(tmp / "run")}
+    run, _, data = tiny_run(tmp)
+    return {"tmp": tmp, "run": run, "data": data, "predictor": Predictor.from_run(run)}
 
 
 def _service(trained, tmp_path, **kw) -> Service:

@@ -39,19 +39,12 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     import uvicorn
 
-    from emollama.extract.sample import write_sample
+    from tiny_runs import tiny_run
     from emollama.pipeline.serve import ServeSettings, create_app, load_service
 
     tmp = tmp_path_factory.mktemp("serve-browser")
-    data = write_sample(tmp / "data", clips=6, seed=3)
-    store = tmp / "store.zarr"
-    res = runner.invoke(app, ["extract", "--dataset", "merr", "--data", str(data), "--store", str(store),
-                              "--profile", "tiny", "--workers", "0", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["train", "--data", str(data), "--store", str(store), "--out", str(tmp / "run"),
-                              "--profile", "tiny", "--steps", "2", "-b", "2", "--no-progress", "--json"])
-    assert res.exit_code == 0, res.output
-    service = load_service(ServeSettings(run=str(tmp / "run"), upload_dir=str(tmp / "uploads")))
+    run, _, _ = tiny_run(tmp, clips=6, seed=3)
+    service = load_service(ServeSettings(run=str(run), upload_dir=str(tmp / "uploads")))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
