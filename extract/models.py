@@ -370,8 +370,11 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.suffix.lower() == ".safetensors":
         from safetensors.torch import load_file
+        from safetensors import SafetensorError
         try:
             obj = load_file(str(path))
+        except SafetensorError as e:   # a header or data that ends early, or is not safetensors
+            raise _damaged(path, e, "safetensors") from None
         except Exception as e:
             raise WeightsFileError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
     else:
@@ -408,8 +411,27 @@ def _torch_load(path: Path):
         ) from e
     except WeightsFileError:
         raise
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
+        raise WeightsFileError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+    except (RuntimeError, EOFError, IndexError, OSError) as e:   # a zip without its directory, a record past the end
+        raise _damaged(path, e, "torch") from None
     except Exception as e:
         raise WeightsFileError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _damaged(path: Path, e: BaseException, reader: str) -> WeightsFileError:
+    """One line for a weights file that `reader` cannot read: truncated (an interrupted copy or download)
+    or corrupt; its size and the reader's first sentence (as train.checkpoint.damaged_file says it)."""
+    from emollama.extract.sources import DamagedWeightsError
+
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    why = lines[0].split(". ")[0] if lines else type(e).__name__
+    try:
+        size = f"{path.stat().st_size:,} bytes"
+    except OSError:
+        size = "size unknown"
+    return DamagedWeightsError(f"{path} is truncated or corrupt ({size}; {reader} cannot read it: {why}): copy "
+                               "or download it again")
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, Any]:

@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from emollama.extract.models import WEIGHT_SUFFIXES, default_home
+from emollama.extract.models import WEIGHT_SUFFIXES, WeightsFileError, default_home
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "ModelSource", "MissingWeightsError", "MissingModel", "DOWNLOAD_HINT", "is_offline", "hub_endpoint",
+    "ModelSource", "MissingWeightsError", "DamagedWeightsError", "MissingModel", "DOWNLOAD_HINT", "is_offline", "hub_endpoint",
     "hub_reachable", "local_only_reason", "missing_models", "hf_cache_dir", "cached_snapshot", "file_sha256",
     "file_hash", "folder_hash", "weights_identity", "config_identity", "resolve_pretrained", "read_json",
     "write_json_atomic",
@@ -126,6 +126,11 @@ class ModelSource:
 
 class MissingWeightsError(RuntimeError):
     """A checkpoint is not available locally and may not be downloaded."""
+
+
+class DamagedWeightsError(WeightsFileError, MissingWeightsError):
+    """A weights file that is truncated or corrupt (an interrupted copy or download): its weights are not
+    here after all, so every command reports it as it does a missing model (one line, exit status 2)."""
 
 
 def _truthy(value: str | None) -> bool:

@@ -203,7 +203,7 @@ def load_torch(path: Path) -> Any:
         why = ([ln for ln in lines if "GLOBAL" in ln] or lines or [type(e).__name__])[0]
         raise CheckpointError(f"{path} holds something other than tensors and plain data; refusing to load it "
                               f"(weights_only=True): {why}") from None
-    except (RuntimeError, EOFError, OSError) as e:   # a zip without its directory, a record past the end
+    except (RuntimeError, EOFError, IndexError, OSError) as e:   # a zip without its directory, a record past the end
         raise damaged_file(path, e) from None
 
 
