@@ -203,16 +203,10 @@ def claim_report_dir(out: Path, scope: Mapping[str, Any], overwrite: bool) -> No
 @contextlib.contextmanager
 def report_lock(out: Path, scope: Mapping[str, Any], overwrite: bool):
     """The report folder ``out``, locked (``train.runfolder.lock``: a second eval into it gets exit 5) and
-    claimed for ``scope`` (``claim_report_dir``) while the block writes it; left empty, it is removed."""
-    fresh = not out.exists()
-    try:
-        with lock(out, "emollama eval"):
-            claim_report_dir(out, scope, overwrite)
-            yield out
-    finally:
-        if fresh:
-            with contextlib.suppress(OSError):
-                out.rmdir()      # only when empty: the eval wrote nothing
+    claimed for ``scope`` (``claim_report_dir``) while the block writes it; left empty, it is removed (``lock``)."""
+    with lock(out, "emollama eval"):
+        claim_report_dir(out, scope, overwrite)
+        yield out
 
 
 def evaluate_corpus(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, *,

@@ -172,10 +172,21 @@ def _holder(file: Path) -> str:
 def lock(path: str | Path, command: str) -> Iterator[Path]:
     """Hold ``path/.lock`` (the folder is created) for the ``with`` block; RunFolderBusy when another
     process holds it. Where the file system has no flock (some network mounts) a warning says so and
-    the block runs unlocked."""
+    the block runs unlocked. A folder this call created and the block left empty (it failed before
+    writing anything) is removed again."""
     import fcntl
 
     path = Path(path)
+    fresh = not path.exists()
+    try:
+        yield from _locked(path, command, fcntl)
+    finally:
+        if fresh:
+            with contextlib.suppress(OSError):
+                path.rmdir()      # only when empty
+
+
+def _locked(path: Path, command: str, fcntl) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
     file = path / LOCK
     while True:

@@ -43,8 +43,9 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 def no_files_in(folder: Path) -> bool:
-    """``folder`` holds no file (it may not exist, or be left empty by the run folder's lock)."""
-    return not folder.exists() or not any(p.is_file() for p in folder.rglob("*"))
+    """Nothing was made at ``folder``: a run folder the lock created and the failed run left empty is
+    removed again (``train.runfolder.lock``)."""
+    return not folder.exists()
 
 
 def one_error(res, code: int) -> str:
