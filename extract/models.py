@@ -401,7 +401,9 @@ def _torch_load(path: Path):
         if "weights only" not in str(e).lower():
             raise WeightsFileError(f"{path}: not a readable torch checkpoint ({e})") from e
         why = str(e).strip().splitlines()
-        why = next((line for line in why if "GLOBAL" in line or "Unsupported" in line), why[0] if why else "")
+        if not any("GLOBAL" in line for line in why):   # "Unsupported operand 65": bytes that are no pickle
+            raise _damaged(path, e, "torch") from None
+        why = next((line for line in why if "GLOBAL" in line), why[0] if why else "")
         why = why.split(". Please use", 1)[0].strip().removeprefix("WeightsUnpickler error: ")
         raise WeightsFileError(
             f"{path}: refused: loading it would run code stored in the pickle ({why.strip()}). Only plain "

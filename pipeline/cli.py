@@ -154,6 +154,7 @@ def extract(
         raise typer.Exit(130)
     except Exception as e:  # clear, short message for known user errors; traceback with -vv
         from emollama.extract.encoders import MissingWeightsError
+        from emollama.extract.models import WeightsFileError
         from emollama.corpora import DatasetError
 
         if is_storage_error(e):   # one line (the store's StorageError says what happened and what to do)
@@ -166,7 +167,7 @@ def extract(
                 typer.echo(f"error: storage error ({e.strerror or e}{where}): nothing committed was lost; free "
                            "space or make the store writable (or use another --store), then rerun", err=True)
             raise typer.Exit(4)
-        if isinstance(e, (MissingWeightsError, DatasetError, FileNotFoundError, FileExistsError)):
+        if isinstance(e, (MissingWeightsError, WeightsFileError, DatasetError, FileNotFoundError, FileExistsError)):
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2)
         raise

@@ -429,3 +429,28 @@ def test_a_truncated_weights_file_in_an_encoder_table_is_one_line(tiny_store, tm
                           "it: "), err
     assert err.endswith("): copy or download it again"), err
     assert not store.exists() or not FeatureStore.open(store, create=False).records()   # no clip computed
+
+
+@pytest.mark.parametrize("kind", ["pickle", "junk", "layout"])
+def test_a_weights_file_an_encoder_cannot_use_is_one_line(tiny_store, tmp_path, kind):
+    """A refused pickle, bytes that are no checkpoint, and tensors of another model, as an encoder table's
+    weights: one line naming the file, exit 2 (was: a WeightsFileError traceback)."""
+    import torch
+
+    data, _ = tiny_store
+    weights = tmp_path / f"mae-{kind}.pth" if kind != "junk" else tmp_path / "mae.bin"
+    if kind == "pickle":
+        torch.save({"model": {"w": torch.zeros(2)}, "opt": Path("x")}, weights)   # a class weights_only refuses
+    elif kind == "junk":
+        weights.write_bytes(os.urandom(4096))
+    else:
+        torch.save({"model": {"some.other.weight": torch.zeros(3, 3)}}, weights)
+    cfg = tmp_path / "enc.toml"
+    cfg.write_text(f'[extract.encoders.local]\nmodel = "{weights}"\n')
+    store = tmp_path / "s.zarr"
+    err = one_error(runner.invoke(app, extract_args(data, store, "-c", str(cfg), "--limit", "2")), 2)
+    assert str(weights) in err, err
+    assert {"pickle": "refused: loading it would run code stored in the pickle (Unsupported global: GLOBAL pathlib",
+            "junk": "is truncated or corrupt (4,096 bytes; torch cannot read it",
+            "layout": "not a checkpoint in the MAE repository layout: missing key"}[kind] in err, err
+    assert not store.exists() or not FeatureStore.open(store, create=False).records()
