@@ -194,12 +194,13 @@ def datasets() -> None:
 
 
 # The other command groups live in their own modules.
-from emollama.pipeline import cli_eval, cli_serve, cli_store, cli_train  # noqa: E402
+from emollama.pipeline import cli_eval, cli_serve, cli_store, cli_timeline, cli_train  # noqa: E402
 
 app.add_typer(cli_store.store_app, name="store", help="Inspect, verify, import, export and prune feature stores.")
 cli_train.register(app)
 cli_eval.register(app)
 cli_serve.register(app)
+cli_timeline.register(app)
 
 
 def main() -> None:
