@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
@@ -334,12 +335,17 @@ def create_app(service: Service):
     if s.cors:
         app.add_middleware(CORSMiddleware, allow_origins=list(s.cors), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
-    app.add_middleware(UploadLimit, limit=s.max_upload_bytes, mb=s.max_upload_mb)
+    app.add_middleware(UploadLimit, limit=s.max_upload_bytes, mb=s.max_upload_mb, note=service.note)
 
     @app.exception_handler(ServeError)
     async def _refused(request: Request, e: ServeError):
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
         return JSONResponse({"detail": e.reason, "note": service.note}, status_code=e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, e: RequestValidationError):
+        where = "; ".join(f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
+        return JSONResponse({"detail": f"invalid request: {where}", "note": service.note}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _failed(request: Request, e: Exception):
@@ -423,8 +429,8 @@ class UploadLimit:
     """413 for a request body over ``limit`` bytes: at once from its Content-Length, else as soon as the
     bytes received pass it (so nothing over the limit is spooled to disk)."""
 
-    def __init__(self, app, limit: int, mb: float):
-        self.app, self.limit, self.mb = app, limit, mb
+    def __init__(self, app, limit: int, mb: float, note: str | None = None):
+        self.app, self.limit, self.mb, self.note = app, limit, mb, note
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -465,8 +471,8 @@ class UploadLimit:
             await self._too_large(send)
 
     async def _too_large(self, send):
-        body = json.dumps({"detail": f"the upload is over the limit of {self.mb:g} MB "
-                                     "(--max-upload-mb)"}).encode()
+        body = json.dumps({"detail": f"the upload is over the limit of {self.mb:g} MB (--max-upload-mb)",
+                           "note": self.note}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})

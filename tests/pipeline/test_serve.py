@@ -93,6 +93,7 @@ def test_bad_uploads_get_their_4xx_and_reason(trained, tmp_path):
         res = _upload(c, path, ctype=ctype)
         assert res.status_code == status, (path.name, res.text)
         assert reason in res.json()["detail"], res.json()
+        assert res.json()["note"] == TINY_WARNING         # the fixture's warning in every answer
         assert str(svc.uploads) not in res.text          # the server's own paths stay its own
     # over the limit without a Content-Length (chunked): 413 as the bytes pass it
     boundary = "b0undary"
@@ -109,6 +110,9 @@ def test_bad_uploads_get_their_4xx_and_reason(trained, tmp_path):
     assert res.status_code == 413 and "over the limit" in res.json()["detail"]
     # neither a file nor a path, and a body that is no form
     assert c.post("/v1/predict", data={"subtitle": "hi"}).status_code == 422
+    res = c.post("/v1/predict", data={"sheet": "perhaps"}, files={"file": ("a.mp4", b"x", "video/mp4")})
+    assert res.status_code == 422 and res.json()["detail"].startswith("invalid request: body.sheet: ")
+    assert res.json()["note"] == TINY_WARNING
     assert c.post("/v1/predict", json={"path": "x"}).status_code == 422
     svc.close()
     assert not svc.uploads.exists()
