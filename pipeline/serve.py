@@ -8,6 +8,8 @@ serves (``pipeline.serve_page``): no front-end build step, no Gradio to pin.
 - ``POST /v1/predict``: a video upload (multipart ``file``) with an optional ``subtitle``, or a server-side
   ``path`` under ``allow_dir``. The answer is ``emollama infer --json``'s for that clip, plus its sha256 and
   ``sheet_url``, the clip's contact sheet.
+- ``POST /v1/timeline``: a video of any length (``emollama timeline``): each window's label and probabilities,
+  the shot cuts, and the URLs of the plot and the CSV (``GET /v1/timelines/NAME/timeline.png``).
 - ``GET /v1/health``, ``GET /v1/run`` (labels, profile, feature sets, prompt style), ``GET /v1/sheets/NAME``.
 - ``/docs``: the OpenAPI page; ``/``: the web page.
 
@@ -239,6 +241,8 @@ class Service:
         if base:
             Path(base).mkdir(parents=True, exist_ok=True)
         self.uploads = Path(tempfile.mkdtemp(prefix="emollama-serve-", dir=base))
+        self.model_lock = threading.Lock()   # the batcher and the timelines take turns with the model
+        self.timelines = self.sheets.parent / "timelines"
         self.batcher = Batcher(self._predict, batch_max=settings.batch_max, wait_s=settings.batch_wait_s)
         self.started = time.time()
         self.answered = 0
@@ -314,9 +318,48 @@ class Service:
         store holds is read from it (infer's rule). ``sheets``: the contact sheets too (made by the extraction
         for a new clip; for a stored clip made once, by decoding and tracking its faces again)."""
         s = self.settings
-        return self.predictor.predict([str(p) for p in paths], subtitles=subtitles or None, reason=s.reason,
-                                      max_new_tokens=s.max_new_tokens, batch_size=max(1, s.batch_max),
-                                      preview=self.sheets if sheets else None, missing_audio=s.missing_audio)
+        with self.model_lock:
+            return self.predictor.predict([str(p) for p in paths], subtitles=subtitles or None, reason=s.reason,
+                                          max_new_tokens=s.max_new_tokens, batch_size=max(1, s.batch_max),
+                                          preview=self.sheets if sheets else None, missing_audio=s.missing_audio)
+
+    async def timeline(self, path: Path, sha: str, settings, *, file: str) -> dict[str, Any]:
+        """``pipeline.timeline.run_timeline`` on a video (its windows' predictions take the model in turn
+        with the batcher's); the CSV, plot and JSON go to ``<run>/serve/timelines/<stem>-<sha12>/``."""
+        from emollama.extract.decode import DecodeError
+        from emollama.pipeline.timeline import run_timeline
+
+        await asyncio.to_thread(check_video, path, file)
+        if problems := settings.problems():
+            raise ServeError(422, "; ".join(problems))
+        name = f"{_safe_stem(file)}-{sha[:12]}"
+        try:
+            result = await asyncio.to_thread(run_timeline, _Locked(self.predictor, self.model_lock, self.settings),
+                                             path, settings, out=self.timelines / name, shown=file)
+        except DecodeError as e:
+            raise ServeError(422, f"{file}: {str(e).replace(str(path), file)}") from None
+        d = result.to_dict()
+        d["sha256"] = sha
+        d["plot_url"] = f"/v1/timelines/{name}/timeline.png"
+        d["csv_url"] = f"/v1/timelines/{name}/timeline.csv"
+        d.pop("csv", None)
+        d.pop("plot", None)
+        return d
+
+
+class _Locked:
+    """The predictor as ``run_timeline`` sees it: each ``predict`` holds the model lock, missing audio as
+    the server was started."""
+
+    def __init__(self, predictor, lock: threading.Lock, settings: ServeSettings):
+        self._p, self._lock, self._s = predictor, lock, settings
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._p, name)
+
+    def predict(self, paths, **kw):
+        with self._lock:
+            return self._p.predict(paths, missing_audio=self._s.missing_audio, **kw)
 
 
 def sha256_of(path: Path) -> str:
@@ -385,6 +428,38 @@ def create_app(service: Service):
             raise ServeError(404, f"no contact sheet {name!r}")
         return FileResponse(path, media_type="image/png")
 
+    @app.get("/v1/timelines/{name}/{file}")
+    async def timeline_file(name: str, file: str):
+        """A timeline's plot (PNG), table (CSV) or result (JSON)."""
+        kinds = {"timeline.png": "image/png", "timeline.csv": "text/csv", "timeline.json": "application/json"}
+        path = service.timelines / name / file
+        if file not in kinds or "/" in name or name.startswith(".") or not path.is_file():
+            raise ServeError(404, f"no timeline file {name}/{file}")
+        return FileResponse(path, media_type=kinds[file])
+
+    @app.post("/v1/timeline")
+    async def timeline(file: UploadFile = File(..., description="A video of any length."),
+                       window: float = Form(4.0, description="Seconds a window lasts."),
+                       hop: float = Form(2.0, description="Seconds between window starts."),
+                       follow_cuts: bool = Form(True, description="Windows inside each shot."),
+                       subtitle: str | None = Form(None, description="One text for every window.")):
+        """Emotion over time (``emollama timeline``): the video cut into windows, each window's label and
+        probabilities, the shot cuts, and the URLs of the plot and the CSV."""
+        from emollama.pipeline.timeline import TimelineSettings
+
+        ctype = (file.content_type or "").lower()
+        if not ctype.startswith(VIDEO_TYPES):
+            raise ServeError(415, f"the upload's content type is {ctype or 'missing'!r}: send a video "
+                                  "(video/*, or application/octet-stream)")
+        folder = service.upload_folder()
+        try:
+            dest, sha = await _receive(file, folder, s, service)
+            settings = TimelineSettings(window=window, hop=hop, follow_cuts=follow_cuts, subtitle=subtitle)
+            return await service.timeline(dest, sha, settings, file=file.filename or dest.name)
+        finally:
+            await file.close()
+            shutil.rmtree(folder, ignore_errors=True)
+
     @app.post("/v1/predict")
     async def predict(request: Request, file: UploadFile | None = File(None, description="The video clip."),
                       subtitle: str | None = Form(None, description="What the person says (optional)."),
@@ -404,25 +479,29 @@ def create_app(service: Service):
                                   "(video/*, or application/octet-stream)")
         folder = service.upload_folder()
         try:
-            h, size, part = hashlib.sha256(), 0, folder / "upload.part"
-            with open(part, "wb") as out:
-                while block := await file.read(CHUNK):
-                    size += len(block)
-                    if size > s.max_upload_bytes:
-                        raise ServeError(413, f"the upload is over the limit of {s.max_upload_mb:g} MB "
-                                              "(--max-upload-mb)")
-                    h.update(block)
-                    out.write(block)
-            sha = h.hexdigest()
-            dest = part.rename(folder / service.upload_name(file.filename, sha))
-            return await service.answer(dest, sha if size else None, subtitle, file=file.filename or dest.name,
-                                        sheet=sheet)
+            dest, sha = await _receive(file, folder, s, service)
+            return await service.answer(dest, sha if dest.stat().st_size else None, subtitle,
+                                        file=file.filename or dest.name, sheet=sheet)
         finally:
             await file.close()
             shutil.rmtree(folder, ignore_errors=True)
 
     app.state.service = service
     return app
+
+
+async def _receive(file, folder: Path, s: ServeSettings, service: Service) -> tuple[Path, str]:
+    """The upload written into ``folder`` (413 past the limit), named by its stem and sha256; (path, sha256)."""
+    h, size, part = hashlib.sha256(), 0, folder / "upload.part"
+    with open(part, "wb") as out:
+        while block := await file.read(CHUNK):
+            size += len(block)
+            if size > s.max_upload_bytes:
+                raise ServeError(413, f"the upload is over the limit of {s.max_upload_mb:g} MB (--max-upload-mb)")
+            h.update(block)
+            out.write(block)
+    sha = h.hexdigest()
+    return part.rename(folder / service.upload_name(file.filename, sha)), sha
 
 
 class UploadLimit:

@@ -3,7 +3,8 @@
 It asks ``/v1/health`` and ``/v1/run`` (with the bearer token when the server wants one: the page asks
 for it and keeps it in the tab's sessionStorage), sends a dropped or picked clip to ``/v1/predict``, and
 shows the label, a bar per label's probability, the reasoning, the face-track warnings and the contact
-sheet (fetched with the token, shown as a blob), then keeps each clip in a list for the session.
+sheet (fetched with the token, shown as a blob), then keeps each clip in a list for the session. "Timeline"
+sends the clip to ``/v1/timeline`` and shows the plot of its probabilities over time.
 """
 
 PAGE = r"""<!doctype html>
@@ -63,7 +64,8 @@ PAGE = r"""<!doctype html>
     <div id="drop" tabindex="0">Drop a video clip here, or click to pick one
       <input type="file" id="file" accept="video/*,.mkv,.ts,.mts,.m2ts,.webm,.gif" hidden></div>
     <div class="row"><input type="text" id="subtitle" placeholder="what the person says (optional)">
-      <button id="send" type="button" disabled>Predict</button></div>
+      <button id="send" type="button" disabled>Predict</button>
+      <button id="timeline" type="button" disabled title="a long video: windows of 4 s every 2 s, inside each shot">Timeline</button></div>
     <div id="status"></div>
     <div id="result">
       <div id="label"></div>
@@ -73,6 +75,11 @@ PAGE = r"""<!doctype html>
       <h3>Face crops and global frame</h3>
       <div id="face"></div>
       <img id="sheet" alt="contact sheet: the face crops the model used, then the global frame">
+    </div>
+    <div id="tl" style="display:none">
+      <h3>Emotion over time</h3>
+      <div id="tl-info"></div>
+      <img id="tl-plot" style="max-width:100%" alt="each label's probability over time, shot cuts marked">
     </div>
   </section>
   <aside><h3 style="margin-top:0">Clips sent</h3><ul id="history"></ul></aside>
@@ -108,6 +115,7 @@ async function connect() {
 function pick(file) {
   picked = file;
   $("send").disabled = !file;
+  $("timeline").disabled = !file;
   $("drop").firstChild.textContent = file ? file.name + " (" + (file.size / 1048576).toFixed(1) + " MB) " : "Drop a video clip here, or click to pick one";
 }
 
@@ -158,6 +166,34 @@ async function show(d) {
   }
 }
 
+async function sendTimeline() {
+  if (!picked) return;
+  const body = new FormData();
+  body.append("file", picked, picked.name);
+  if ($("subtitle").value.trim()) body.append("subtitle", $("subtitle").value.trim());
+  $("timeline").disabled = true;
+  status("timeline of " + picked.name + "...");
+  const t0 = performance.now();
+  try {
+    const r = await api("/v1/timeline", { method: "POST", body });
+    const d = await r.json();
+    if (!r.ok) { results.unshift({ file: picked.name, error: d.detail || r.statusText }); history(); status(d.detail, true); return; }
+    results.unshift({ file: picked.name, timeline: d }); history();
+    showTimeline(d);
+    status(`${d.windows.length} windows · ${((performance.now() - t0) / 1000).toFixed(2)} s`);
+  } catch (e) { status(e.message, true); }
+  finally { $("timeline").disabled = !picked; }
+}
+
+async function showTimeline(d) {
+  $("tl").style.display = "block";
+  const extracted = d.windows.filter((w) => w.extracted).length;
+  $("tl-info").textContent = `${d.windows.length} windows of ${d.settings.window} s every ${d.settings.hop} s over ` +
+    `${d.duration.toFixed(1)} s · ${d.cuts.length} shot cut(s) · ${extracted} extracted now`;
+  const r = await api(d.plot_url);
+  if (r.ok) $("tl-plot").src = URL.createObjectURL(await r.blob());
+}
+
 function history() {
   $("history").innerHTML = "";
   results.forEach((d, i) => {
@@ -165,6 +201,10 @@ function history() {
     const name = document.createElement("div"); name.textContent = d.file; li.append(name);
     const what = document.createElement("div");
     if (d.error) { what.className = "err"; what.textContent = d.error; }
+    else if (d.timeline) {
+      what.className = "src"; what.textContent = `timeline: ${d.timeline.windows.length} windows, ${d.timeline.cuts.length} cut(s)`;
+      li.onclick = () => showTimeline(d.timeline);
+    }
     else {
       what.innerHTML = `<span class="lab"></span> <span class="src"></span>`;
       what.children[0].textContent = d.label;
@@ -183,6 +223,7 @@ $("drop").ondragover = (e) => { e.preventDefault(); $("drop").classList.add("ove
 $("drop").ondragleave = () => $("drop").classList.remove("over");
 $("drop").ondrop = (e) => { e.preventDefault(); $("drop").classList.remove("over"); pick(e.dataTransfer.files[0] || null); };
 $("send").onclick = send;
+$("timeline").onclick = sendTimeline;
 $("save-token").onclick = () => { token = $("token").value.trim(); sessionStorage.setItem("emollama-token", token); connect(); };
 connect();
 </script>

@@ -94,9 +94,9 @@ class TimelineResult:
 
 def run_timeline(predictor, source: str | Path, settings: TimelineSettings | None = None, *,
                  out: str | Path | None = None, say: Callable[[str], None] = lambda s: None,
-                 progress: bool = False) -> TimelineResult:
+                 progress: bool = False, shown: str | None = None) -> TimelineResult:
     """Every window of ``source`` through ``predictor``; the CSV, the plot and ``timeline.json`` go into
-    ``out`` when given."""
+    ``out`` when given. ``shown``: the name the result and the plot give the video (default: its path)."""
     from tqdm.auto import tqdm
 
     from emollama.train.tiny import TINY_WARNING
@@ -126,7 +126,7 @@ def run_timeline(predictor, source: str | Path, settings: TimelineSettings | Non
     finally:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    result = TimelineResult(str(source), round(duration, 3), cuts, [results[w.index] for w in windows],
+    result = TimelineResult(shown or str(source), round(duration, 3), cuts, [results[w.index] for w in windows],
                             list(predictor.labels), s, short,
                             TINY_WARNING if predictor.run.tiny else None)
     result.seconds = round(time.perf_counter() - t0, 2)

@@ -234,3 +234,33 @@ def test_a_clip_with_no_face_is_answered_with_its_warning(trained, tmp_path):
     assert d["warnings"] == ["no face found: whole frames were used, so the label rests on the voice, the words "
                              "and the scene"]
     svc.close()
+
+
+def test_a_timeline_upload_answers_windows_cuts_and_the_plot(trained, tmp_path, samples_dir):
+    from test_timeline import join_clips
+
+    from emollama.extract.windows import scan_cuts
+
+    single = [p for p in sorted(samples_dir.glob("sample_*.mp4")) if not scan_cuts(p)[0]]
+    video = tmp_path / "talk.mp4"
+    [join] = join_clips([single[0], single[1]], video)
+    svc = _service(trained, tmp_path)
+    c = TestClient(create_app(svc))
+    with open(video, "rb") as f:
+        res = c.post("/v1/timeline", files={"file": ("talk.mp4", f, "video/mp4")}, data={"window": "2", "hop": "1"})
+    assert res.status_code == 200, res.text
+    d = res.json()
+    assert len(d["cuts"]) == 1 and join <= d["cuts"][0] <= join + 0.21
+    assert len(d["windows"]) >= 4 and all(w["label"] in trained["predictor"].labels for w in d["windows"])
+    assert d["source"] == "talk.mp4" and d["note"] == TINY_WARNING
+    png, table = c.get(d["plot_url"]), c.get(d["csv_url"])
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table.status_code == 200 and len(table.text.strip().splitlines()) == len(d["windows"]) + 1
+    with open(video, "rb") as f:      # again: every window is read from the eval store
+        again = c.post("/v1/timeline", files={"file": ("talk.mp4", f, "video/mp4")}, data={"window": "2", "hop": "1"})
+    assert again.status_code == 200 and not any(w["extracted"] for w in again.json()["windows"])
+    bad = c.post("/v1/timeline", files={"file": ("talk.mp4", b"\x00" * 100, "video/mp4")})
+    assert bad.status_code == 422 and "not a usable video" in bad.json()["detail"]
+    assert c.get("/v1/timelines/../x/timeline.png").status_code == 404
+    svc.close()
+    assert list((tmp_path / "uploads").iterdir()) == []

@@ -1,6 +1,6 @@
 """The page of `emollama serve` in a real browser: headless Chromium (Debian's `chromium` and
 `chromium-driver`, driven by selenium) loads it, uploads a real sample clip and waits for the answer; the
-label, a bar per label and the contact sheet must show. The screenshot is kept as a test artefact
+label, a bar per label and the contact sheet must show; then its timeline's plot. The screenshot is kept as a test artefact
 (``$EMOLLAMA_ARTIFACTS/serve-page.png`` when that variable is set, else in the test's tmp folder).
 Skips, with the reason, where Chromium or its driver cannot be had (`.ci/run` installs them with apt)."""
 
@@ -108,6 +108,12 @@ def test_the_page_uploads_a_clip_and_shows_label_bars_and_contact_sheet(server, 
         history = driver.find_elements(By.CSS_SELECTOR, "#history li")
         assert len(history) == 1 and clip.name in history[0].text
         assert driver.find_element(By.ID, "reasoning").text.strip()
+        # the same clip as a timeline: its plot is shown
+        driver.find_element(By.ID, "timeline").click()
+        wait.until(lambda d: d.execute_script("const i = document.getElementById('tl-plot');"
+                                              "return i.complete && i.naturalWidth > 0;"))
+        assert "windows of 4 s every 2 s" in driver.find_element(By.ID, "tl-info").text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#history li")) == 2
         out = Path(os.environ.get("EMOLLAMA_ARTIFACTS") or tmp_path)
         out.mkdir(parents=True, exist_ok=True)
         shot = out / "serve-page.png"
