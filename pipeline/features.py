@@ -163,8 +163,10 @@ def default_extraction(run, target: str, *, dataset: str = "folder", root: str |
     the clip's first frame as the global frame, as the released model was trained and evaluated."""
     ext = {"store": target, "profile": run.config.model.profile, "workers": workers, "compact": False,
            "storage_options": target_options or {}}
-    if run.config.data.prompt == "emotion-llama":
-        ext["frames"] = {"global_frame": "first"}
+    from emollama.train.prompt import prompt_style
+
+    if (frame := prompt_style(run.config.data.prompt).global_frame) is not None:
+        ext["frames"] = {"global_frame": frame}
     try:
         return load_config(None, {"dataset": {"kind": dataset, "root": str(root)}, "extract": ext})
     except ValueError as e:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .modalities import PAPER_FEATURES
-from .prompt import DEFAULT_SUBTITLE_TOKENS, PROMPT_STYLES, TASKS
+from .prompt import DEFAULT_SUBTITLE_TOKENS, STYLES, TASKS
 
 PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
 
@@ -104,9 +104,9 @@ class DataConfig:
         for t in self.tasks:
             if t not in TASKS:
                 out.append(f"data.tasks: unknown task {t!r}; choose from {', '.join(TASKS)}")
-        if self.prompt not in PROMPT_STYLES:
-            out.append(f"data.prompt = {self.prompt!r}: choose {', '.join(PROMPT_STYLES)}")
-        if self.system and self.prompt != "chat":
+        if self.prompt not in STYLES:
+            out.append(f"data.prompt = {self.prompt!r}: choose {', '.join(STYLES)}")
+        if self.system and self.prompt in STYLES and not STYLES[self.prompt].system_prompt:
             out.append(f"data.system is written only by the chat prompt style (data.prompt = {self.prompt!r}): "
                        "set data.prompt = \"chat\" or leave data.system empty")
         if self.patch_group < 1:

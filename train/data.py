@@ -30,8 +30,8 @@ import torch
 from emollama.corpora import Clip, Corpus
 
 from .config import TrainConfig
-from .prompt import (DEFAULT_SUBTITLE_TOKENS, IGNORE, Encoded, Layout, check_chat_template, encode, fit_subtitle,
-                     instruction_for, instructions, stop_token_ids)
+from .prompt import (DEFAULT_SUBTITLE_TOKENS, IGNORE, Encoded, Layout, encode, fit_subtitle,
+                     instruction_for, instructions, stop_token_ids, prompt_style)
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,7 @@ class PromptEncoder:
         self.labels = list(self.labels)
         self._longest: dict[str, str] = {}
         self._fixed: dict[str, int] = {}
-        if self.style == "chat":        # refuse a tokenizer without a chat template now, not at the first batch
-            check_chat_template(self.tokenizer)
+        prompt_style(self.style).check(self.tokenizer)   # e.g. no chat template: refused now, not at the first batch
 
     @property
     def stop_ids(self) -> list[int]:

@@ -88,7 +88,6 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 TASKS = ("emotion", "reason", "reason_v2")
-PROMPT_STYLES = ("emollama", "emotion-llama", "chat")
 EVAL_LAYOUTS = ("trained", "public-eval")
 TASK_TAGS = {"emotion": "emotion", "reason": "reason", "reason_v2": "reason_v2"}
 IGNORE = -100
@@ -145,12 +144,18 @@ def caption_filter(text: str, max_words: int = 200) -> str:
     return " ".join(words[:max_words])
 
 
+def prompt_style(style: str) -> "PromptStyle":
+    """The registered ``PromptStyle`` named ``style`` (``STYLES``)."""
+    if style not in STYLES:
+        raise ValueError(f"unknown prompt style {style!r}: choose {', '.join(STYLES)}")
+    return STYLES[style]
+
+
 def check_style(style: str, layout: str = "trained") -> None:
-    if style not in PROMPT_STYLES:
-        raise ValueError(f"unknown prompt style {style!r}: choose {', '.join(PROMPT_STYLES)}")
+    ps = prompt_style(style)
     if layout not in EVAL_LAYOUTS:
         raise ValueError(f"unknown evaluation layout {layout!r}: choose {' or '.join(EVAL_LAYOUTS)}")
-    if layout == "public-eval" and style != "emotion-llama":
+    if layout not in ps.layouts:
         raise ValueError("the public-eval layout reproduces the public evaluation script's text, which exists "
                          "only for the emotion-llama prompt style (this run uses " + repr(style) + ")")
 
@@ -188,7 +193,7 @@ class Encoded:
 
 def instructions(task: str, labels: Sequence[str], style: str = "emollama") -> list[str]:
     """The instruction pool of ``task`` in the prompt ``style``, ``{labels}`` filled in."""
-    pools = RELEASED_INSTRUCTIONS if style == "emotion-llama" else INSTRUCTIONS
+    pools = prompt_style(style).instructions
     if task not in pools:
         raise ValueError(f"unknown task {task!r}: choose from {', '.join(TASKS)}")
     return [i.replace("{labels}", ", ".join(labels)) for i in pools[task]]
@@ -397,19 +402,15 @@ def encode(tokenizer, layout: Layout, subtitle: str | None, task: str, instructi
     this many tokens (``fit_subtitle``; ``meta["subtitle_cut"]`` says whether it was). The answer is
     never cut: whether the example fits a length budget is the caller's decision (``TrainData``)."""
     check_style(style, eval_layout)
-    if system and style != "chat":
+    ps = prompt_style(style)
+    if system and not ps.system_prompt:
         raise ValueError(f"a system prompt is written only by the chat prompt style (this is {style!r}): "
                          "set data.prompt = \"chat\" or leave data.system empty")
     cut = False
     if max_subtitle_tokens is not None:
         subtitle, cut = fit_subtitle(tokenizer, subtitle, max_subtitle_tokens)
     pieces = Pieces(tokenizer, layout, (subtitle, instruction, answer, system))
-    if style == "chat":
-        enc = _encode_chat(pieces, subtitle, task, instruction, answer, system=system)
-    elif style == "emotion-llama":
-        enc = _encode_released(pieces, subtitle, task, instruction, answer, public_eval=eval_layout == "public-eval")
-    else:
-        enc = _encode_ours(pieces, subtitle, task, instruction, answer)
+    enc = ps.apply(pieces, subtitle, task, instruction, answer, eval_layout=eval_layout, system=system)
     enc.meta["subtitle_cut"] = cut
     return enc
 
@@ -545,13 +546,16 @@ def _probe_messages() -> list[dict]:
 
 def stop_token_ids(tokenizer, style: str = "emollama") -> list[int]:
     """The token ids generation stops at: EOS, and for the ``chat`` style the template's end-of-turn token."""
+    return prompt_style(style).stop_tokens(tokenizer)
+
+
+def _chat_stop_tokens(tokenizer) -> list[int]:
     out = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    if style == "chat":
-        check_chat_template(tokenizer)
-        turn, end = assistant_turn(tokenizer, _probe_messages(), "happy")
-        ids = tokenizer(turn[end:], add_special_tokens=False)["input_ids"]
-        if ids and ids[-1] not in out:
-            out.append(ids[-1])
+    check_chat_template(tokenizer)
+    turn, end = assistant_turn(tokenizer, _probe_messages(), "happy")
+    ids = tokenizer(turn[end:], add_special_tokens=False)["input_ids"]
+    if ids and ids[-1] not in out:
+        out.append(ids[-1])
     return out
 
 
@@ -576,3 +580,69 @@ def _encode_chat(pieces: Pieces, subtitle: str | None, task: str, instruction: s
     turn, _ = assistant_turn(tokenizer, messages, pieces.user(answer.strip()))
     tail = pieces.continuation(prompt, got, turn)
     return Encoded(got.ids + tail, got.feat + [False] * len(tail), [IGNORE] * answer_start + tail, answer_start)
+
+
+# ---- the styles: one class each, one registry ---------------------------------------------------------
+
+class PromptStyle:
+    """A prompt style (``data.prompt``): how one example's text becomes token ids (``apply``), which
+    instruction pools it draws from, the evaluation layouts it has, whether it writes a system prompt, what
+    it needs of a tokenizer (``check``) and where generation stops (``stop_tokens``). A new style is one
+    class (its own file if it likes) and one line in ``STYLES``; nothing else names styles."""
+
+    name: str = ""
+    instructions: dict[str, tuple[str, ...]] = INSTRUCTIONS
+    layouts: tuple[str, ...] = ("trained",)
+    system_prompt: bool = False
+    global_frame: str | None = None     # the global frame its protocol was trained on (None: the extraction's)
+
+    def apply(self, pieces: Pieces, subtitle: str | None, task: str, instruction: str, answer: str | None, *,
+              eval_layout: str = "trained", system: str = "") -> Encoded:
+        raise NotImplementedError
+
+    def check(self, tokenizer) -> None:
+        """Refuse a tokenizer this style cannot use (at set-up, not at the first batch)."""
+
+    def stop_tokens(self, tokenizer) -> list[int]:
+        return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+class EmollamaStyle(PromptStyle):
+    """Our own wording, in the Llama-2 ``[INST]`` frame (the module docstring)."""
+
+    name = "emollama"
+
+    def apply(self, pieces, subtitle, task, instruction, answer, *, eval_layout="trained", system=""):
+        return _encode_ours(pieces, subtitle, task, instruction, answer)
+
+
+class EmotionLlamaStyle(PromptStyle):
+    """The released model's training protocol, token for token, and the public evaluation layout."""
+
+    name = "emotion-llama"
+    instructions = RELEASED_INSTRUCTIONS
+    layouts = ("trained", "public-eval")
+    global_frame = "first"
+
+    def apply(self, pieces, subtitle, task, instruction, answer, *, eval_layout="trained", system=""):
+        return _encode_released(pieces, subtitle, task, instruction, answer, public_eval=eval_layout == "public-eval")
+
+
+class ChatStyle(PromptStyle):
+    """Any chat LM through its tokenizer's own chat template, with an optional system turn."""
+
+    name = "chat"
+    system_prompt = True
+
+    def apply(self, pieces, subtitle, task, instruction, answer, *, eval_layout="trained", system=""):
+        return _encode_chat(pieces, subtitle, task, instruction, answer, system=system)
+
+    def check(self, tokenizer) -> None:
+        check_chat_template(tokenizer)
+
+    def stop_tokens(self, tokenizer) -> list[int]:
+        return _chat_stop_tokens(tokenizer)
+
+
+STYLES: dict[str, PromptStyle] = {s.name: s for s in (EmollamaStyle(), EmotionLlamaStyle(), ChatStyle())}
+PROMPT_STYLES = tuple(STYLES)

@@ -190,3 +190,29 @@ def test_public_eval_layout_makes_the_public_scripts_calls(sp_toks, kind, legacy
     trained = encode(tok, PAPER, sub, "emotion", RELEASED_EMOTION_INSTRUCTION, style="emotion-llama")
     head = [tok.bos_token_id] + tok("[INST] <video>", add_special_tokens=False)["input_ids"]
     assert trained.ids[:len(head)] == head and trained.ids.count(tok.bos_token_id) == 1
+
+
+def test_a_new_prompt_style_is_one_class_and_one_registration(monkeypatch):
+    """A PromptStyle subclass in STYLES is a style everywhere (config check, encode, instructions, stops);
+    nothing outside the registry names styles."""
+    import re
+    from pathlib import Path
+
+    from emollama.train import prompt as P
+    from emollama.train.config import TrainConfig
+
+    class Shouting(P.EmollamaStyle):
+        name = "shouting"
+        instructions = {t: tuple(i.upper() for i in pool) for t, pool in P.INSTRUCTIONS.items()}
+
+    monkeypatch.setitem(P.STYLES, "shouting", Shouting())
+    assert P.instructions("emotion", ["happy"], "shouting")[0].startswith("WHICH EMOTION")
+    P.check_style("shouting")
+    cfg = TrainConfig()
+    cfg.data.prompt = "shouting"
+    assert not [p for p in cfg.problems() if "data.prompt" in p]
+    repo = Path(__file__).resolve().parents[2]
+    named = [f"{f.relative_to(repo)}:{n}" for d in ("train", "pipeline", "extract", "store", "corpora")
+             for f in (repo / d).rglob("*.py") for n, line in enumerate(f.read_text().splitlines(), 1)
+             if re.search(r'(style|prompt)\s*[!=]=\s*"', line)]
+    assert named == []
