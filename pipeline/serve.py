@@ -447,10 +447,7 @@ def create_app(service: Service):
         probabilities, the shot cuts, and the URLs of the plot and the CSV."""
         from emollama.pipeline.timeline import TimelineSettings
 
-        ctype = (file.content_type or "").lower()
-        if not ctype.startswith(VIDEO_TYPES):
-            raise ServeError(415, f"the upload's content type is {ctype or 'missing'!r}: send a video "
-                                  "(video/*, or application/octet-stream)")
+        _check_type(file)
         folder = service.upload_folder()
         try:
             dest, sha = await _receive(file, folder, s, service)
@@ -473,10 +470,7 @@ def create_app(service: Service):
         if path is not None:
             p = resolve_allowed(path, s.allow_dir)
             return await service.answer(p, await asyncio.to_thread(sha256_of, p), subtitle, file=path, sheet=sheet)
-        ctype = (file.content_type or "").lower()
-        if not ctype.startswith(VIDEO_TYPES):
-            raise ServeError(415, f"the upload's content type is {ctype or 'missing'!r}: send a video "
-                                  "(video/*, or application/octet-stream)")
+        _check_type(file)
         folder = service.upload_folder()
         try:
             dest, sha = await _receive(file, folder, s, service)
@@ -488,6 +482,14 @@ def create_app(service: Service):
 
     app.state.service = service
     return app
+
+
+def _check_type(file) -> None:
+    """415 for an upload whose declared content type is no video."""
+    ctype = (file.content_type or "").lower()
+    if not ctype.startswith(VIDEO_TYPES):
+        raise ServeError(415, f"the upload's content type is {ctype or 'missing'!r}: send a video "
+                              "(video/*, or application/octet-stream)")
 
 
 async def _receive(file, folder: Path, s: ServeSettings, service: Service) -> tuple[Path, str]:
