@@ -14,14 +14,12 @@ import os
 import shutil
 import subprocess
 import sys
-from fractions import Fraction
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from test_fault_inputs import write_clip  # noqa: E402 - the fault suite's small real clip
 from emollama.pipeline.cli import app
 from emollama.store import FeatureStore
 
@@ -83,34 +81,6 @@ def train_args(tiny_store, out: Path, *extra: str) -> list[str]:
     data, store = tiny_store
     return ["train", "--data", str(data), "--store", str(store), "--out", str(out), "--profile", "tiny",
             "--steps", "1", "-b", "2", "-f", "audio.hubert.mean", "--no-progress", *extra]
-
-
-def write_clip(path: Path, size: tuple[int, int], frames: int = 10, fps: int = 25, audio_s: float = 0.5) -> Path:
-    """A tiny real clip (H.264 + AAC) of ``size`` = (width, height) pixels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w, h = size
-    with av.open(str(path), "w") as out:
-        vs = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        vs.width, vs.height, vs.pix_fmt = w, h, "yuv420p"
-        aus = out.add_stream("aac", rate=16000, layout="mono")
-        for i in range(frames):
-            img = np.full((h, w, 3), 110, np.uint8)
-            img[: h // 2, : w // 2] = 200 + i
-            for pkt in vs.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                out.mux(pkt)
-        for pkt in vs.encode():
-            out.mux(pkt)
-        n = int(audio_s * 16000)
-        tone = (0.2 * np.sin(2 * np.pi * 220 * np.arange(n) / 16000)).astype(np.float32)
-        for start in range(0, n, 1024):
-            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[start:start + 1024][None]), format="fltp",
-                                            layout="mono")
-            af.sample_rate, af.pts, af.time_base = 16000, start, Fraction(1, 16000)
-            for pkt in aus.encode(af):
-                out.mux(pkt)
-        for pkt in aus.encode():
-            out.mux(pkt)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -360,8 +330,8 @@ def test_a_read_only_emollama_home_is_blamed_not_out(tiny_store, tmp_path, monke
 @pytest.mark.parametrize("detect_on", ["prep", "encoder"])
 def test_frames_smaller_than_a_face_are_extracted_with_whole_frames(tmp_path, detect_on):
     data = tmp_path / "small"
-    write_clip(data / "square16.mp4", (16, 16))
-    write_clip(data / "wide20x12.mp4", (20, 12))
+    write_clip(data / "square16.mp4", frames=10, size=(16, 16), audio_s=0.5)
+    write_clip(data / "wide20x12.mp4", frames=10, size=(20, 12), audio_s=0.5)
     store = tmp_path / "s.zarr"
     res = runner.invoke(app, ["extract", "--dataset", "folder", "--data", str(data), "--store", str(store),
                               "--profile", "tiny", "--workers", "0", "--detect-on", detect_on, "--no-progress"])
