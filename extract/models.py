@@ -415,10 +415,8 @@ def _torch_load(path: Path):
         raise
     except (PermissionError, FileNotFoundError, IsADirectoryError) as e:
         raise WeightsFileError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
-    except (RuntimeError, EOFError, IndexError, OSError) as e:   # a zip without its directory, a record past the end
+    except Exception as e:   # a zip without its directory, a record past the end, bytes that are no pickle
         raise _damaged(path, e, "torch") from None
-    except Exception as e:
-        raise WeightsFileError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
 
 
 def _damaged(path: Path, e: BaseException, reader: str) -> WeightsFileError:
@@ -428,6 +426,8 @@ def _damaged(path: Path, e: BaseException, reader: str) -> WeightsFileError:
 
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     why = lines[0].split(". ")[0] if lines else type(e).__name__
+    if not isinstance(e, (RuntimeError, OSError)):
+        why = f"{type(e).__name__}: {why}"    # KeyError: 0 says little without its name
     try:
         size = f"{path.stat().st_size:,} bytes"
     except OSError:

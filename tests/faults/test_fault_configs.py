@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -412,7 +413,7 @@ def test_a_weights_file_an_encoder_cannot_use_is_one_line(tiny_store, tmp_path, 
     if kind == "pickle":
         torch.save({"model": {"w": torch.zeros(2)}, "opt": Path("x")}, weights)   # a class weights_only refuses
     elif kind == "junk":
-        weights.write_bytes(os.urandom(4096))
+        weights.write_bytes(random.Random(0).randbytes(4096))
     else:
         torch.save({"model": {"some.other.weight": torch.zeros(3, 3)}}, weights)
     cfg = tmp_path / "enc.toml"
