@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -326,6 +327,8 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
     # every encoder checked before the store exists or any worker starts; without a hub: local files only
     if check_models(encoders=settings.encoders, offline=settings.offline) and not settings.offline:
         settings = replace(settings, offline=True)
+    local = None if "://" in str(e.store) else Path(e.store)
+    fresh = local is not None and not local.exists()
     try:
         store = FeatureStore.open(e.store, storage_options=e.storage_options or None)
     except OSError as err:
@@ -333,6 +336,17 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
             raise StorageError(f"the store {e.store} cannot be created ({err.strerror or err}): nothing committed "
                                "was lost; make it writable or use another --store, then rerun", err.errno) from None
         raise
+    try:
+        return _extract_into(store, cfg, settings, clips, rejected, progress, expect_keys)
+    except BaseException:
+        if fresh and not store.sets():     # a store this run created and left empty (e.g. an encoder failed
+            shutil.rmtree(local, ignore_errors=True)   # to load): not left behind
+        raise
+
+
+def _extract_into(store: FeatureStore, cfg: Config, settings, clips: list[Clip], rejected: list, progress: bool,
+                  expect_keys: Sequence[str] | None) -> ExtractSummary:
+    e = cfg.extract
     store.check_writable()   # a read-only store or a full disk stops here, before any model is loaded
     t0 = time.perf_counter()
     config = cfg.to_dict()

@@ -399,7 +399,7 @@ def test_a_truncated_weights_file_in_an_encoder_table_is_one_line(tiny_store, tm
     assert err.startswith(f"error: {weights} is truncated or corrupt ({len(raw) // 2:,} bytes; {reader} cannot read "
                           "it: "), err
     assert err.endswith("): copy or download it again"), err
-    assert not store.exists() or not FeatureStore.open(store, create=False).records()   # no clip computed
+    assert not store.exists()     # no clip computed, and the store this run created is not left behind
 
 
 @pytest.mark.parametrize("kind", ["pickle", "junk", "layout"])
@@ -424,4 +424,4 @@ def test_a_weights_file_an_encoder_cannot_use_is_one_line(tiny_store, tmp_path, 
     assert {"pickle": "refused: loading it would run code stored in the pickle (Unsupported global: GLOBAL pathlib",
             "junk": "is truncated or corrupt (4,096 bytes; torch cannot read it",
             "layout": "not a checkpoint in the MAE repository layout: missing key"}[kind] in err, err
-    assert not store.exists() or not FeatureStore.open(store, create=False).records()
+    assert not store.exists()
