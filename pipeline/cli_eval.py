@@ -83,6 +83,14 @@ CACHE_HELP = ("Where clips missing from the training store are extracted (defaul
               "The training store (--store, default the run's) is only read, never written; reruns reuse "
               "what this store holds.")
 
+# The options of the commands that read a run (infer, serve, timeline): declared once, used by each
+RUN_OPTION = typer.Option(..., "--run", help="A run folder (the --out of `emollama train` or `import-checkpoint`).")
+STORE_OPTION = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); never written.")
+FEATURE_OPTION = typer.Option(None, "--feature", help="ROLE=SET for an imported run (repeat).")
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+OFFLINE_OPTION = typer.Option(None, "--offline/--online", help="Never/also ask the model hub (default: "
+                              "HF_HUB_OFFLINE decides).")
+
 
 def _progress(progress: Optional[bool]) -> bool:
     from emollama.pipeline.cli import on_terminal
@@ -209,9 +217,8 @@ def _load_run(run: Path, device: str, llm: Optional[str], offline: Optional[bool
 def infer_cmd(
     clips: List[Path] = typer.Argument(..., help="Video files, frame folders, folders of videos (searched "
                                        "recursively) and list files (.txt: one path a line)."),
-    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train` or `import-checkpoint`)."),
-    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); "
-                                        "never written."),
+    run: Path = RUN_OPTION,
+    store: Optional[str] = STORE_OPTION,
     cache_store: Optional[str] = typer.Option(None, "--cache-store", help=CACHE_HELP),
     labels: Optional[str] = typer.Option(None, "--labels", help="Comma-separated label set (default: the run's)."),
     subtitles: Optional[Path] = typer.Option(None, "--subtitles", help="A CSV name,sentence: what each person says "
@@ -221,12 +228,11 @@ def infer_cmd(
     reason: bool = typer.Option(True, "--reason/--no-reason", help="Generate the reasoning text."),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Clips per forward pass."),
     workers: int = typer.Option(0, "--workers", "-w", help="Extraction: 0 = in this process."),
-    device: str = typer.Option("auto", "--device"),
+    device: str = DEVICE_OPTION,
     llm: Optional[str] = typer.Option(None, "--llm", help="The base LM (a local folder or hub id) instead of the run's."),
-    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub "
-                                           "(default: HF_HUB_OFFLINE decides)."),
+    offline: Optional[bool] = OFFLINE_OPTION,
     layout: str = typer.Option("trained", "--layout", help="trained | public-eval (see `emollama eval --help`)."),
-    feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET for an imported run (repeat)."),
+    feature: Optional[List[str]] = FEATURE_OPTION,
     preview: Optional[Path] = typer.Option(None, "--preview", help="Write each clip's contact sheet (face crops, "
                                            "then the global frame) into this folder."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the results to FILE.csv or FILE.jsonl."),

@@ -9,13 +9,16 @@ from typing import List, Optional
 
 import typer
 
+from emollama.pipeline.cli_eval import (DEVICE_OPTION, FEATURE_OPTION, OFFLINE_OPTION, RUN_OPTION,
+                                       STORE_OPTION)
+
 
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_cmd)
 
 
 def serve_cmd(
-    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train` or `import-checkpoint`)."),
+    run: Path = RUN_OPTION,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only)."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
     token: Optional[str] = typer.Option(None, "--token", help="Require 'Authorization: Bearer TOKEN' on every API "
@@ -24,13 +27,12 @@ def serve_cmd(
                                              "under this folder, never outside it (default: none, uploads only)."),
     max_upload_mb: float = typer.Option(200.0, "--max-upload-mb", help="Larger uploads get 413."),
     cors: Optional[List[str]] = typer.Option(None, "--cors", help="Allow this browser origin (repeat; default: CORS off)."),
-    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); never written."),
+    store: Optional[str] = STORE_OPTION,
     cache_store: Optional[str] = typer.Option(None, "--cache-store", help="Where new clips are extracted (default "
                                               "<run>/eval-store.zarr): a clip sent again is read from it."),
-    feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET for an imported run (repeat)."),
-    device: str = typer.Option("auto", "--device"),
-    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub "
-                                           "(default: HF_HUB_OFFLINE decides)."),
+    feature: Optional[List[str]] = FEATURE_OPTION,
+    device: str = DEVICE_OPTION,
+    offline: Optional[bool] = OFFLINE_OPTION,
     batch_max: int = typer.Option(8, "--batch-max", help="At most this many waiting clips go through the model together."),
     batch_wait_ms: float = typer.Option(50.0, "--batch-wait-ms", help="How long a request waits for others to join its batch."),
     reason: bool = typer.Option(True, "--reason/--no-reason", help="Generate the reasoning text."),

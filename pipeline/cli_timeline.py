@@ -8,6 +8,9 @@ from typing import List, Optional
 
 import typer
 
+from emollama.pipeline.cli_eval import (DEVICE_OPTION, FEATURE_OPTION, OFFLINE_OPTION, RUN_OPTION,
+                                       STORE_OPTION)
+
 
 def register(app: typer.Typer) -> None:
     app.command("timeline")(timeline_cmd)
@@ -15,7 +18,7 @@ def register(app: typer.Typer) -> None:
 
 def timeline_cmd(
     video: Path = typer.Argument(..., help="A video file of any length."),
-    run: Path = typer.Option(..., "--run", help="A run folder (the --out of `emollama train` or `import-checkpoint`)."),
+    run: Path = RUN_OPTION,
     window: float = typer.Option(4.0, "--window", help="Seconds a window lasts."),
     hop: float = typer.Option(2.0, "--hop", help="Seconds between window starts (at most --window)."),
     follow_cuts: bool = typer.Option(True, "--follow-cuts/--across-cuts", help="Windows inside each shot (default), "
@@ -25,13 +28,12 @@ def timeline_cmd(
     subtitle: Optional[str] = typer.Option(None, "--subtitle", help="One text for every window (default: none)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for timeline.csv, timeline.png and "
                                        "timeline.json (default: <run>/timeline/<video stem>-<12 hex of its sha256>)."),
-    store: Optional[str] = typer.Option(None, "--store", "-s", help="Feature store to read (default: the run's); never written."),
+    store: Optional[str] = STORE_OPTION,
     cache_store: Optional[str] = typer.Option(None, "--cache-store", help="Where the windows are extracted "
                                               "(default <run>/eval-store.zarr): a rerun reads them from it."),
-    feature: Optional[List[str]] = typer.Option(None, "--feature", help="ROLE=SET for an imported run (repeat)."),
-    device: str = typer.Option("auto", "--device"),
-    offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub "
-                                           "(default: HF_HUB_OFFLINE decides)."),
+    feature: Optional[List[str]] = FEATURE_OPTION,
+    device: str = DEVICE_OPTION,
+    offline: Optional[bool] = OFFLINE_OPTION,
     batch: int = typer.Option(8, "--batch", help="Windows written, predicted and deleted at a time."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="A progress bar (default: when stderr is a terminal)."),
