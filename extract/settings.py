@@ -41,18 +41,21 @@ def _field(kind: str, default: Any, default_factory: Any, **meta: Any):
 
 def value(default: Any = MISSING, *, inputs: Sequence[str] | Mapping[str, str] = (), spec: str | None = None,
           choices: Sequence[Any] | None = None, min: float | None = None, max: float | None = None,
-          default_factory: Any = MISSING):
+          default_factory: Any = MISSING, omit_default: bool = False):
     """A field that changes feature values.
 
     inputs: the input kinds whose spec params hold it (a mapping gives its param name per input, else
     the field's name); spec: a FeatureSpec attribute it becomes instead ("dtype"), "encoder" when
     each encoder records it in its own specs, or "compute" when the specs of the sets computed on a CPU
     hold it (`extract.step.build_specs`: cpu_threads). choices / min / max: what `problems` accepts.
+    omit_default: at its default the field is left out of the spec params, so adding it kept every key
+    made before (the perturbations of `[extract.perturb]`: off by default, a key of their own when on).
     """
     inputs = dict(inputs) if isinstance(inputs, Mapping) else {k: None for k in inputs}
     if not inputs and spec is None:
         raise TypeError("a value field must say where it lands in the feature spec: give `inputs` or `spec`")
-    return _field(VALUE, default, default_factory, inputs=inputs, spec=spec, choices=choices, min=min, max=max)
+    return _field(VALUE, default, default_factory, inputs=inputs, spec=spec, choices=choices, min=min, max=max,
+                  omit_default=omit_default)
 
 
 def policy(default: Any = MISSING, *, choices: Sequence[Any] | None = None, min: float | None = None,
@@ -134,6 +137,8 @@ def spec_params(obj: Any, input_kind: str) -> dict[str, Any]:
                 if m.get("param") and not sub:
                     del target[m["param"]]
             elif m["kind"] == VALUE and input_kind in m["inputs"]:
+                if m.get("omit_default") and v == f.default:
+                    continue
                 target[m["inputs"][input_kind] or f.name] = _jsonable(v)
 
     visit(obj, out)

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from emollama.corpora import source_has_sound
-from emollama.extract import decode, faces, prep
+from emollama.extract import decode, faces, perturb, prep
 from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
 from emollama.extract.registry import (FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, EncoderInfo, gpu_visible,
                                       resolve_device, torch_threads)
@@ -92,6 +92,7 @@ class StepSettings:
 
     frames: FrameSettings = section(FrameSettings, param="frames")
     faces: faces.FaceSettings = section(faces.FaceSettings, param="faces")
+    perturb: perturb.PerturbSettings = section(perturb.PerturbSettings, param="perturb")   # off: robustness only
     sample_rate: int = value(16000, inputs=(WAVEFORM,), choices=(16000,))   # what the encoders were trained on
     dtype: str = value("float16", spec="dtype", choices=("float16", "float32"))   # storage dtype
     # a clip with no sound: fail | silence | auto (silence for frame folders)
@@ -189,6 +190,7 @@ class Models:
     detector: faces.FaceDetector
     specs: dict[str, FeatureSpec]   # output name ("audio.hubert.frames") -> spec
     threads: int | None = None      # torch intra-op threads while encoding (settings.cpu_threads on a CPU)
+    perturb: perturb.PerturbSettings | None = None   # [extract.perturb] when on: applied just before encoding
 
 
 _MODELS: dict[ExtractSettings, Models] = {}
@@ -209,7 +211,8 @@ def _load_models(settings: ExtractSettings) -> Models:
                                  threads=min(FACE_THREADS, prep.default_workers()))
         _MODELS.clear()   # one settings set per process at a time: free the previous models
         on_cpu = resolve_device(settings.device) == "cpu"
-        _MODELS[settings] = Models(encs, det, build_specs(encs, settings), settings.cpu_threads if on_cpu else None)
+        _MODELS[settings] = Models(encs, det, build_specs(encs, settings), settings.cpu_threads if on_cpu else None,
+                                   settings.perturb if settings.perturb.active else None)
     return _MODELS[settings]
 
 
@@ -494,6 +497,9 @@ def use_track(prep: Prepared, first: Look, views: Look | None, crop_size: int) -
         prep.sources[kind] = CropSources([cut[p][1] for p in positions], np.stack([cut[p][2] for p in positions]),
                                          [cut[p][3] for p in positions])
     prep.inputs[FRAME] = gframes[g]
+    # the face's square in the whole frame: the box of the crop cut nearest to it (for [extract.perturb])
+    near = min(cut.values(), key=lambda c: abs(c[1] - gplan.wanted[g]))
+    prep.sources[FRAME] = CropSources([int(gplan.wanted[g])], near[2][None], [near[3]])
     counts = first.track.counts()
     prep.record.update(face_found=bool(first.track.found), face_frames=int(first.track.detected.sum()),
                        sampled_frames=len(first.plan.anchors), face_detected=counts["detected"],
@@ -628,6 +634,12 @@ def prepared_clips(jobs: Sequence[ClipJob], settings: ExtractSettings, m: Models
 def encode(prepared: Sequence[Prepared], m: Models, seconds: dict[str, float]) -> list[dict[str, np.ndarray]]:
     """Every encoder on the input kind it declares, for a micro-batch of prepared clips."""
     rows: list[dict[str, np.ndarray]] = [{} for _ in prepared]
+    if m.perturb is not None:
+        t = time.perf_counter()
+        for p in prepared:
+            box = p.sources[FRAME].boxes[0] if FRAME in p.sources else None
+            p.inputs = perturb.apply(p.inputs, m.perturb, perturb.clip_seed(p.record), box)
+        seconds["perturb"] = seconds.get("perturb", 0.0) + time.perf_counter() - t
     for view, enc in m.encoders.items():
         t = time.perf_counter()
         with torch_threads(m.threads):

@@ -154,6 +154,13 @@ def eval_cmd(
     missing_audio: Optional[str] = typer.Option(None, "--missing-audio", help="A clip without sound: fail, silence "
                                                 "(one second of silence is encoded) or auto; default: as the run's "
                                                 "sets were extracted."),
+    conditions: bool = typer.Option(False, "--conditions", help="A robustness report: the same clips under each "
+                                    "condition (each modality dropped, the face, the voice, both; audio noise at 10 "
+                                    "and 0 dB; faces blurred; no subtitle), into <report>-conditions/."),
+    condition: Optional[List[str]] = typer.Option(None, "--condition", help="One condition instead of the default "
+                                                  "ones (repeat; implies --conditions): full | drop:M[+M...] (a "
+                                                  "modality, face, voice, each) | noise[:SNR_DB] | blur[:FRACTION] | "
+                                                  "no-subtitle."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bars (default: when stderr is a terminal)."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
@@ -165,7 +172,9 @@ def eval_cmd(
     outside the labels -> neutral). Reports go to <run>/eval/<dataset>[-fold<k>][-<split>][-first<N>]/
     (metrics.json, report.md, figures, predictions). Clips missing from the run's store are extracted with
     the settings of its feature sets into --cache-store (default <run>/eval-store.zarr); the run's store
-    is only read. Exit status 2 for a usage error, 4 when the eval store cannot be written."""
+    is only read. With --conditions (or --condition), a robustness report instead: metrics per condition,
+    a table and a bar plot (noise and blur are extracted into the eval store once, keyed by the condition).
+    Exit status 2 for a usage error, 4 when the eval store cannot be written."""
     from emollama.corpora import DFEW_FOLDS, DatasetError
     from emollama.pipeline.evaluation import EvalOptions, evaluate
 
@@ -186,7 +195,7 @@ def eval_cmd(
                        out=str(out) if out else None, overwrite=overwrite, device=device,
                        progress=_progress(progress), judge_url=judge_url, judge_model=judge_model, layout=layout,
                        features=list(feature or []), cache_store=cache_store, missing_audio=missing_audio,
-                       offline=offline)
+                       offline=offline, conditions=list(condition or []) if conditions or condition else None)
     say = (lambda s: None) if as_json else typer.echo
     try:
         res = evaluate(opts, say=say, run=_load_run(run, device, llm, offline))

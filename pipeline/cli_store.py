@@ -119,10 +119,14 @@ def info(url: str = STORE, as_json: bool = typer.Option(False, "--json", help="P
                    f"`emollama store repair {d['url']}` rebuilds them")
         for why in sorted(d["damaged_marks"].values()):
             typer.echo(f"  {why}")
+    specs = st.sets()
     for s in d["sets"]:
         shape = "x".join(str(x) for x in s["shape"])
+        # a perturbed set (eval --conditions: [extract.perturb]) says so beside its profile
+        pert = (specs[s["key"]].params or {}).get("perturb") if s["key"] in specs else None
         typer.echo(f"  {s['key']:<40} {s['clips']:>8} clips  [{shape}] {s['dtype']}  {_mb(s['bytes'])}  "
-                   f"{s['profile']}")
+                   f"{s['profile']}" + ("  perturbed: " + ", ".join(f"{k}={v:g}" for k, v in pert.items())
+                                        if pert else ""))
     f = d["faces"]
     if f["clips"]:
         typer.echo(f"faces    {f['clips']} clips: {len(f['no_face'])} with no face (whole frames used), "

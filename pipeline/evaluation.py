@@ -1,11 +1,12 @@
 """Evaluation of a run: labelled clips of any dataset in, metrics and a report in the run folder out.
 
 - ``evaluate(opts)``: any registered dataset (``emollama datasets``: MER2023, MERR, DFEW per fold or all
-  five, a folder of your own videos with a labels CSV, ...). Labels three ways: the closed set
-  (``train.evaluate.score_labels``: the likelihood of each label after the emotion prompt, always in the
-  set), the generated answer parsed (``train.scoring.parse_label``: answers naming no label are counted
-  and listed, never turned into a class) and the public scorer on that answer (last word; anything
-  outside the labels counts as neutral), for comparing with published numbers.
+  five, a folder of your own videos with a labels CSV, ...). Labels three ways (``pipeline.scores``): the
+  closed set (the likelihood of each label after the emotion prompt, always in the set), the generated
+  answer parsed (answers naming no label are counted and listed, never turned into a class) and the public
+  scorer on that answer (last word; anything outside the labels counts as neutral), for comparing with
+  published numbers. With ``opts.conditions``, the same clips under each robustness condition
+  (``pipeline.conditions``: modalities dropped, audio noise, faces blurred, subtitle removed).
 - ``evaluate_emer(opts)``: reasoning texts generated with the ``reason`` instruction, scored against
   the EMER references by an LLM judge (``train.emer``) or, with none configured, the lexical proxy.
 
@@ -28,11 +29,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
-
 from emollama.corpora import ADAPTERS, Clip, Corpus, EmerOptions, get_adapter, load_corpus, read_emer
-from emollama.pipeline.features import (EvalError, EvalStorageError, EvalStores, ExtractReport, extract_missing,
-                                        feature_batcher, features_profile, run_stores)
+from emollama.pipeline.features import (EvalError, EvalStorageError, EvalStores, ExtractReport, extract_for_eval,
+                                        extract_missing, feature_batcher, features_profile, run_stores)
+from emollama.pipeline.conditions import evaluate_conditions
+from emollama.pipeline.scores import candidates, parse_label_map, score_clips, target_probabilities
 from emollama.train.runfolder import lock
 
 log = logging.getLogger(__name__)
@@ -41,44 +42,6 @@ __all__ = ["EvalError", "EvalStorageError", "EvalOptions", "evaluate", "evaluate
            "parse_label_map", "candidates", "target_probabilities", "target_labels", "check_layout"]
 
 ALL = "all"   # --split all: every labelled clip of the corpus
-
-
-# ---------------------------------------------------------------------------------------------
-# Label sets, closed set, label mapping
-
-
-def parse_label_map(items: Sequence[str], targets: Sequence[str]) -> dict[str, str]:
-    """``FROM=TO`` items: the model's label FROM counts as the dataset's label TO."""
-    out: dict[str, str] = {}
-    for item in items:
-        a, sep, b = item.partition("=")
-        a, b = a.strip().lower(), b.strip().lower()
-        if not sep or not a or not b:
-            raise EvalError(f"--label-map {item!r}: expected FROM=TO (e.g. worried=fear)")
-        if b not in targets:
-            raise EvalError(f"--label-map {item!r}: {b!r} is not a label of the evaluated set {list(targets)}")
-        out[a] = b
-    return out
-
-
-def candidates(targets: Sequence[str], label_map: Mapping[str, str]) -> list[str]:
-    """The words scored after the prompt: the target labels, then the mapped model labels."""
-    return list(targets) + [a for a in label_map if a not in targets]
-
-
-def target_probabilities(logp: np.ndarray, cands: Sequence[str], targets: Sequence[str],
-                         label_map: Mapping[str, str]) -> np.ndarray:
-    """[N, len(targets)]: softmax over the candidates' log-likelihoods, summed into their targets."""
-    if logp.size == 0:
-        return np.zeros((logp.shape[0], len(targets)))
-    z = logp - logp.max(1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(1, keepdims=True)
-    out = np.zeros((logp.shape[0], len(targets)))
-    index = {t: i for i, t in enumerate(targets)}
-    for j, c in enumerate(cands):
-        out[:, index[label_map.get(c, c)]] += p[:, j]
-    return out
 
 
 def check_layout(run, layout: str) -> None:
@@ -124,6 +87,7 @@ class EvalOptions:
     cache_store: str | None = None           # the eval store for clips missing from the training store
     missing_audio: str | None = None         # a clip without sound: fail | silence | auto (default: as recorded)
     offline: bool | None = None              # models from local files only (None: HF_HUB_OFFLINE decides)
+    conditions: list[str] | None = None      # a robustness report: these conditions ([]: the default ones)
 
 
 def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
@@ -163,6 +127,8 @@ def report_name(opts: EvalOptions, corpus_name: str, split: str, default: str) -
         name += f"-{opts.layout}"
     if opts.limit:
         name += f"-first{opts.limit}"
+    if opts.conditions is not None:
+        name += "-conditions"
     return name
 
 
@@ -176,7 +142,7 @@ def scope_of(opts: EvalOptions, split: str | None, labels: Sequence[str] | None 
     return {"dataset": opts.dataset, "data": str(Path(opts.data).resolve()) if opts.data else None,
             "options": dict(opts.options or {}), "split": split, "fold": opts.fold, "limit": opts.limit,
             "labels": list(labels) if labels is not None else None, "label_map": dict(label_map or {}),
-            "layout": opts.layout}
+            "layout": opts.layout, **({"conditions": list(opts.conditions)} if opts.conditions is not None else {})}
 
 
 def claim_report_dir(out: Path, scope: Mapping[str, Any], overwrite: bool) -> None:
@@ -236,26 +202,20 @@ def evaluate_corpus(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
     out = report_dir(run, opts, report_name(opts, corpus.name, split, default))
     scope = scope_of(opts, split, targets, label_map)
     with report_lock(out, scope, opts.overwrite):
+        if opts.conditions is not None:
+            return evaluate_conditions(run, stores, corpus, opts, clips, split, targets, label_map, out, scope, say, t0)
         return _evaluate_clips(run, stores, corpus, opts, clips, split, targets, label_map, out, scope, say, t0)
 
 
 def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, clips: list[Clip], split: str,
                     targets: list[str], label_map: dict[str, str], out: Path, scope: dict, say, t0: float) -> dict:
-    from emollama.train.evaluate import score_labels
-    from emollama.train.generate import generate
     from emollama.train.report import write_report
     from emollama.train.tiny import TINY_WARNING
-    from emollama.train.scoring import classification_metrics, parse_label, public_label
 
     cands = candidates(targets, label_map)
     rep = ExtractReport(reused=len(clips))
     if opts.extract:
-        rep = extract_missing(stores, run.feature_keys, clips, run=run, workers=opts.workers, progress=opts.progress,
-                              dataset=corpus.name if corpus.name in ADAPTERS else "folder",
-                              root=corpus.root, missing_audio=opts.missing_audio, offline=opts.offline, say=say)
-        if rep.extracted:
-            say(f"extracted {len(rep.extracted)} clip(s) missing from the training store into the eval store "
-                f"{rep.cache} ({rep.seconds:.1f} s)")
+        rep = extract_for_eval(stores, run, clips, corpus, opts, say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         why = ('extraction failed: ' + str(rep.failed[:3]) if rep.failed else
@@ -264,30 +224,10 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
         raise EvalError(f"none of the {len(clips)} clips has features in every set of the run ({why})")
     ids = [c.id for c in usable]
     truth = [c.label for c in usable]
-    t1 = time.perf_counter()
-    prompts = run.prompt_encoder(targets, opts.layout)
-    logp = score_labels(run.model, prompts, batcher, usable, cands, batch_size=opts.batch_size, device=run.device)
-    probs = target_probabilities(logp, cands, targets, label_map)
-    bad = [cid for cid, row in zip(ids, probs) if not np.isfinite(row).all()]
-    if bad:
-        raise EvalError(f"the model gave non-finite scores (NaN or Inf) for {len(bad)} of {len(ids)} clips (e.g. "
-                        f"{', '.join(bad[:3])}): the run's weights or these clips' features hold non-finite values "
-                        "(check the store with `emollama store verify`); nothing was written")
-    closed = [targets[i] for i in probs.argmax(1)]
-    t2 = time.perf_counter()
-    answers: list[str] = []
-    parsed: list[str | None] = []
-    public: list[str | None] = []
-    if opts.generate:
-        answers = generate(run.model, prompts, batcher, usable, "emotion", max_new_tokens=opts.max_new_tokens,
-                           batch_size=opts.batch_size, device=run.device)
-        for a in answers:
-            p = parse_label(a, cands)
-            parsed.append(label_map.get(p, p) if p is not None else None)
-            w = public_label(a, cands)
-            public.append(label_map.get(w, w) if w is not None else None)
-    t3 = time.perf_counter()
-    m_closed = classification_metrics(truth, closed, targets, ids=ids)
+    sc = score_clips(run, run.prompt_encoder(targets, opts.layout), batcher, usable, targets, label_map,
+                     batch_size=opts.batch_size, generate_tokens=opts.max_new_tokens if opts.generate else None)
+    probs, closed, answers, parsed, public = sc.probs, sc.closed, sc.answers, sc.parsed, sc.public
+    methods = sc.metrics(truth, targets, ids)
     result: dict[str, Any] = {
         "dataset": corpus.name, "split": split, "fold": opts.fold, "scope": scope,
         "run": str(run.path), "step": run.step, "profile": run.config.model.profile, "tiny": run.tiny,
@@ -301,18 +241,10 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
         "prompt": run.config.data.prompt, "layout": opts.layout,
         "feature_sets": {run.specs[k].name: k for k in run.feature_keys},
         "max_new_tokens": opts.max_new_tokens,
-        "closed_set": m_closed.to_dict(),
+        **methods,
     }
-    if opts.generate:
-        m_gen = classification_metrics(truth, parsed, targets, ids=ids)
-        raw = dict(zip(ids, answers))
-        m_gen.unparsed = [(cid, raw[cid]) for cid, _ in m_gen.unparsed]
-        result["generated"] = m_gen.to_dict()
-        m_pub = classification_metrics(truth, public, targets, ids=ids)
-        m_pub.unparsed = [(cid, raw[cid]) for cid, _ in m_pub.unparsed]
-        result["public"] = m_pub.to_dict()
-    result["seconds"] = {"extract": round(rep.seconds, 3), "closed_set": round(t2 - t1, 3),
-                         "generate": round(t3 - t2, 3), "total": round(time.perf_counter() - t0, 3)}
+    result["seconds"] = {"extract": round(rep.seconds, 3), "closed_set": round(sc.seconds["closed_set"], 3),
+                         "generate": round(sc.seconds["generate"], 3), "total": round(time.perf_counter() - t0, 3)}
     preds = [{"id": cid, "label": t, "closed_set": c, "probabilities": dict(zip(targets, map(float, pr))),
               "answer": answers[i] if answers else None, "parsed": parsed[i] if parsed else None,
               "public": public[i] if public else None}
@@ -349,16 +281,18 @@ def evaluate(opts: EvalOptions, *, say: Callable[[str], None] = log.info, run=No
         if opts.fold:
             raise EvalError(f"--fold and --all-folds are for --dataset {' | '.join(ADAPTERS.with_folds())}")
         res = evaluate_corpus(run, stores, load_corpus(opts.dataset, opts.data, **options), opts, say=say)
-        for line in summary_lines(res):
+        for line in summary_lines(res) if opts.conditions is None else ():
             say(line)
         return res
     options.pop("fold", None)
+    if opts.conditions is not None and not opts.fold:
+        raise EvalError("--conditions scores one fold: pass --fold K (1-5), not --all-folds")
     folds = [opts.fold] if opts.fold else list(adapter.folds)
     results = {}
     for k in folds:
         o = replace(opts, fold=k)
         results[k] = evaluate_corpus(run, stores, load_corpus(adapter.name, opts.data, fold=k, **options), o, say=say)
-        for line in summary_lines(results[k]):
+        for line in summary_lines(results[k]) if opts.conditions is None else ():
             say(line)
     if len(folds) == 1:
         return results[folds[0]]

@@ -313,9 +313,12 @@ def _profiles(store: FeatureStore, keys: dict[str, str]) -> dict[str, str]:
 
 
 def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
-                clips: Sequence[Clip] | None = None, expect_keys: Sequence[str] | None = None) -> ExtractSummary:
+                clips: Sequence[Clip] | None = None, expect_keys: Sequence[str] | None = None,
+                views: Sequence[str] | None = None) -> ExtractSummary:
     """Extract the corpus of `cfg` (or the given `clips`) into its store; `expect_keys`: the feature
-    sets the settings must produce (e.g. a trained run's), checked before anything is written."""
+    sets the settings must produce (e.g. a trained run's), checked before anything is written; `views`:
+    only these encoders (by name) run, the other sets are neither made nor planned (eval's conditions
+    recompute the sets a perturbation changes and read the others where they are)."""
     e = cfg.extract
     if clips is None:
         corpus = load_corpus(cfg.dataset.kind, cfg.dataset.root, **cfg.dataset.options)
@@ -324,6 +327,11 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
         clips, rejected = list(clips), []
     clips = clips[:limit] if limit else clips
     settings = settings_from(cfg)
+    if views is not None:
+        unknown = sorted(set(views) - set(settings.encoders.names))
+        if unknown:
+            raise ValueError(f"no encoder named {unknown}: the extraction has {', '.join(settings.encoders.names)}")
+        settings = replace(settings, encoders=EncodersConfig(tuple(e for e in settings.encoders if e.name in views)))
     # every encoder checked before the store exists or any worker starts; without a hub: local files only
     if check_models(encoders=settings.encoders, offline=settings.offline) and not settings.offline:
         settings = replace(settings, offline=True)

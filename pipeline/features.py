@@ -224,11 +224,12 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
             raise EvalError("no store holds the run's feature sets yet")
         cfg = default_extraction(run, stores.cache_url, dataset=dataset, root=root, workers=workers,
                                  target_options=stores.cache_options)
-        cfg.extract = _adjusted(cfg.extract, preview, missing_audio, offline)
-        _check_encoders(cfg)
+        cfg.extract = adjusted_extract(cfg.extract, preview, missing_audio, offline)
+        check_encoders(cfg)
         say(f"the run has no feature store: extracting with its {run.config.model.profile} profile's encoders "
             f"into {stores.cache_url}")
-        summary = _run(stores, lambda: run_extract(cfg, progress=progress, clips=list(clips)), SettingsChanged)
+        summary = guarded_extract(stores, lambda: run_extract(cfg, progress=progress, clips=list(clips)),
+                                  SettingsChanged)
         bind_store(run, stores.cache(), {}, say)
         return ExtractReport(extracted=summary.ok, failed=summary.failed, seconds=summary.wall,
                              cache=stores.cache_url)
@@ -257,8 +258,8 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
         return rep
     cfg = extraction_config(reader, made, dataset=dataset, root=root, workers=workers, target=stores.cache_url,
                             target_options=stores.cache_options)
-    cfg.extract = _adjusted(cfg.extract, preview, missing_audio, offline)
-    _check_encoders(cfg)
+    cfg.extract = adjusted_extract(cfg.extract, preview, missing_audio, offline)
+    check_encoders(cfg)
     if stores.train is not None:
         try:
             stores.cache(create=True)
@@ -266,8 +267,8 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
             raise EvalError(f"--cache-store: {e}") from None
         except OSError as e:
             raise _storage_error(stores, e, "create") from None
-    summary = _run(stores, lambda: run_extract(cfg, progress=progress, clips=todo, expect_keys=made),
-                   SettingsChanged)
+    summary = guarded_extract(stores, lambda: run_extract(cfg, progress=progress, clips=todo, expect_keys=made),
+                              SettingsChanged)
     rep.extracted, rep.failed, rep.seconds = summary.ok, summary.failed, summary.wall
     rep.cache = stores.cache_url
     lost = sorted(set(made) - set(summary.keys.values()))
@@ -277,7 +278,22 @@ def extract_missing(stores: EvalStores, keys: Sequence[str], clips: Sequence[Cli
     return rep
 
 
-def _adjusted(extract, preview: str | None, missing_audio: str | None, offline: bool | None):
+def extract_for_eval(stores: EvalStores, run, clips: Sequence[Clip], corpus, opts,
+                     say: Callable[[str], None] = log.info) -> ExtractReport:
+    """``extract_missing`` for an evaluation of ``corpus`` (a registered dataset's name, else a folder), with
+    the options of ``opts`` (``workers``, ``progress``, ``missing_audio``, ``offline``); says what it extracted."""
+    from emollama.corpora import ADAPTERS
+
+    rep = extract_missing(stores, run.feature_keys, clips, run=run, workers=opts.workers, progress=opts.progress,
+                          dataset=corpus.name if corpus.name in ADAPTERS else "folder", root=corpus.root,
+                          missing_audio=opts.missing_audio, offline=opts.offline, say=say)
+    if rep.extracted:
+        say(f"extracted {len(rep.extracted)} clip(s) missing from the training store into the eval store "
+            f"{rep.cache} ({rep.seconds:.1f} s)")
+    return rep
+
+
+def adjusted_extract(extract, preview: str | None, missing_audio: str | None, offline: bool | None):
     """The extraction's runtime and policy settings for this call (they change no value of any set)."""
     from dataclasses import replace
 
@@ -288,7 +304,7 @@ def _adjusted(extract, preview: str | None, missing_audio: str | None, offline: 
                    **({"offline": offline} if offline is not None else {}))
 
 
-def _check_encoders(cfg: Config) -> None:
+def check_encoders(cfg: Config) -> None:
     """Every encoder of an extraction here, before any store is created (one message lists the missing)."""
     from emollama.pipeline.extraction import encoders_config
     from emollama.pipeline.models import check_models
@@ -297,7 +313,8 @@ def _check_encoders(cfg: Config) -> None:
         check_models(encoders=encoders_config(cfg), offline=cfg.extract.offline)
 
 
-def _run(stores: EvalStores, call, settings_changed: type[Exception]):
+def guarded_extract(stores: EvalStores, call, settings_changed: type[Exception]):
+    """``call()`` (an extraction into the eval store) with its errors as EvalError / EvalStorageError."""
     try:
         return call()
     except settings_changed as e:

@@ -136,7 +136,7 @@ def test_prepared_clips_are_the_same_from_processes_and_from_a_thread(clips, set
 def assert_same_sources(a, b):
     """Both prepared clips cut their face crops from the same frames with the same boxes (up to MTCNN's
     float differences between torch thread counts, far below the pixel the crops round to)."""
-    assert set(a.sources) == set(b.sources) == {FACE_FRAMES, FACE_CLIP}
+    assert set(a.sources) == set(b.sources) == {FACE_FRAMES, FACE_CLIP, FRAME}   # FRAME: the face square in the whole frame
     for kind in a.sources:
         x, y = a.sources[kind], b.sources[kind]
         assert x.frames == y.frames and x.states == y.states, kind

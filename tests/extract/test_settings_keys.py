@@ -21,6 +21,7 @@ from emollama.extract.models import ensure_tiny
 from emollama.extract.registry import ENCODERS, FACE_CLIP, FACE_FRAMES, FACE_INPUTS, FRAME, INPUTS, WAVEFORM
 from emollama.extract.step import ExtractSettings, FrameSettings, StepSettings, build_specs
 from emollama.extract.faces import FaceSettings
+from emollama.extract.perturb import PerturbSettings
 
 CLIP_OPTIONS = HfOptions("face_frames")
 WAV_OPTIONS = HfOptions("waveform", -1)
@@ -68,7 +69,7 @@ def _replace(obj, path: tuple[str, ...], value):
     return dataclasses.replace(obj, **{path[0]: _replace(getattr(obj, path[0]), path[1:], value)})
 
 
-SETTINGS_CLASSES = [StepSettings, ExtractSettings, FrameSettings, FaceSettings,
+SETTINGS_CLASSES = [StepSettings, ExtractSettings, FrameSettings, FaceSettings, PerturbSettings,
                     *(cls.Options for cls in ENCODERS.values() if cls.Options is not None)]
 
 
@@ -103,6 +104,8 @@ AFFECTS = {
     "sample_rate": {WAVEFORM}, "dtype": ALL, "missing_audio": set(), "offline": set(), "device": set(),
     "batch_size": set(), "micro_batch": set(), "prep_workers": set(), "max_pixels": set(),
     "cpu_threads": ALL,   # encoded on a CPU here (the GPU case: the test below)
+    # robustness conditions (eval --conditions): off by default, and then in no key at all
+    "perturb.audio_snr_db": {WAVEFORM}, "perturb.face_blur": set(FACE_INPUTS),
 }
 
 

@@ -47,7 +47,8 @@ def test_settings_from_copies_every_step_setting(tmp_path):
                          "detect_side": 320, "detect_every": 2, "track_by": "position", "appearance_min": 0.5,
                          "cut_distance": 0.3, "detect_on": "encoder"},
                "dtype": "float32", "missing_audio": "silence", "offline": True, "device": "cpu", "batch_size": 3,
-               "micro_batch": 2, "prep_workers": 3, "max_pixels": 1000, "cpu_threads": 2}
+               "micro_batch": 2, "prep_workers": 3, "max_pixels": 1000, "cpu_threads": 2,
+               "perturb": {"audio_snr_db": 5.0, "face_blur": 0.1}}
     cfg = _cfg(tmp_path, {"profile": "tiny", **changes})
     settings = settings_from(cfg)
     for path, f, _ in S.walk(StepSettings()):
