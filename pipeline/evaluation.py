@@ -124,6 +124,9 @@ class EvalOptions:
     cache_store: str | None = None           # the eval store for clips missing from the training store
     missing_audio: str | None = None         # a clip without sound: fail | silence | auto (default: as recorded)
     offline: bool | None = None              # models from local files only (None: HF_HUB_OFFLINE decides)
+    subtitles: str | None = None             # dataset | asr | dataset-then-asr (default: the run's data.subtitles)
+    asr: bool = False                        # transcribe clips missing from the ASR text set (pipeline.subtitles)
+    asr_set: str | None = None               # the ASR text set to read (default: the run's, else the store's one)
 
 
 def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
@@ -256,6 +259,7 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
         if rep.extracted:
             say(f"extracted {len(rep.extracted)} clip(s) missing from the training store into the eval store "
                 f"{rep.cache} ({rep.seconds:.1f} s)")
+    clips, subtitles = _subtitles(run, stores, clips, opts, corpus.name, corpus.root, say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         why = ('extraction failed: ' + str(rep.failed[:3]) if rep.failed else
@@ -300,7 +304,7 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
                                                               "eval_store": stores.cache_url},
         "prompt": run.config.data.prompt, "layout": opts.layout,
         "feature_sets": {run.specs[k].name: k for k in run.feature_keys},
-        "max_new_tokens": opts.max_new_tokens,
+        "max_new_tokens": opts.max_new_tokens, "subtitles": subtitles.to_dict(),
         "closed_set": m_closed.to_dict(),
     }
     if opts.generate:
@@ -318,6 +322,15 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
               "public": public[i] if public else None}
              for i, (cid, t, c, pr) in enumerate(zip(ids, truth, closed, probs))]
     return write_report(result, out, preds)
+
+
+def _subtitles(run, stores, clips, opts: EvalOptions, dataset: str, root, say):
+    """The clips with the subtitles their prompts get (``pipeline.subtitles``: the dataset's, else ASR text)."""
+    from emollama.pipeline.subtitles import run_subtitles
+
+    return run_subtitles(run, stores, clips, source=opts.subtitles, asr=opts.asr, asr_set=opts.asr_set,
+                         extract=opts.extract, workers=opts.workers, progress=opts.progress,
+                         dataset=dataset if dataset in ADAPTERS else "folder", root=root, offline=opts.offline, say=say)
 
 
 def _load(opts: EvalOptions, run):
@@ -406,6 +419,7 @@ def _evaluate_emer(run, stores: EvalStores, opts: EvalOptions, emer, out: Path, 
         todo = [c for c in clips if c.id not in absent]
         extract_missing(stores, run.feature_keys, todo, run=run, workers=opts.workers, progress=opts.progress,
                         root=video_dir, missing_audio=opts.missing_audio, offline=opts.offline, say=say)
+    clips, _ = _subtitles(run, stores, clips, opts, "folder", video_dir, say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")
