@@ -110,5 +110,6 @@ def run_subtitles(run, stores: EvalStores, clips: Sequence[Clip], *, source: str
     if key is not None:
         report.use(next(s for s in (stores.train, stores.cache()) if s is not None and key in s.sets()), key)
     out, report = apply_subtitles(clips, read_asr([stores.train, stores.cache()], key, ids), source, report)
-    say(report.line())
+    if key is not None:
+        say(report.line())
     return out, report
