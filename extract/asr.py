@@ -19,7 +19,7 @@ when `[extract.asr] enabled`; nothing else names it.
   revision is a different set), the task, the forced language (or "detected") and the decoding settings
   (`WhisperOptions`, all `value` fields): translate and transcribe never share a set.
 - Decoding is greedy, one clip at a time (a clip's text never depends on its batch mates), in
-  consecutive 30 s windows (Whisper's context) joined with spaces; the language is detected once, on
+  consecutive windows of equal length, at most 30 s (Whisper's context), joined with spaces; the language is detected once, on
   the first window, from the decoder's first step (as `WhisperForConditionalGeneration.detect_language`),
   where the no-speech probability is read too. A clip without sound (all-zero samples: `missing_audio =
   "silence"`) gets an empty text and no language, without running the model.
@@ -163,7 +163,8 @@ class WhisperAsr(Encoder):
             "model_type": getattr(model.config, "model_type", None), "architecture": type(model).__name__,
             "processor": type(processor).__name__, "task": self.options.task,
             "language": self.options.language or "detected", "max_new_tokens": self.options.max_new_tokens,
-            "decoding": f"greedy, one clip at a time, {WINDOW_S} s windows; language from the first window",
+            "decoding": f"greedy, one clip at a time, equal windows of at most {WINDOW_S} s; language from the "
+                        "first window",
             "content": text_rows.CONTENT,
             "fields": ["text", "language", "detected", "task", "no_speech_prob"],
         }
@@ -203,7 +204,8 @@ class WhisperAsr(Encoder):
                                "no_speech_prob": None}
         if wave.size == 0 or not np.any(wave):
             return row      # no sound: nothing was said
-        step = WINDOW_S * SAMPLE_RATE
+        n = -(-wave.size // (WINDOW_S * SAMPLE_RATE))      # windows of equal length, none over 30 s
+        step = -(-wave.size // n)
         texts = []
         with _quiet_transformers():
             for i in range(0, wave.size, step):

@@ -87,9 +87,9 @@ def run_subtitles(run, stores: EvalStores, clips: Sequence[Clip], *, source: str
     except ValueError as e:
         raise EvalError(str(e)) from None
     ids = [c.id for c in clips]
-    have = set(read_asr([stores.train, stores.cache()], key, ids)) if key else set()
-    holder_made = key is not None and any(_recorded(s, key) for s in (stores.train, stores.cache())
-                                          if s is not None and key in s.sets())
+    holders = [s for s in (stores.train, stores.cache()) if key is not None and s is not None and key in s.sets()]
+    have = set(ids) & set().union(*(s.complete(key) for s in holders))     # clips the text set holds
+    holder_made = any(_recorded(s, key) for s in holders)
     if (asr or task or language or (extract and holder_made)) and (key is None or task or language
                                                                   or len(have) < len(set(ids))):
         cfg = asr_config(run, stores, key, task=task, language=language, dataset=dataset, root=root, workers=workers)
