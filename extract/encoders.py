@@ -22,7 +22,7 @@ the encoder is a registered class (`extract.registry`), with its weights (`Model
   any other name adds an entry, which must name its `encoder`. Keys: model, revision (hub ids),
   config (weights files), encoder, and the encoder's own options (`Options`, e.g. `HfOptions`).
 - The built-in encoders are imported here, explicitly: `paper_encoders` (hubert, vit_mae, videomae,
-  eva), `hf_encoder` (hf) and `slow_device` (a sleep standing in for a busy GPU: benchmarks and tests
+  eva), `hf_encoder` (hf), `asr` (whisper: speech to a text set, the `[extract.asr]` entry) and `slow_device` (a sleep standing in for a busy GPU: benchmarks and tests
   of the overlap). A new encoder is one class with `@register_encoder` in its own file, plus its
   import below.
 
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from emollama.extract import hf_encoder, paper_encoders, slow_device
+from emollama.extract import asr, hf_encoder, paper_encoders, slow_device
 from emollama.extract import settings as S
 from emollama.extract.hf_encoder import HfEncoder, HfOptions
 from emollama.extract.models import WeightsFileError, build_model, default_home, ensure_tiny
@@ -78,7 +78,7 @@ log = logging.getLogger(__name__)
 
 # The built-in encoders: importing a module registers its classes (@register_encoder). A new
 # encoder's module joins this tuple.
-BUILTIN_MODULES = (paper_encoders, hf_encoder, slow_device)
+BUILTIN_MODULES = (paper_encoders, hf_encoder, asr, slow_device)
 
 PROFILES = ("paper", "tiny")
 
@@ -345,8 +345,8 @@ def missing_encoders(cfg: EncodersConfig, reason: str | None) -> list[MissingMod
     out = []
     for entry in cfg:
         source = entry.source
-        role = f"the {entry.name} encoder ({entry.encoder})"
-        setting = f"[extract.encoders.{entry.name}] model = DIR"
+        role = entry.cls.role or f"the {entry.name} encoder ({entry.encoder})"
+        setting = f"[{entry.cls.table or f'extract.encoders.{entry.name}'}] model = DIR"
         try:
             local = source.local_path()
         except FileNotFoundError:

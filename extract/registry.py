@@ -5,7 +5,8 @@ An encoder class declares
 - `input`: the kind of input it takes, one of `INPUTS` (the extraction step prepares each kind once per
   clip and hands every encoder the kind it declares; `input_of(options)` when it is configurable);
 - `pooling`: its outputs, name -> pooling (`pooling_of(options)` when configurable); shapes are known once
-  the weights are read (`outputs`, name -> OutputInfo);
+  the weights are read (`outputs`, name -> OutputInfo). The pooling "text" (`store.text.POOLING`) makes
+  a text set: each row is one uint8 array of UTF-8 JSON (`extract.asr`, speech recognition);
 - `Options`: the dataclass of its own settings in `[extract.encoders.<name>]` besides the weights source
   (None: the source only). Its fields are `extract.settings` fields: value fields reach the key;
 - how it loads: `from_pretrained` (a folder / hub snapshot) and, for encoders that convert their
@@ -171,6 +172,8 @@ class Encoder:
     input: ClassVar[str]
     pooling: ClassVar[Mapping[str, str]] = {}
     Options: ClassVar[type | None] = None
+    table: ClassVar[str | None] = None   # the config table of its weights (None: [extract.encoders.<entry>])
+    role: ClassVar[str | None] = None    # what messages call it (None: "the <entry> encoder (<name>)")
     frame_rate: float | None = None
 
     def __init__(self, model, *, weights: str, device: str = "auto", batch_size: int = 32):

@@ -15,6 +15,9 @@ is not present in every anchor frame (another shot, or it left the frame), the f
 face clip are planned again inside the span where it is (`span_plan`), decoded and tracked: a second
 look, which gives the face inputs. So no face crop comes from a shot without the main face
 (`use_track`).
+
+A clip that lacks only some sets (`ClipJob.views`: e.g. the ASR text set added to a store whose clips
+have the others) runs only those encoders; when none of them reads frames, only its waveform is decoded.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ import numpy as np
 from emollama.corpora import source_has_sound
 from emollama.extract import decode, faces, perturb, prep
 from emollama.extract.encoders import EncodersConfig, file_sha256, load_encoders
-from emollama.extract.registry import (FACE_CLIP, FACE_FRAMES, FRAME, WAVEFORM, EncoderInfo, gpu_visible,
+from emollama.extract.registry import (FACE_CLIP, FACE_FRAMES, FACE_INPUTS, FRAME, WAVEFORM, EncoderInfo, gpu_visible,
                                       resolve_device, torch_threads)
 from emollama.extract.settings import policy, runtime, section, spec_attrs, spec_params, value
 from emollama.store import FeatureSpec, FeatureStore
+from emollama.store import text as text_rows
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +168,19 @@ class ClipJob:
     replace: bool = False   # the clip has features from an earlier version of its source: keep them until
                             # the new ones are committed (a failure then leaves the old ones and their record)
     has_sound: bool | None = None   # the dataset's declaration (corpora); None: the source decides
+    views: tuple[str, ...] | None = None   # the encoder entries to run (the clip lacks only their sets); None: all
 
     def sound_expected(self) -> bool:
         return self.has_sound if self.has_sound is not None else source_has_sound(self.source)
+
+    def wants(self, view: str) -> bool:
+        return self.views is None or view in self.views
+
+    def wants_frames(self, settings: "ExtractSettings") -> bool:
+        """Whether an encoder this clip needs reads frames (else only its waveform is prepared: no faces)."""
+        entries = getattr(settings, "encoders", None)
+        return self.views is None or entries is None or any(
+            e.input in FACE_INPUTS for e in entries if self.wants(e.name))
 
 
 @dataclass
@@ -228,9 +242,10 @@ def build_specs(encoders: Mapping[str, Any], settings: StepSettings) -> dict[str
             params["cpu_threads"] = settings.cpu_threads
         for out, info in enc.outputs.items():
             name = f"{view}.{enc.name}.{out}"
+            text = {"dtype": text_rows.DTYPE} if info.pooling == text_rows.POOLING else {}   # bytes, not values
             specs[name] = FeatureSpec(
                 name=name, modality=view, encoder=enc.name, weights=enc.weights, layer=enc.layer,
-                pooling=info.pooling, shape=tuple(info.shape), **attrs,
+                pooling=info.pooling, shape=tuple(info.shape), **{**attrs, **text},
                 frame_rate=enc.frame_rate if info.shape and info.shape[0] is None else None, params=params,
             )
     return specs
@@ -417,7 +432,8 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
             raise decode.DecodeError("no video stream")
         if info.duration <= 0 or info.n_frames <= 0:
             raise decode.DecodeError("zero length")
-        look = Look.decode(path, plan_frames(info.n_frames, settings.frames), settings, info)
+        frames = job.wants_frames(settings)   # False: only the waveform (e.g. the text set of a stored clip)
+        look = Look.decode(path, plan_frames(info.n_frames, settings.frames), settings, info) if frames else None
         audio = decode.read_audio(path, sample_rate=settings.sample_rate) if info.has_audio else np.zeros(0, np.float32)
         if audio.size == 0:
             policy = settings.missing_audio
@@ -435,6 +451,8 @@ def prepare(job: ClipJob, settings: ExtractSettings, detector: faces.FaceDetecto
         prep.inputs[WAVEFORM] = audio
         t1 = time.perf_counter()
         prep.seconds["decode"] = t1 - t0
+        if look is None:
+            return prep
         if detector is None:   # downscaled for MTCNN here, where the cores are
             small, sx, sy = faces.detection_frames(look.frames[look.plan.anchors], settings.faces.detect_side)
             prep.waiting = Waiting(look, small, (sx, sy), info)
@@ -632,7 +650,7 @@ def prepared_clips(jobs: Sequence[ClipJob], settings: ExtractSettings, m: Models
 
 
 def encode(prepared: Sequence[Prepared], m: Models, seconds: dict[str, float]) -> list[dict[str, np.ndarray]]:
-    """Every encoder on the input kind it declares, for a micro-batch of prepared clips."""
+    """Every encoder on the input kind it declares, for the clips of a micro-batch that want it (`ClipJob.views`)."""
     rows: list[dict[str, np.ndarray]] = [{} for _ in prepared]
     if m.perturb is not None:
         t = time.perf_counter()
@@ -641,11 +659,14 @@ def encode(prepared: Sequence[Prepared], m: Models, seconds: dict[str, float]) -
             p.inputs = perturb.apply(p.inputs, m.perturb, perturb.clip_seed(p.record), box)
         seconds["perturb"] = seconds.get("perturb", 0.0) + time.perf_counter() - t
     for view, enc in m.encoders.items():
+        mine = [i for i, p in enumerate(prepared) if p.job.wants(view)]
+        if not mine:
+            continue
         t = time.perf_counter()
         with torch_threads(m.threads):
-            outs = enc.encode([p.inputs[enc.input_kind] for p in prepared])
+            outs = enc.encode([prepared[i].inputs[enc.input_kind] for i in mine])
         seconds[view] = seconds.get(view, 0.0) + time.perf_counter() - t
-        for row, out in zip(rows, outs):
+        for row, out in zip([rows[i] for i in mine], outs):
             for name, arr in out.items():
                 row[f"{view}.{enc.name}.{name}"] = arr
     return rows
@@ -767,12 +788,12 @@ def _encode_micro(prepared: Sequence[Prepared], m: Models, keys: dict[str, str],
         # replace: this commit's own mark supersedes the earlier copies (nothing is removed first)
         writer.add(p.job.id, feats, {**p.record, "status": "ok"}, replace=p.job.replace)
         result.ok.append(p.job.id)
-        if not p.record.get("face_found"):
+        if p.record.get("face_found") is False:
             result.no_face.append(p.job.id)
     sec["write"] = sec.get("write", 0.0) + time.perf_counter() - t
     if preview_dir:
         t = time.perf_counter()
-        for p in good:
+        for p in (p for p in good if FACE_FRAMES in p.inputs):   # not for a clip given its waveform only
             try:
                 write_preview(Path(preview_dir), p)
             except Exception as e:  # noqa: BLE001 - a side output never fails the clip it describes

@@ -110,6 +110,15 @@ def extract(
                                              help="Fail a clip whose frames are larger than this many pixels "
                                                   "(default 8192x8192)."),
     offline: Optional[bool] = typer.Option(None, "--offline/--online", help="Never/also ask the model hub."),
+    asr: Optional[bool] = typer.Option(None, "--asr/--no-asr", help="Also write subtitles from speech: Whisper's "
+                                       "text of each clip's audio, a text set ([extract.asr]; the paper profile: "
+                                       "openai/whisper-large-v3, tiny: a random fixture whose text means nothing)."),
+    asr_model: Optional[str] = typer.Option(None, "--asr-model", help="A Whisper hub id or local folder (implies "
+                                            "--asr)."),
+    asr_task: Optional[str] = typer.Option(None, "--asr-task", help="translate (English text, the default) or "
+                                           "transcribe (the spoken language); implies --asr."),
+    asr_language: Optional[str] = typer.Option(None, "--asr-language", help="Force the spoken language (a Whisper "
+                                               "code: en, zh, ...; default: detected per clip); implies --asr."),
     storage_option: Optional[List[str]] = typer.Option(
         None, "--storage-option", help="fsspec option for the store, KEY=VALUE (repeatable), e.g. endpoint_url=..."),
     limit: Optional[int] = typer.Option(None, help="Only the first N clips (a quick look)."),
@@ -118,7 +127,8 @@ def extract(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Stage one: decode clips, find faces, run the frozen encoders (the four views, plus any named in
-    [extract.encoders.*]), write the feature store.
+    [extract.encoders.*]), write the feature store; with --asr also each clip's speech as text (a text
+    set the prompts take subtitles from where a clip has none).
 
     Reruns skip complete clips and retry failed ones. Exit status 1 when any clip failed, 2 for a
     configuration or usage error, 4 when the store cannot be written, 130 when interrupted."""
@@ -134,7 +144,9 @@ def extract(
         "extract": {"store": store, "profile": profile, "workers": workers, "scheduler": scheduler,
                     "device": device, "local_frames": local_frames, "global_frame": global_frame,
                     "dtype": dtype, "missing_audio": missing_audio, "batch_clips": batch_clips, "preview": preview, "offline": offline,
-                    "prep_workers": prep_workers, "detect_on": detect_on},
+                    "prep_workers": prep_workers, "detect_on": detect_on, "asr_model": asr_model,
+                    "asr_task": asr_task, "asr_language": asr_language,
+                    "asr_enabled": asr if asr is not None or not (asr_model or asr_task or asr_language) else True},
     }
     if max_pixels is not None:
         overrides["extract"]["max_pixels"] = max_pixels

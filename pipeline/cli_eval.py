@@ -90,6 +90,14 @@ FEATURE_OPTION = typer.Option(None, "--feature", help="ROLE=SET for an imported 
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 OFFLINE_OPTION = typer.Option(None, "--offline/--online", help="Never/also ask the model hub (default: "
                               "HF_HUB_OFFLINE decides).")
+# subtitles from speech (pipeline.subtitles): eval and infer
+SUBTITLE_SOURCE_OPTION = typer.Option(None, "--subtitle-source", help="dataset | asr | dataset-then-asr: the "
+                                      "dataset's (or given) subtitles, the ASR text set's, or the first a clip has "
+                                      "(default: the run's data.subtitles).")
+ASR_OPTION = typer.Option(False, "--asr/--no-asr", help="Transcribe the clips the ASR text set lacks (Whisper, "
+                          "[extract.asr]) into the eval store; a text set with recorded settings is extended anyway.")
+ASR_SET_OPTION = typer.Option(None, "--asr-set", help="The ASR text set to read (name or key; default: the run's, "
+                              "else the store's one).")
 
 
 def _progress(progress: Optional[bool]) -> bool:
@@ -163,6 +171,9 @@ def eval_cmd(
                                                   "no-subtitle."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bars (default: when stderr is a terminal)."),
+    subtitle_source: Optional[str] = SUBTITLE_SOURCE_OPTION,
+    asr: bool = ASR_OPTION,
+    asr_set: Optional[str] = ASR_SET_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Evaluate a run on any dataset: MER2023 / MERR / a folder of your own labelled videos (weighted F1,
@@ -195,7 +206,8 @@ def eval_cmd(
                        out=str(out) if out else None, overwrite=overwrite, device=device,
                        progress=_progress(progress), judge_url=judge_url, judge_model=judge_model, layout=layout,
                        features=list(feature or []), cache_store=cache_store, missing_audio=missing_audio,
-                       offline=offline, conditions=list(condition or []) if conditions or condition else None)
+                       offline=offline, subtitles=subtitle_source, asr=asr, asr_set=asr_set,
+                       conditions=list(condition or []) if conditions or condition else None)
     say = (lambda s: None) if as_json else typer.echo
     try:
         res = evaluate(opts, say=say, run=_load_run(run, device, llm, offline))
@@ -250,13 +262,21 @@ def infer_cmd(
                                                 "sets were extracted."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
                                             help="Progress bars (default: when stderr is a terminal)."),
+    subtitle_source: Optional[str] = SUBTITLE_SOURCE_OPTION,
+    asr: bool = ASR_OPTION,
+    asr_set: Optional[str] = ASR_SET_OPTION,
+    asr_task: Optional[str] = typer.Option(None, "--asr-task", help="translate (English) | transcribe (the spoken "
+                                           "language): the ASR text set to read or make (implies --asr)."),
+    asr_language: Optional[str] = typer.Option(None, "--asr-language", help="Force the spoken language (a Whisper "
+                                               "code; default: detected); implies --asr."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Label, probability of every label, reasoning text and face information for any videos, through
     exactly the features the run was trained on: a clip a store already holds (found by its content) is
     read, any other is extracted with the run's feature-set settings into --cache-store (default
     <run>/eval-store.zarr; the run's store is only read). A clip with no face or a weak face track gets a
-    warning line. Exit status 1 when any clip failed, 2 for a usage error, 4 when the eval store cannot be
+    warning line. A clip without a subtitle (--subtitle, --subtitles) gets its ASR text where a text set holds
+    it (--asr transcribes the clips it lacks; the output shows the text used and where it came from). Exit status 1 when any clip failed, 2 for a usage error, 4 when the eval store cannot be
     written."""
     from emollama.pipeline.inference import Predictor, table_lines, write_predictions
 
@@ -273,7 +293,8 @@ def infer_cmd(
                                     labels=[x for x in labels.split(",") if x.strip()] if labels else None,
                                     reason=reason, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                     workers=workers, progress=_progress(progress), preview=preview,
-                                    missing_audio=missing_audio, offline=offline)
+                                    missing_audio=missing_audio, offline=offline, subtitle_source=subtitle_source,
+                                    asr=asr, asr_set=asr_set, asr_task=asr_task, asr_language=asr_language)
         if out is not None:
             written = write_predictions(results, out, predictor.run.labels if not labels else
                                         [x.strip().lower() for x in labels.split(",") if x.strip()])

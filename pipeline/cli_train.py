@@ -97,6 +97,9 @@ def train_cmd(
                                             help="Show a progress bar (default: when stderr is a terminal)."),
     offline: Optional[bool] = typer.Option(None, "--offline/--online",
                                            help="Never/also ask the model hub for the LM (default: HF_HUB_OFFLINE)."),
+    subtitle_source: Optional[str] = typer.Option(None, "--subtitle-source", help="data.subtitles: dataset | asr "
+                                                  "(the store's ASR text set, `extract --asr`) | dataset-then-asr "
+                                                  "(the default: the dataset's, else the ASR text)."),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON."),
 ) -> None:
     """Stage two: train the projectors and the LoRA adapter over the feature store.
@@ -126,7 +129,7 @@ def train_cmd(
         raise typer.Exit(2)
     overrides = {
         "data": {"root": data, "dataset": dataset, "store": store, "features": list(features) if features else None,
-                 "tasks": list(tasks) if tasks else None, "options": options},
+                 "tasks": list(tasks) if tasks else None, "options": options, "subtitles": subtitle_source},
         "model": {"profile": profile, "llm": llm, "gradient_checkpointing": gradient_checkpointing, "offline": offline},
         "optim": {"lr": lr, "epochs": epochs, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum},
         "run": {"out": out, "init_from": init_from, "seed": seed, "device": device},

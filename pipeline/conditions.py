@@ -45,6 +45,7 @@ from emollama.pipeline.extraction import SettingsChanged, encoders_config, run_e
 from emollama.pipeline.features import (EvalError, EvalStores, adjusted_extract, check_encoders, extract_for_eval,
                                         extraction_config, feature_batcher, features_profile, guarded_extract)
 from emollama.pipeline.scores import candidates, score_clips
+from emollama.pipeline.subtitles import eval_subtitles
 from emollama.train.checkpoint import write_json
 from emollama.train.tiny import TINY_WARNING
 
@@ -252,6 +253,7 @@ def evaluate_conditions(run, stores: EvalStores, corpus: Corpus, opts, clips: li
     conds = parse_conditions(opts.conditions, inputs)
     if opts.extract:
         extract_for_eval(stores, run, clips, corpus, opts, say)
+    clips, subtitles = eval_subtitles(run, stores, clips, corpus, opts, say)   # the dataset's, else ASR text
     plans = [plan_perturbed(run, stores, c, clips, inputs, corpus, opts, say) if c.perturb else Plan(c)
              for c in conds]
     usable_ids: set[str] | None = None
@@ -296,7 +298,7 @@ def evaluate_conditions(run, stores: EvalStores, corpus: Corpus, opts, clips: li
               "feature_profile": features_profile(stores, run.feature_keys),
               "note": TINY_WARNING if run.tiny else None, "labels": targets, "candidates": candidates(targets, label_map),
               "chance": 1 / len(targets), "n": len(common), "missing": [c.id for c in clips if c.id not in usable_ids],
-              "conditions": rows, "skipped": [{"name": p.cond.name, "reason": p.skipped} for p in plans if p.skipped],
+              "subtitles": subtitles.to_dict(), "conditions": rows, "skipped": [{"name": p.cond.name, "reason": p.skipped} for p in plans if p.skipped],
               "eval_store": stores.cache_url, "seconds": {"total": round(time.perf_counter() - t0, 3)},
               "out_dir": str(out),
               "files": ["metrics.json", "report.md", "conditions.csv", "conditions.png", "predictions.jsonl"]}

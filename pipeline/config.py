@@ -29,10 +29,14 @@ runs (`extract.settings`): the feature-set keys follow from that, never from a h
     encoder = "hf"
     model = "facebook/wav2vec2-base"
     input = "waveform"
+    [extract.asr]                 # subtitles from speech (--asr): the text set asr.whisper.text
+    enabled = true
+    task = "translate"            # translate (English) | transcribe (the spoken language)
 
 The flat names of earlier versions (`local_frames`, `global_frame`, `max_side`, `crop_size`,
 `face_margin`, `face_min_size` in `[extract]`, as the command-line flags set them) still work, and so
-does `detect_on` (the flag `--detect-on`, for `[extract.faces] detect_on`).
+does `detect_on` (the flag `--detect-on`, for `[extract.faces] detect_on`); the flags `--asr`,
+`--asr-model`, `--asr-task` and `--asr-language` set `[extract.asr]` the same way.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from emollama.corpora import ADAPTERS
+from emollama.extract.asr import ASR_VIEW, AsrSettings
 from emollama.extract.encoders import PROFILES, EncoderTable, parse_encoders
-from emollama.extract.settings import RUNTIME, build, names_of_kind, runtime, to_dict, value
+from emollama.extract.settings import RUNTIME, build, names_of_kind, runtime, section, to_dict, value
 from emollama.extract.settings import problems as settings_problems
 from emollama.extract.step import StepSettings
 from emollama.train.config import ConfigError, build_section, device_problems, read_toml
@@ -69,7 +74,10 @@ class DatasetConfig:
 LEGACY_KEYS = {"local_frames": ("frames", "local_frames"), "global_frame": ("frames", "global_frame"),
                "max_side": ("frames", "max_side"), "crop_size": ("faces", "crop_size"),
                "face_margin": ("faces", "margin"), "face_min_size": ("faces", "min_face_size"),
-               "detect_on": ("faces", "detect_on")}
+               "detect_on": ("faces", "detect_on"),
+               # the command line's --asr, --asr-model, --asr-task, --asr-language
+               "asr_enabled": ("asr", "enabled"), "asr_model": ("asr", "model"), "asr_task": ("asr", "task"),
+               "asr_language": ("asr", "language")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +88,7 @@ class ExtractConfig(StepSettings):
     store: str = runtime("")         # a folder or an fsspec URL
     profile: str = value("paper", spec="encoder", choices=PROFILES)  # paper (real models) | tiny (random: tests, demo)
     encoders: dict[str, EncoderTable] = value(spec="encoder", default_factory=dict)   # name -> table
+    asr: AsrSettings = section(AsrSettings)      # subtitles from speech: a text set per clip (extract.asr)
     workers: int = runtime(0, min=0)             # 0 = in this process (the fastest with a GPU); N: a local dask cluster (on a CPU, N workers use N x cpu_threads cores)
     scheduler: str | None = runtime(None)        # address of an existing dask scheduler
     batch_clips: int | None = runtime(None, min=1)   # clips per task (one store commit); unset: 4 per preparation process, at least 8
@@ -90,6 +99,9 @@ class ExtractConfig(StepSettings):
         out = []
         if not self.store:
             out.append(f"{where}.store is empty: pass --store PATH_OR_URL")
+        if self.asr.enabled and ASR_VIEW in self.encoders:
+            out.append(f"{where}.encoders.{ASR_VIEW}: the name {ASR_VIEW!r} is the ASR entry's ([{where}.asr]); "
+                       "name this encoder otherwise")
         return out + device_problems(f"{where}.device", self.device)
 
     def problems(self) -> list[str]:

@@ -33,6 +33,7 @@ from emollama.corpora import ADAPTERS, Clip, Corpus, EmerOptions, get_adapter, l
 from emollama.pipeline.features import (EvalError, EvalStorageError, EvalStores, ExtractReport, extract_for_eval,
                                         extract_missing, feature_batcher, features_profile, run_stores)
 from emollama.pipeline.conditions import evaluate_conditions
+from emollama.pipeline.subtitles import eval_subtitles
 from emollama.pipeline.scores import candidates, parse_label_map, score_clips, target_probabilities
 from emollama.train.runfolder import lock
 
@@ -88,6 +89,9 @@ class EvalOptions:
     missing_audio: str | None = None         # a clip without sound: fail | silence | auto (default: as recorded)
     offline: bool | None = None              # models from local files only (None: HF_HUB_OFFLINE decides)
     conditions: list[str] | None = None      # a robustness report: these conditions ([]: the default ones)
+    subtitles: str | None = None             # dataset | asr | dataset-then-asr (default: the run's data.subtitles)
+    asr: bool = False                        # transcribe clips missing from the ASR text set (pipeline.subtitles)
+    asr_set: str | None = None               # the ASR text set to read (default: the run's, else the store's one)
 
 
 def target_labels(corpus: Corpus, clips: Sequence[Clip], run_labels: Sequence[str]) -> list[str]:
@@ -216,6 +220,7 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
     rep = ExtractReport(reused=len(clips))
     if opts.extract:
         rep = extract_for_eval(stores, run, clips, corpus, opts, say)
+    clips, subtitles = eval_subtitles(run, stores, clips, corpus, opts, say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         why = ('extraction failed: ' + str(rep.failed[:3]) if rep.failed else
@@ -240,7 +245,7 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
                                                               "eval_store": stores.cache_url},
         "prompt": run.config.data.prompt, "layout": opts.layout,
         "feature_sets": {run.specs[k].name: k for k in run.feature_keys},
-        "max_new_tokens": opts.max_new_tokens,
+        "max_new_tokens": opts.max_new_tokens, "subtitles": subtitles.to_dict(),
         **methods,
     }
     result["seconds"] = {"extract": round(rep.seconds, 3), "closed_set": round(sc.seconds["closed_set"], 3),
@@ -340,6 +345,7 @@ def _evaluate_emer(run, stores: EvalStores, opts: EvalOptions, emer, out: Path, 
         todo = [c for c in clips if c.id not in absent]
         extract_missing(stores, run.feature_keys, todo, run=run, workers=opts.workers, progress=opts.progress,
                         root=video_dir, missing_audio=opts.missing_audio, offline=opts.offline, say=say)
+    clips, _ = _subtitles(run, stores, clips, opts, "folder", video_dir, say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")

@@ -23,8 +23,9 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from emollama.extract.encoders import (EncodersConfig, KnownOutputs, file_sha256, known_outputs, remember_outputs,
-                                       resolve_encoders)
+from emollama.extract.asr import ASR_VIEW, WhisperAsr
+from emollama.extract.encoders import (EncoderEntry, EncodersConfig, KnownOutputs, file_sha256, known_outputs,
+                                       remember_outputs, resolve_encoders)
 from emollama.extract.step import (ClipJob, ExtractSettings, StepSettings, build_specs, computes_on_cpu,
                                    describe_encoders, resolved, run_batch, run_batches)
 from emollama.pipeline.config import Config
@@ -125,8 +126,14 @@ class ExtractSummary:
 
 def encoders_config(cfg: Config, home: Path | None = None) -> EncodersConfig:
     """The run's encoders: the profile's four views (each replaced by its [extract.encoders.<view>]
-    table when given), then the further named tables."""
-    return resolve_encoders(cfg.extract.profile, cfg.extract.encoders, home=home)
+    table when given), then the further named tables, then speech recognition when [extract.asr] is
+    enabled (the entry `asr`: Whisper, its text set asr.whisper.text)."""
+    base = resolve_encoders(cfg.extract.profile, cfg.extract.encoders, home=home)
+    a = cfg.extract.asr
+    if not a.enabled:
+        return base
+    entry = EncoderEntry(ASR_VIEW, WhisperAsr.name, a.source(cfg.extract.profile, home), a.options())
+    return EncodersConfig(base.entries + (entry,))
 
 
 def settings_from(cfg: Config) -> ExtractSettings:
@@ -134,7 +141,7 @@ def settings_from(cfg: Config) -> ExtractSettings:
     `faces.detect_on = "auto"` resolved here (`extract.step.resolved`), so every worker does the same."""
     e = cfg.extract
     step = {f.name: getattr(e, f.name) for f in fields(StepSettings)}
-    if e.offline is None and e.profile == "tiny" and not e.encoders:
+    if e.offline is None and e.profile == "tiny" and not e.encoders and not (e.asr.enabled and e.asr.model):
         step["offline"] = True   # the tiny profile is built locally: never ask a hub
     return resolved(ExtractSettings(**step, encoders=encoders_config(cfg)))
 
@@ -285,7 +292,8 @@ class ClipPlan:
 def plan_clips(store: FeatureStore, clips: Sequence[Clip], keys: dict[str, str]) -> ClipPlan:
     """The clips to extract under `keys` (output name -> set key; a set not in the store yet is empty)."""
     have = store.sets()
-    complete = set.intersection(*(store.complete(k) if k in have else set() for k in keys.values())) if keys else set()
+    per_set = {name: store.complete(k) if k in have else set() for name, k in keys.items()}
+    complete = set.intersection(*per_set.values()) if keys else set()
     records = store.records() if complete else {}
     changed: set[str] = set()
     unchanged: list[str] = []
@@ -301,9 +309,20 @@ def plan_clips(store: FeatureStore, clips: Sequence[Clip], keys: dict[str, str])
         # they are committed, so an interrupted or failed recompute leaves the earlier features
         log.warning("%d clip(s) changed on disk since extraction; recomputing them", len(changed))
     # absolute sources: the preparation processes (and dask workers) may run in another folder
-    todo = [ClipJob(c.id, str(Path(c.source).absolute()), replace=c.id in changed, has_sound=clip_has_sound(c))
+    todo = [ClipJob(c.id, str(Path(c.source).absolute()), replace=c.id in changed, has_sound=clip_has_sound(c),
+                    views=None if c.id in changed else lacking_views(c.id, per_set))
             for c in clips if c.id not in complete or c.id in changed]
     return ClipPlan(dict(keys), todo, len(clips) - len(todo), sorted(changed), unchanged)
+
+
+def lacking_views(clip_id: str, per_set: dict[str, set[str]]) -> tuple[str, ...] | None:
+    """The encoder entries (views) whose sets lack the clip (None: every one does, or none: the whole clip)."""
+    views: dict[str, bool] = {}
+    for name, have in per_set.items():
+        view = name.split(".", 1)[0]
+        views[view] = views.get(view, False) or clip_id not in have
+    lacking = tuple(v for v, lacks in views.items() if lacks)
+    return None if not lacking or len(lacking) == len(views) else lacking
 
 
 def _profiles(store: FeatureStore, keys: dict[str, str]) -> dict[str, str]:
@@ -318,7 +337,8 @@ def run_extract(cfg: Config, *, progress: bool = True, limit: int | None = None,
     """Extract the corpus of `cfg` (or the given `clips`) into its store; `expect_keys`: the feature
     sets the settings must produce (e.g. a trained run's), checked before anything is written; `views`:
     only these encoders (by name) run, the other sets are neither made nor planned (eval's conditions
-    recompute the sets a perturbation changes and read the others where they are)."""
+    recompute the sets a perturbation changes and read the others where they are; ("asr",): the text set
+    of clips whose features are elsewhere)."""
     e = cfg.extract
     if clips is None:
         corpus = load_corpus(cfg.dataset.kind, cfg.dataset.root, **cfg.dataset.options)

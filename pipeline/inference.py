@@ -107,7 +107,10 @@ class Prediction:
     label: str | None = None
     probabilities: dict[str, float] | None = None
     reasoning: str | None = None
-    subtitle: str | None = None
+    subtitle: str | None = None          # the text the prompt said the person says
+    subtitle_from: str | None = None     # where it came from: given (--subtitle, a CSV) | asr | None
+    asr_text: str | None = None          # the ASR text set's text for the clip (used or not)
+    asr_language: str | None = None      # ... and the spoken language Whisper found (or was told)
     face: FaceInfo | None = None
     warnings: list[str] = field(default_factory=list)
     extracted: bool = False              # extracted in this call (else read from a store)
@@ -330,15 +333,20 @@ class Predictor:
                 subtitle: str | None = None, labels: Sequence[str] | None = None, reason: bool = True,
                 max_new_tokens: int = 96, batch_size: int = 8, workers: int = 0, progress: bool = False,
                 preview: str | Path | None = None, missing_audio: str | None = None,
-                offline: bool | None = None) -> list[Prediction]:
+                offline: bool | None = None, subtitle_source: str | None = None, asr: bool = False,
+                asr_set: str | None = None, asr_task: str | None = None,
+                asr_language: str | None = None) -> list[Prediction]:
         """One ``Prediction`` per clip of ``paths`` (see the module docstring), in order. ``subtitles``: a
         ``name,sentence`` CSV (or a mapping); ``subtitle``: one text for every clip. ``labels``: the label
         set to score (default: the run's). Files of the folders that are no videos (a labels CSV, images) are
         left out and listed in ``self.skipped``. ``missing_audio``: how a clip without sound is extracted (fail,
         silence, auto; default: as the run's sets were); ``offline``: encoders from local files only. A clip that cannot be read or extracted gets its
-        ``error``; the others go on."""
+        ``error``; the others go on. Where a clip has no subtitle given, the ASR text set's text is used
+        (``subtitle_source``, default the run's ``data.subtitles``; ``asr``: transcribe the clips it lacks,
+        ``asr_task`` / ``asr_language`` with those settings; ``asr_set``: which set; ``pipeline.subtitles``)."""
         from emollama.train.evaluate import score_labels
         from emollama.train.generate import generate
+        from emollama.train.subtitles import TINY_ASR_NOTE
         from emollama.train.tiny import TINY_WARNING
 
         if subtitles is not None and subtitle is not None:
@@ -354,13 +362,21 @@ class Predictor:
             text = subtitle if subtitle is not None else next((table[n] for n in i.names if n in table), None)
             clips[i.id] = Clip(store_ids.get(i.id, i.id), i.source, text, None, split="infer")
         todo = list({c.id: c for c in clips.values()}.values())
-        rep = ExtractReport()
+        rep, subs = ExtractReport(), None
         if todo:
             rep = extract_missing(stores, run.feature_keys, todo, run=run, workers=workers, progress=progress,
                                   root=todo[0].source.parent, preview=str(preview) if preview else None,
                                   missing_audio=missing_audio, offline=offline, say=self.say)
         failed = dict(rep.failed)
         failed.update(not_computable(run, stores, rep))
+        if todo:
+            from emollama.pipeline.subtitles import run_subtitles
+
+            todo, subs = run_subtitles(run, stores, todo, source=subtitle_source, asr=asr, asr_set=asr_set, task=asr_task,
+                                    language=asr_language, workers=workers, progress=progress,
+                                    root=todo[0].source.parent, offline=offline, say=self.say)
+            chosen = {c.id: c for c in todo}
+            clips = {k: chosen.get(c.id, c) for k, c in clips.items()}
         batcher, usable, _ = feature_batcher(run, stores, todo)
         out: dict[str, dict] = {}
         if usable:
@@ -388,7 +404,10 @@ class Predictor:
         for i in inputs:
             c = clips.get(i.id)
             cid = c.id if c is not None else i.id
+            meta = c.meta if c is not None else {}
             p = Prediction(file=i.file, id=cid, subtitle=c.subtitle if c is not None else None,
+                           subtitle_from={"dataset": "given"}.get(meta.get("subtitle_from"), meta.get("subtitle_from")),
+                           asr_text=meta.get("asr_text"), asr_language=meta.get("asr_language"),
                            extracted=cid in rep.extracted, store_id=cid if c is not None else None,
                            note=TINY_WARNING if run.tiny else None)
             if i.error is not None or cid not in out:
@@ -401,6 +420,8 @@ class Predictor:
                 p.warnings.append(w)
             if p.face is not None and p.face.found and (p.face.shots or 1) > 1 and p.error is None:
                 p.warnings.append(f"{p.face.shots} shots: the face crops come from the main face's shot only")
+            if p.subtitle_from == "asr" and subs is not None and subs.tiny:
+                p.warnings.append(TINY_ASR_NOTE)      # the subtitle is the random tiny Whisper's
             p.preview = sheets.get(cid)
             results.append(p)
         return results
@@ -485,6 +506,8 @@ def table_lines(results: Sequence[Prediction]) -> list[str]:
             lines.append(f"{r.id}: failed: {r.error}")
         for w in r.warnings:
             lines.append(f"{r.id}: warning: {w}")
+        if r.subtitle_from == "asr":
+            lines.append(f"{r.id}: subtitle from speech ({r.asr_language or '?'}): {r.subtitle}")
         if r.reasoning:
             lines.append(f"{r.id}: reasoning: {r.reasoning}")
         if r.preview:
@@ -493,7 +516,8 @@ def table_lines(results: Sequence[Prediction]) -> list[str]:
 
 
 CSV_COLUMNS = ("file", "id", "label", "probability", "face_found", "face_detected", "face_interpolated",
-               "face_absent", "shots", "warnings", "subtitle", "reasoning", "error")
+               "face_absent", "shots", "warnings", "subtitle", "subtitle_from", "asr_text", "asr_language",
+               "reasoning", "error")
 
 
 def write_predictions(results: Sequence[Prediction], path: str | Path, labels: Sequence[str]) -> Path:
@@ -519,7 +543,8 @@ def write_predictions(results: Sequence[Prediction], path: str | Path, labels: S
                             *("" if fi is None or v is None else f"{v:.4f}"
                               for v in ((fi.detected, fi.interpolated, fi.absent) if fi else (None,) * 3)),
                             "" if fi is None or fi.shots is None else fi.shots, " | ".join(r.warnings),
-                            r.subtitle or "", r.reasoning or "", r.error or ""]
+                            r.subtitle or "", r.subtitle_from or "", r.asr_text or "", r.asr_language or "",
+                            r.reasoning or "", r.error or ""]
                            + [f"{probs[l]:.6f}" if l in probs else "" for l in labels])
     os.replace(tmp, path)
     return path

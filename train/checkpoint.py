@@ -8,6 +8,7 @@
     <run>/config.json                  the resolved training config
     <run>/feature_sets.json            the store's feature-set keys and specs the run read
     <run>/versions.json                package versions
+    <run>/subtitles.json               where the subtitles came from (train.subtitles: the ASR text set read)
     <run>/checkpoints/step-000123/     everything needed for an exact resume: the adapter, projectors,
                                        optimizer.pt, rng.pt and state.json (step, epoch, data position,
                                        scheduler, loss history)

@@ -34,6 +34,7 @@ from .modalities import PAPER_FEATURES
 from .prompt import DEFAULT_SUBTITLE_TOKENS, STYLES, TASKS
 
 PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
+SUBTITLE_SOURCES = ("dataset", "asr", "dataset-then-asr")   # data.subtitles (train.subtitles.SOURCES)
 
 
 def device_problems(where: str, device: str) -> list[str]:
@@ -86,6 +87,8 @@ class DataConfig:
     patch_group: int = 4            # global patch tokens concatenated per LM token
     max_len: int = 1024             # tokens per training example; answers are never cut: a longer example is rejected
     max_subtitle_tokens: int = DEFAULT_SUBTITLE_TOKENS  # a longer subtitle is cut to this many tokens (training, eval, infer)
+    subtitles: str = "dataset-then-asr"         # dataset | asr (the store's ASR text set, `extract --asr`) | dataset-then-asr: the dataset's, else the ASR text
+    asr_set: str = ""                           # the ASR text set (name or key); empty: the store's one text set, if any
     length_grouping: bool = True                # batches of similar length (less padding); the order stays seeded
     workers: int = 0                # DataLoader worker processes
 
@@ -118,6 +121,8 @@ class DataConfig:
                        f"{DEFAULT_SUBTITLE_TOKENS})")
         if self.workers < 0:
             out.append("data.workers must be 0 or more")
+        if self.subtitles not in SUBTITLE_SOURCES:
+            out.append(f"data.subtitles = {self.subtitles!r}: choose {', '.join(SUBTITLE_SOURCES)}")
         return out
 
 

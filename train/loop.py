@@ -48,6 +48,7 @@ from .runfolder import check_out, clear_run, lock, resume_differences
 from .data import (Batch, FeatureBatcher, PromptEncoder, StepLoader, TrainData, epoch_plan, fit_statistics,
                    resolve_labels, text_report, text_summary)
 from .evaluate import evaluate_closed_set, format_metrics
+from .subtitles import REPORT_FILE as SUBTITLES_FILE
 from .tiny import TINY_WARNING, is_tiny_fixture
 from .model import (EmoModel, build_model, count_parameters, format_parameters, pick_device, projector_meta,
                     resolve_precision)
@@ -114,7 +115,8 @@ class Recipe:
     """One training stage: the ``setup_*`` steps (``setup`` runs them in order), then ``fit``."""
 
     # setup_data
-    corpus: Any
+    corpus: Any                       # its clips' subtitles chosen (data.subtitles: train.subtitles)
+    subtitles: Any                    # train.subtitles.SubtitleReport
     labels: list[str]
     store: Any
     keys: list[str]                   # the store's set keys, in the order of data.features
@@ -212,6 +214,9 @@ class Recipe:
         """Texts and labels from the dataset adapter; the feature sets from the store."""
         from emollama.corpora import load_corpus
         from emollama.store import FeatureStore
+        from emollama.store.text import is_text
+
+        from .subtitles import subtitled_corpus
 
         cfg = self.cfg
         self.corpus = load_corpus(cfg.data.dataset, cfg.data.root, **cfg.data.options)
@@ -220,6 +225,13 @@ class Recipe:
         self.keys = [self.store.resolve(f) for f in cfg.data.features]
         specs = self.store.sets()
         self.sets = [(k, specs[k]) for k in self.keys]
+        texts = [specs[k].name for k in self.keys if is_text(specs[k])]
+        if texts:
+            raise TrainSetupError(f"data.features names the text set(s) {texts} (speech transcripts): they are read "
+                                  "as subtitles (data.subtitles, data.asr_set), not fed to a projector; remove them")
+        # each clip's subtitle: the dataset's, the store's ASR text, or the first of them (train.subtitles)
+        self.corpus, self.subtitles = subtitled_corpus(self.corpus, self.store, cfg.data.subtitles, cfg.data.asr_set)
+        self.say(self.subtitles.line())
 
     def setup_model(self) -> None:
         self.model, self.tokenizer = build_model(self.cfg, self.sets, self.device)
@@ -295,6 +307,7 @@ class Recipe:
             write_json(self.run / "config.json", cfg.to_dict())
             write_json(self.run / "feature_sets.json", {k: {"name": s.name, "spec": s.to_dict()} for k, s in self.sets})
             write_json(self.run / "versions.json", versions())
+            write_json(self.run / SUBTITLES_FILE, self.subtitles.to_dict())   # the text set eval and infer read
         self.pmeta = projector_meta(self.model, cfg.data.patch_group)
 
     def resumable(self, ck: Path, state: dict) -> dict:

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 LOCK = ".lock"
 #: What a run folder may hold: written by train, import-checkpoint, eval and infer.
 RUN_ENTRIES = frozenset({
-    "config.json", "feature_sets.json", "versions.json", "metrics.json", "imported.json",
+    "config.json", "feature_sets.json", "versions.json", "metrics.json", "imported.json", "subtitles.json",
     "adapter", "projectors.safetensors", "projectors.json", "checkpoints", "tb", "loss.png",
     "eval", "eval-store.zarr", LOCK,
 })
