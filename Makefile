@@ -18,7 +18,7 @@ STAGE1 ?= configs/demo-stage1.toml
 STAGE2 ?= configs/demo-stage2.toml
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo demo-extract test test-fast docs extract train bench-store bench-extract bench-faces bench-scale bench-train bench-serve serve gpu-wheels bench-gpu clean
+.PHONY: help venv demo demo-extract test test-fast docs extract train bench-store bench-extract bench-faces bench-scale bench-train bench-serve bench-timeline serve gpu-wheels bench-gpu clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ serve: venv ## Serve a run on http://127.0.0.1:8000/ (RUN=demo/runs/stage1 by de
 
 bench-serve: venv ## Benchmark emollama serve: requests/s, p50/p95 latency for stored and new clips (tiny run; not a test)
 	$(BIN)/python scripts/bench_serve.py $(ARGS)
+
+bench-timeline: venv ## Benchmark emollama timeline: peak memory and time for 2- and 30-minute videos (tiny run; not a test)
+	$(BIN)/python scripts/bench_timeline.py $(ARGS)
 
 bench-train: venv ## Benchmark the training loop: batched + length-grouped vs batch 1 (not a test)
 	$(BIN)/python scripts/bench_train.py $(ARGS)
