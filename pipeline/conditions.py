@@ -253,7 +253,7 @@ def evaluate_conditions(run, stores: EvalStores, corpus: Corpus, opts, clips: li
     conds = parse_conditions(opts.conditions, inputs)
     if opts.extract:
         extract_for_eval(stores, run, clips, corpus, opts, say)
-    clips, subtitles = eval_subtitles(run, stores, clips, corpus, opts, say)   # the dataset's, else ASR text
+    clips, subtitles = eval_subtitles(run, stores, clips, opts, corpus.name, corpus.root, say)   # the dataset's, else ASR text
     plans = [plan_perturbed(run, stores, c, clips, inputs, corpus, opts, say) if c.perturb else Plan(c)
              for c in conds]
     usable_ids: set[str] | None = None

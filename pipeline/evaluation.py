@@ -220,7 +220,7 @@ def _evaluate_clips(run, stores: EvalStores, corpus: Corpus, opts: EvalOptions, 
     rep = ExtractReport(reused=len(clips))
     if opts.extract:
         rep = extract_for_eval(stores, run, clips, corpus, opts, say)
-    clips, subtitles = eval_subtitles(run, stores, clips, corpus, opts, say)
+    clips, subtitles = eval_subtitles(run, stores, clips, opts, corpus.name, corpus.root, say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         why = ('extraction failed: ' + str(rep.failed[:3]) if rep.failed else
@@ -345,7 +345,7 @@ def _evaluate_emer(run, stores: EvalStores, opts: EvalOptions, emer, out: Path, 
         todo = [c for c in clips if c.id not in absent]
         extract_missing(stores, run.feature_keys, todo, run=run, workers=opts.workers, progress=opts.progress,
                         root=video_dir, missing_audio=opts.missing_audio, offline=opts.offline, say=say)
-    clips, _ = _subtitles(run, stores, clips, opts, "folder", video_dir, say)
+    clips, _ = eval_subtitles(run, stores, clips, opts, "folder", video_dir, say)
     batcher, usable, missing = feature_batcher(run, stores, clips)
     if not usable:
         raise EvalError(f"none of the {len(clips)} EMER clips has features (videos not found: {absent[:5]})")

@@ -115,13 +115,14 @@ def run_subtitles(run, stores: EvalStores, clips: Sequence[Clip], *, source: str
     return out, report
 
 
-def eval_subtitles(run, stores: EvalStores, clips: Sequence[Clip], corpus, opts,
+def eval_subtitles(run, stores: EvalStores, clips: Sequence[Clip], opts, dataset: str, root: str | Path,
                    say: Callable[[str], None] = log.info) -> tuple[list[Clip], SubtitleReport]:
-    """``run_subtitles`` for an evaluation of ``corpus`` with the options of ``opts`` (``subtitles``, ``asr``,
-    ``asr_set``, ``extract``, ``workers``, ``progress``, ``offline``): eval and its robustness conditions."""
+    """``run_subtitles`` for an evaluation of clips of ``dataset`` under ``root`` with the options of ``opts``
+    (``subtitles``, ``asr``, ``asr_set``, ``extract``, ``workers``, ``progress``, ``offline``): eval, its EMER
+    reasons and its robustness conditions."""
     from emollama.corpora import ADAPTERS
 
     return run_subtitles(run, stores, clips, source=opts.subtitles, asr=opts.asr, asr_set=opts.asr_set,
                          extract=opts.extract, workers=opts.workers, progress=opts.progress,
-                         dataset=corpus.name if corpus.name in ADAPTERS else "folder", root=corpus.root,
+                         dataset=dataset if dataset in ADAPTERS else "folder", root=root,
                          offline=opts.offline, say=say)

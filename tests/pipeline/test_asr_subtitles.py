@@ -132,10 +132,12 @@ def test_asr_subtitles_without_a_text_set_or_a_text_set_as_a_feature_are_refused
 
 
 class Captured:
-    """``score_labels`` as eval calls it (``pipeline.scores``), remembering the prompts and clips it scored."""
+    """``score_labels`` as eval (``pipeline.scores``) and infer (``train.evaluate``) call it, remembering the
+    prompts and clips it scored."""
 
     def __init__(self, monkeypatch):
-        import emollama.pipeline.scores as E
+        import emollama.pipeline.scores as S_
+        import emollama.train.evaluate as E
 
         self.calls, real = [], E.score_labels
 
@@ -144,6 +146,7 @@ class Captured:
             return real(model, prompts, batcher, clips, *a, **k)
 
         monkeypatch.setattr(E, "score_labels", spy)
+        monkeypatch.setattr(S_, "score_labels", spy)
 
 
 def test_eval_prompts_take_the_asr_text_where_a_clip_has_no_subtitle(asr_run, monkeypatch):
