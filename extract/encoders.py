@@ -52,7 +52,8 @@ from typing import Any, Iterator, Mapping
 from emollama.extract import asr, hf_encoder, paper_encoders, slow_device
 from emollama.extract import settings as S
 from emollama.extract.hf_encoder import HfEncoder, HfOptions
-from emollama.extract.models import WeightsFileError, build_model, default_home, ensure_tiny
+from emollama.extract.models import WeightsFileError, build_model, ensure_tiny
+from emollama.store.cache import default_home
 from emollama.extract.paper_encoders import (EVA_CLIP_MEAN, EVA_CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, EvaEncoder,
                                              HubertEncoder, MaeEncoder, VideoMaeEncoder)
 from emollama.extract.registry import (ENCODERS, INPUTS, Encoder, EncoderInfo, OutputInfo, encoder_class,

@@ -24,37 +24,26 @@ Torch, transformers and timm are imported inside the functions: importing this m
 from __future__ import annotations
 
 import argparse
-import errno
-import hashlib
 import json
 import logging
-import os
 import pickle
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+from emollama.store.cache import build_once, default_home
 
 log = logging.getLogger(__name__)
 
 TINY_SEED = 1234
 # Bump when a tiny recipe changes: folders built by an older recipe are rebuilt.
 TINY_RECIPE = 1
-TINY_MARKER = "emollama-tiny.json"
-TINY_FILES = ".emollama-tiny-files.json"   # size and sha256 of every file (a dot file: the weights identity skips it)
 TINY_DIMS = {"audio": 32, "local": 40, "temporal": 24, "global": 48, "wav2vec2": 28, "clip_vision": 36}
 
 # timm architecture of the global view (EVA-CLIP-g/14's visual tower, see encoders.PAPER)
 EVA_ARCH = "eva_giant_patch14_clip_224"
 EVA_IMG_SIZE = 448
-
-
-def default_home() -> Path:
-    """The project's cache folder: env EMOLLAMA_HOME, else ~/.cache/emollama."""
-    env = os.environ.get("EMOLLAMA_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "emollama"
 
 
 def _seeded(seed: int):
@@ -249,81 +238,14 @@ def save_model(name: str, model, folder: Path) -> None:
     _recipe(name).save(model, folder)
 
 
-def _manifest(folder: Path) -> dict[str, list]:
-    """{file: [size, sha256]} of every file of a built folder (the tiny files hash in ms)."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != TINY_FILES:
-            out[p.relative_to(folder).as_posix()] = [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
-    return out
-
-
-def _damage(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete tiny build (None: it is): ``TINY_FILES`` names every file with its
-    size and sha256, so a truncated or overwritten file is found and the folder rebuilt."""
-    try:
-        marker = json.loads((folder / TINY_MARKER).read_text())
-        if not isinstance(marker, dict) or marker.get("recipe") != TINY_RECIPE:
-            return "built by another recipe"
-        want = json.loads((folder / TINY_FILES).read_text())
-        if not isinstance(want, dict):
-            raise ValueError(TINY_FILES)
-        have = _manifest(folder)
-    except (OSError, ValueError):
-        return "missing" if not folder.exists() else f"its marker or its list of files ({TINY_FILES}) is missing or damaged"
-    bad = sorted(f for f in want if have.get(f) != want[f])
-    return f"{', '.join(bad)} missing, truncated or changed" if bad else None
-
-
-def cache_error(home: Path, what: str, e: OSError) -> OSError:
-    """One line for a model cache that cannot be written, naming EMOLLAMA_HOME and how to fix it (a
-    FileNotFoundError when a file stands where the folder should be, else the store's StorageError)."""
-    from emollama.store import StorageError
-
-    if e.errno in (errno.ENOTDIR, errno.EEXIST) or home.is_file():
-        return FileNotFoundError(f"the model cache {home} (EMOLLAMA_HOME) is not a folder (a file stands in its "
-                                 f"path), so {what} cannot be built there: set EMOLLAMA_HOME to a folder, or "
-                                 "move the file away")
-    return StorageError(f"cannot build {what} in the model cache {home} (EMOLLAMA_HOME): "
-                        f"{e.strerror or e}; set EMOLLAMA_HOME to a writable folder (or free space there), then "
-                        "rerun", e.errno)
-
-
 def ensure_tiny(view: str, home: Path | None = None) -> Path:
     """The folder of the tiny model `view` (a recipe name: a paper view, wav2vec2, clip_vision), building
-    it first if missing or damaged (race-safe; a damaged build is rebuilt, with a warning)."""
+    it first if missing or damaged (``store.cache.build_once``: race-safe; a damaged build is rebuilt, with a
+    warning)."""
     _recipe(view)
     home = Path(home) if home is not None else default_home()
-    final = home / "models" / "tiny" / view
-    why = _damage(final)
-    if why is None:
-        return final
-    if why != "missing":
-        log.warning("the tiny %s model in %s: %s; rebuilding it", view, final, why)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{view}-build-", dir=final.parent))
-        try:
-            log.info("building the tiny %s model into %s", view, final)
-            save_model(view, build_model(view, "tiny"), tmp)
-            (tmp / TINY_MARKER).write_text(json.dumps({"recipe": TINY_RECIPE, "seed": TINY_SEED,
-                                                       "view": view}, sort_keys=True) + "\n")
-            (tmp / TINY_FILES).write_text(json.dumps(_manifest(tmp)) + "\n")
-            if final.exists() and _damage(final) is not None:
-                # stale recipe (or a broken folder): move it aside, then put the new one in place
-                old = final.parent / f".{view}-old-{os.getpid()}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if _damage(final) is not None:  # not another builder's finished copy: a real error
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        raise cache_error(home, f"the tiny {view} model", e) from None
-    return final
+    return build_once(home / "models" / "tiny" / view, {"recipe": TINY_RECIPE, "seed": TINY_SEED, "view": view},
+                      lambda tmp: save_model(view, build_model(view, "tiny"), tmp), f"the tiny {view} model", home)
 
 
 # --- the authors' checkpoint files ---------------------------------------------------------------

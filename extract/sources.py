@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from emollama.extract.models import WEIGHT_SUFFIXES, WeightsFileError, default_home
+from emollama.extract.models import WEIGHT_SUFFIXES, WeightsFileError
+from emollama.store.cache import default_home
 
 log = logging.getLogger(__name__)
 

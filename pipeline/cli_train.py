@@ -114,7 +114,7 @@ def train_cmd(
     5 another emollama process writes --out; 130 interrupted."""
     from emollama.corpora import DatasetError, parse_options
     from emollama.store import StorageError, UnknownSetError
-    from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, storage_error, write_failure
+    from emollama.train.checkpoint import CheckpointError, CheckpointWriteError, run_write_failed, write_failure
     from emollama.train.config import TrainConfigError, TrainSetupError, data_from_run, load_train_config, read_toml
     from emollama.train.loop import TrainingDiverged, TrainingInterrupted, train
     from emollama.train.model import MissingModelError
@@ -180,7 +180,7 @@ def train_cmd(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(4)
     except OSError as e:
-        if not storage_error(e, Path(cfg.run.out)):
+        if not run_write_failed(e, Path(cfg.run.out)):
             raise
         # any other write into the run folder (config, metrics, loss curve, TensorBoard) that failed
         what = Path(e.filename).name if getattr(e, "filename", None) else "a file"

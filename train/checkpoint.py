@@ -55,7 +55,7 @@ class CheckpointWriteError(CheckpointError):
 FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 
 
-def storage_error(e: OSError, run: Path) -> bool:
+def run_write_failed(e: OSError, run: Path) -> bool:
     """``e`` is a failed write of the run folder: a full disk, a quota, a read-only file system, or a
     permission refused on a path inside ``run``."""
     if e.errno in FULL_ERRNOS:

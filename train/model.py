@@ -36,10 +36,12 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from emollama.store.cache import default_home
+
 from .config import PAPER_LLM, MissingModelError, TrainConfig, TrainSetupError  # noqa: F401 (re-exported)
 from .modalities import token_rank
 from .prompt import Layout, Slot
-from .tiny import default_home, ensure_tiny_llm
+from .tiny import ensure_tiny_llm
 
 log = logging.getLogger(__name__)
 

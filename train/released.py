@@ -274,7 +274,9 @@ def _llm_config(profile: str, llm: str, home: Path | None):
 
     from .model import MissingModelError
     from .params import LLAMA2_7B
-    from .tiny import default_home, ensure_tiny_llm
+    from emollama.store.cache import default_home
+
+    from .tiny import ensure_tiny_llm
 
     if llm:
         local = Path(llm).expanduser()

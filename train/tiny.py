@@ -24,15 +24,12 @@ template) and ``model.llm`` = a local folder (``ensure_tiny_chat_llm(home, famil
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from emollama.store.cache import TINY_MARKER, build_once
 
 from .prompt import INSTRUCTIONS, TASK_TAGS
 
@@ -44,8 +41,6 @@ TINY_WARNING = ("tiny profile: these numbers come from a random tiny fixture (ra
 
 TINY_SEED = 4321
 TINY_RECIPE = 2          # bump when the recipe changes: older folders are rebuilt
-TINY_MARKER = "emollama-tiny.json"
-TINY_FILES = ".emollama-tiny-files.json"   # size and sha256 of every file (a dot file: no weights identity hashes it)
 TINY_VOCAB = 1024
 TINY_LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=4, max_position_embeddings=2048)
@@ -118,78 +113,10 @@ def build_llm(vocab_size: int):
     return model.eval()
 
 
-def _manifest(folder: Path) -> dict[str, list]:
-    """{file: [size, sha256]} of every file of a built folder (the tiny files hash in ms)."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != TINY_FILES:
-            out[p.relative_to(folder).as_posix()] = [p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest()]
-    return out
-
-
-def _damage(folder: Path, recipe: int) -> str | None:
-    """Why ``folder`` is not a complete build of ``recipe`` (None: it is): ``TINY_FILES`` names every file
-    with its size and sha256, so a truncated or overwritten file is found and the folder rebuilt."""
-    try:
-        marker = json.loads((folder / TINY_MARKER).read_text())
-        if not isinstance(marker, dict) or marker.get("recipe") != recipe:
-            return "built by another recipe"
-        want = json.loads((folder / TINY_FILES).read_text())
-        if not isinstance(want, dict):
-            raise ValueError(TINY_FILES)
-        have = _manifest(folder)
-    except (OSError, ValueError):
-        return "missing" if not folder.exists() else f"its marker or its list of files ({TINY_FILES}) is missing or damaged"
-    bad = sorted(f for f in want if have.get(f) != want[f])
-    return f"{', '.join(bad)} missing, truncated or changed" if bad else None
-
-
-def cache_error(home: Path, what: str, e: OSError) -> OSError:
-    """One line for a model cache that cannot be written: naming EMOLLAMA_HOME and how to fix it (a
-    FileNotFoundError when a file stands where the folder should be, else the store's StorageError)."""
-    from emollama.store import StorageError
-
-    if e.errno in (errno.ENOTDIR, errno.EEXIST) or home.is_file():
-        return FileNotFoundError(f"the model cache {home} (EMOLLAMA_HOME) is not a folder (a file stands in its "
-                                 f"path), so {what} cannot be built there: set EMOLLAMA_HOME to a folder, or "
-                                 "move the file away")
-    return StorageError(f"cannot build {what} in the model cache {home} (EMOLLAMA_HOME): "
-                        f"{e.strerror or e}; set EMOLLAMA_HOME to a writable folder (or free space there), then "
-                        "rerun", e.errno)
-
-
 def _ensure(final: Path, recipe: int, build: Callable[[Path], None], what: str, home: Path) -> Path:
-    """``final`` built by ``build(tmp)`` into a temporary folder renamed into place, unless its marker
-    names ``recipe`` and every file as it is (a damaged build is rebuilt, with a warning). The same
-    rule as ``extract.models.ensure_tiny`` (train may not import extract)."""
-    why = _damage(final, recipe)
-    if why is None:
-        return final
-    if why != "missing":
-        log.warning("%s in %s: %s; rebuilding it", what, final, why)
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-build-", dir=final.parent))
-        try:
-            log.info("building %s (a random test fixture) into %s", what, final)
-            build(tmp)
-            (tmp / TINY_MARKER).write_text(json.dumps({"recipe": recipe, "seed": TINY_SEED,
-                                                       "note": "random weights: a test fixture"}) + "\n")
-            (tmp / TINY_FILES).write_text(json.dumps(_manifest(tmp)) + "\n")
-            if final.exists() and _damage(final, recipe) is not None:
-                old = final.parent / f".{final.name}-old-{os.getpid()}"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.replace(tmp, final)
-            except OSError:
-                if _damage(final, recipe) is not None:
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    except OSError as e:
-        raise cache_error(home, what, e) from None
-    return final
+    """``final`` built by ``build(tmp)`` unless complete (``store.cache.build_once``, as stage one's tiny encoders)."""
+    return build_once(final, {"recipe": recipe, "seed": TINY_SEED, "note": "random weights: a test fixture"},
+                      build, what, home)
 
 
 def ensure_tiny_llm(home: Path) -> Path:
@@ -351,9 +278,3 @@ def is_tiny_fixture(model_cfg) -> bool:
     if not llm:
         return getattr(model_cfg, "profile", None) == "tiny"
     return "://" not in str(llm) and (Path(str(llm)).expanduser() / TINY_MARKER).is_file()
-
-
-def default_home() -> Path:
-    """The project's cache folder: env EMOLLAMA_HOME, else ~/.cache/emollama (same rule as stage one)."""
-    env = os.environ.get("EMOLLAMA_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "emollama"

@@ -87,7 +87,8 @@ def train_args(tiny_store, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def home(tmp_path_factory) -> Path:
     """An EMOLLAMA_HOME of this module: a copy of the session's tiny encoders and tiny LM (built there once)."""
-    from emollama.extract.models import default_home, ensure_tiny
+    from emollama.extract.models import ensure_tiny
+    from emollama.store.cache import default_home
     from emollama.train.tiny import ensure_tiny_llm
 
     session = default_home()
@@ -204,7 +205,7 @@ def test_a_truncated_tiny_model_is_rebuilt_with_a_warning_and_every_rerun_works(
     weights.write_bytes(original[: len(original) // 3])     # an interrupted copy
     first = cli(*extract_args(data, tmp_path / "a.zarr", "--limit", "2"), home=home)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert (f"WARNING emollama.extract.models: the tiny audio model in {weights.parent}: model.safetensors "
+    assert (f"WARNING emollama.store.cache: the tiny audio model in {weights.parent}: model.safetensors "
             "missing, truncated or changed; rebuilding it") in first.stderr
     assert "Traceback" not in first.stderr and "2 extracted, 0 failed" in first.stdout
     assert weights.read_bytes() == original                  # the build is deterministic (seeded)

@@ -10,7 +10,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from emollama.extract.models import default_home, ensure_tiny
+from emollama.extract.models import ensure_tiny
+from emollama.store.cache import default_home
 from emollama.extract.sample import write_sample
 from emollama.pipeline.cli import app
 from emollama.store import FeatureStore

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 import emollama.pipeline.extraction as extraction
 from emollama.extract import encoders as E
 from emollama.extract import sources, step
-from emollama.extract.models import default_home, ensure_tiny
+from emollama.extract.models import ensure_tiny
+from emollama.store.cache import default_home
 from emollama.extract.registry import Encoder
 from emollama.extract.sample import write_sample
 from emollama.extract.step import ExtractSettings, build_specs, describe_encoders

@@ -58,7 +58,8 @@ def write_released(path: Path, state) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_llm():
-    from emollama.train.tiny import default_home, ensure_tiny_llm
+    from emollama.store.cache import default_home
+    from emollama.train.tiny import ensure_tiny_llm
 
     return ensure_tiny_llm(default_home())
 
