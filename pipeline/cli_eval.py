@@ -71,7 +71,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from emollama.train.checkpoint import CheckpointError
     from emollama.train.emer import JudgeError
     from emollama.train.model import MissingModelError
-    from emollama.train.prompt import ChatTemplateError
+    from emollama.train.chat_prompt import ChatTemplateError
     from emollama.train.run import RunError
     from emollama.train.runfolder import RunFolderError
 

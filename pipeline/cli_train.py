@@ -118,7 +118,7 @@ def train_cmd(
     from emollama.train.config import TrainConfigError, TrainSetupError, data_from_run, load_train_config, read_toml
     from emollama.train.loop import TrainingDiverged, TrainingInterrupted, train
     from emollama.train.model import MissingModelError
-    from emollama.train.prompt import ChatTemplateError
+    from emollama.train.chat_prompt import ChatTemplateError
     from emollama.train.run import RunError
     from emollama.train.runfolder import RunFolderBusy, RunFolderError
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .modalities import PAPER_FEATURES
-from .prompt import DEFAULT_SUBTITLE_TOKENS, STYLES, TASKS
+from .pieces import DEFAULT_SUBTITLE_TOKENS, TASKS
+from .prompt import STYLES
 
 PAPER_LLM = "meta-llama/Llama-2-7b-chat-hf"
 SUBTITLE_SOURCES = ("dataset", "asr", "dataset-then-asr")   # data.subtitles (train.subtitles.SOURCES)

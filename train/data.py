@@ -30,8 +30,8 @@ import torch
 from emollama.corpora import Clip, Corpus
 
 from .config import TrainConfig
-from .prompt import (DEFAULT_SUBTITLE_TOKENS, IGNORE, Encoded, Layout, encode, fit_subtitle,
-                     instruction_for, instructions, stop_token_ids, prompt_style)
+from .pieces import DEFAULT_SUBTITLE_TOKENS, IGNORE, Encoded, Layout, fit_subtitle
+from .prompt import encode, instruction_for, instructions, prompt_style, stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from emollama.store.cache import default_home
 
 from .config import PAPER_LLM, MissingModelError, TrainConfig, TrainSetupError  # noqa: F401 (re-exported)
 from .modalities import token_rank
-from .prompt import Layout, Slot
+from .pieces import Layout, Slot
 from .tiny import ensure_tiny_llm
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ from typing import Callable
 
 from emollama.store.cache import TINY_MARKER, build_once
 
-from .prompt import INSTRUCTIONS, TASK_TAGS
+from .pieces import INSTRUCTIONS, TASK_TAGS
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from emollama.train.prompt import (IGNORE, Layout, Slot, control_tokens, encode, fit_subtitle, instruction_for)
+from emollama.train.pieces import IGNORE, Layout, Slot, control_tokens, fit_subtitle
+from emollama.train.prompt import encode, instruction_for
 from emollama.train.tiny import CHAT_FAMILIES, build_tokenizer, ensure_tiny_chat_llm, MISTRAL_CHAT_TEMPLATE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from emollama.train.prompt import (IGNORE, ChatTemplateError, Layout, Slot, encode, instruction_for,
-                                   stop_token_ids)
+from emollama.train.chat_prompt import ChatTemplateError
+from emollama.train.pieces import IGNORE, Layout, Slot
+from emollama.train.prompt import encode, instruction_for, stop_token_ids
 from emollama.train.tiny import CHAT_FAMILIES, build_tokenizer, ensure_tiny_chat_llm
 
 LABELS = ["neutral", "angry", "happy", "sad", "worried", "surprise"]
@@ -155,7 +156,7 @@ def test_a_template_that_writes_todays_date_gets_a_fixed_one(toks):
     """Llama-3.2's template writes strftime_now("%d %b %Y") unless date_string is given."""
     import copy
 
-    from emollama.train.prompt import CHAT_DATE
+    from emollama.train.chat_prompt import CHAT_DATE
 
     tok = copy.deepcopy(toks["qwen2"])
     tok.chat_template = ("{%- if not date_string is defined %}{%- set date_string = strftime_now('%d %b %Y') %}"

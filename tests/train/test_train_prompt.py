@@ -3,7 +3,8 @@
 
 import pytest
 
-from emollama.train.prompt import IGNORE, INSTRUCTIONS, Layout, Slot, encode, instruction_for
+from emollama.train.pieces import IGNORE, INSTRUCTIONS, Layout, Slot
+from emollama.train.prompt import encode, instruction_for
 from emollama.train.tiny import build_tokenizer, ensure_tiny_llm
 
 LABELS = ["neutral", "angry", "happy", "sad", "worried", "surprise"]
@@ -192,9 +193,9 @@ def test_public_eval_layout_makes_the_public_scripts_calls(sp_toks, kind, legacy
     assert trained.ids[:len(head)] == head and trained.ids.count(tok.bos_token_id) == 1
 
 
-def test_a_new_prompt_style_is_one_class_and_one_registration(monkeypatch):
-    """A PromptStyle subclass in STYLES is a style everywhere (config check, encode, instructions, stops);
-    nothing outside the registry names styles."""
+def test_a_new_prompt_style_is_one_class_and_one_registration():
+    """A PromptStyle subclass given to register_style is a style everywhere (config check, encode,
+    instructions, stops); nothing outside the registry names styles."""
     import re
     from pathlib import Path
 
@@ -203,14 +204,19 @@ def test_a_new_prompt_style_is_one_class_and_one_registration(monkeypatch):
 
     class Shouting(P.EmollamaStyle):
         name = "shouting"
-        instructions = {t: tuple(i.upper() for i in pool) for t, pool in P.INSTRUCTIONS.items()}
+        instructions = {t: tuple(i.upper() for i in pool) for t, pool in INSTRUCTIONS.items()}
 
-    monkeypatch.setitem(P.STYLES, "shouting", Shouting())
-    assert P.instructions("emotion", ["happy"], "shouting")[0].startswith("WHICH EMOTION")
-    P.check_style("shouting")
-    cfg = TrainConfig()
-    cfg.data.prompt = "shouting"
-    assert not [p for p in cfg.problems() if "data.prompt" in p]
+    P.register_style(Shouting())
+    try:
+        assert P.instructions("emotion", ["happy"], "shouting")[0].startswith("WHICH EMOTION")
+        P.check_style("shouting")
+        cfg = TrainConfig()
+        cfg.data.prompt = "shouting"
+        assert not [p for p in cfg.problems() if "data.prompt" in p]
+    finally:
+        del P.STYLES["shouting"]
+    with pytest.raises(ValueError, match="name of its own"):
+        P.register_style(P.EmollamaStyle())
     repo = Path(__file__).resolve().parents[2]
     named = [f"{f.relative_to(repo)}:{n}" for d in ("train", "pipeline", "extract", "store", "corpora")
              for f in (repo / d).rglob("*.py") for n, line in enumerate(f.read_text().splitlines(), 1)

@@ -85,7 +85,8 @@ def sentencepiece_tokenizers(folder: Path, legacy: bool) -> dict:
     from transformers import AutoTokenizer
     from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-    from emollama.train.prompt import INSTRUCTIONS, RELEASED_INSTRUCTIONS
+    from emollama.train.pieces import INSTRUCTIONS
+    from emollama.train.prompt import RELEASED_INSTRUCTIONS
     from emollama.train.tiny import _corpus
 
     folder.mkdir(parents=True, exist_ok=True)
