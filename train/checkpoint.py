@@ -376,3 +376,22 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict[str, Any]:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def saved_step(run: Path) -> int | None:
+    """The step of the run's newest complete checkpoint (None: none yet)."""
+    last = latest_checkpoint(run)
+    return None if last is None else int(last.name[len(STEP_PREFIX):])
+
+
+def resume_point(run: Path, step: int) -> tuple[str, int, Path | None]:
+    """For training stopped at ``step``: (the one line saying how ``--resume`` continues, the step it
+    continues from, that checkpoint's folder or None)."""
+    at, last = saved_step(run), latest_checkpoint(run)
+    if last is None:
+        return (f"interrupted at step {step}, before the first checkpoint: rerun with --resume (it starts again "
+                "from step 0)", 0, None)
+    if at == step:
+        return f"interrupted at step {at}: rerun with --resume (checkpoint {last})", at, last
+    return (f"interrupted at step {step}: rerun with --resume, which continues from the last complete checkpoint, "
+            f"step {at} ({last})", at, last)

@@ -41,13 +41,14 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .checkpoint import (FULL_ERRNOS, STEP_PREFIX, CheckpointWriteError, latest_checkpoint, load_adapter,
-                         load_checkpoint, load_projectors, read_state, save_checkpoint, versions, write_json)
+from .checkpoint import (FULL_ERRNOS, CheckpointWriteError, latest_checkpoint, load_adapter, load_checkpoint,
+                         load_projectors, read_state, resume_point, save_checkpoint, saved_step, versions, write_json)
 from .config import TrainConfig, TrainSetupError
 from .runfolder import check_out, clear_run, lock, resume_differences
 from .data import (Batch, FeatureBatcher, PromptEncoder, StepLoader, TrainData, epoch_plan, fit_statistics,
                    resolve_labels, text_report, text_summary)
 from .evaluate import evaluate_closed_set, format_metrics
+from .report import loss_plot
 from .subtitles import REPORT_FILE as SUBTITLES_FILE
 from .tiny import TINY_WARNING, is_tiny_fixture
 from .model import (EmoModel, build_model, count_parameters, format_parameters, pick_device, projector_meta,
@@ -378,7 +379,7 @@ class Recipe:
                             self.checkpoint()
                         self.barrier()
                     if self.stop_requested():
-                        if self.main and self.saved_step() != self.step:
+                        if self.main and saved_step(self.run) != self.step:
                             self.checkpoint()
                         raise self.interrupted()
                 metrics = self.finish(time.perf_counter() - t_loop)
@@ -427,21 +428,9 @@ class Recipe:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def saved_step(self) -> int | None:
-        """The step of the newest complete checkpoint on disk (None: none yet)."""
-        last = latest_checkpoint(self.run)
-        return None if last is None else int(last.name[len(STEP_PREFIX):])
-
     def interrupted(self) -> TrainingInterrupted:
         """The one-line TrainingInterrupted: the step ``--resume`` continues from, and its checkpoint."""
-        at, last = self.saved_step(), latest_checkpoint(self.run)
-        if last is None:
-            return TrainingInterrupted(f"interrupted at step {self.step}, before the first checkpoint: rerun with "
-                                       "--resume (it starts again from step 0)", 0, None)
-        if at == self.step:
-            return TrainingInterrupted(f"interrupted at step {at}: rerun with --resume (checkpoint {last})", at, last)
-        return TrainingInterrupted(f"interrupted at step {self.step}: rerun with --resume, which continues from the "
-                                   f"last complete checkpoint, step {at} ({last})", at, last)
+        return TrainingInterrupted(*resume_point(self.run, self.step))
 
     def batches(self) -> Iterator[tuple[int, list[Batch]]]:
         """(epoch, this rank's micro-batches) of every step from the current one up to ``stop``."""
@@ -567,7 +556,7 @@ class Recipe:
                    "text": text_report(self.train_data, self.eval_data)}
         write_json(self.run / "metrics.json", metrics)
         if self.history:
-            _plot(self.history, self.run / "loss.png", f"{self.run.name}: {cfg.model.profile} profile"
+            loss_plot(self.history, self.run / "loss.png", f"{self.run.name}: {cfg.model.profile} profile"
                   + (" (random test fixture)" if self.note else ""))
         for line in format_metrics(metrics, f"held-out ({cfg.data.eval_split})"):
             self.say(line)
@@ -597,31 +586,6 @@ class Recipe:
             with contextlib.suppress(OSError):
                 for name in set(os.listdir(self.run / "tb")) - self.tb_before:
                     os.remove(self.run / "tb" / name)
-
-
-def _plot(history: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    steps, loss = [h["step"] for h in history], [h["loss"] for h in history]
-    ax.plot(steps, loss, lw=0.6, alpha=0.35, label="per step")
-    w = max(1, min(50, len(loss) // 10))
-    if w > 1:   # steps differ by task (length grouping): a moving average shows the trend
-        avg = [sum(loss[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(loss))]
-        ax.plot(steps, avg, lw=1.5, label=f"mean of {w}")
-        ax.legend(fontsize=8)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (answer tokens)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _identity(x):

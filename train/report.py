@@ -1,4 +1,5 @@
-"""Evaluation reports: metrics.json, report.md, confusion-matrix PNGs and predictions CSVs.
+"""Reports: an evaluation's metrics.json, report.md, confusion-matrix PNGs and predictions CSVs; a training
+run's loss plot.
 
 An evaluation result is a plain dict (see ``pipeline.evaluation``); each labelled method in it
 (``closed_set``: the likelihood of each label after the prompt; ``generated``: the label parsed from
@@ -205,3 +206,29 @@ def fold_markdown(summary: Mapping[str, Any], run: str, note: str | None) -> str
         md.append(f"| mean of {v['folds']} | {METHODS[m]} | {v['uar']:.4f} | {v['war']:.4f} | |")
     md += ["", "Per-fold reports: `../dfew-fold<k>/report.md`.", ""]
     return "\n".join(md)
+
+
+def loss_plot(history: list[dict], path: Path, title: str) -> None:
+    """The training loss per optimizer step (and its moving mean) as a PNG, written atomically (``loss.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps, loss = [h["step"] for h in history], [h["loss"] for h in history]
+    ax.plot(steps, loss, lw=0.6, alpha=0.35, label="per step")
+    w = max(1, min(50, len(loss) // 10))
+    if w > 1:   # steps differ by task (length grouping): a moving average shows the trend
+        avg = [sum(loss[max(0, i - w + 1):i + 1]) / (i + 1 - max(0, i - w + 1)) for i in range(len(loss))]
+        ax.plot(steps, avg, lw=1.5, label=f"mean of {w}")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
