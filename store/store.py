@@ -33,6 +33,7 @@ import os
 import socket
 import threading
 import uuid
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,6 +45,7 @@ from .maintenance import GRACE_S, Maintenance, VerifyReport, warn_damaged
 from .marks import COMMITS, FORMAT, ClipCopy, CommitLog, dumps, mark_header, new_segment_id
 from .segments import SETS, Segments
 from .spec import FeatureSpec
+from . import xview
 from .writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -73,8 +75,6 @@ def profile_summary(profiles: dict[str, str], *, note: bool = False) -> str:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("emollama")
     except Exception:  # noqa: BLE001 - not installed (e.g. run from a checkout)
         return "0+unknown"
@@ -335,9 +335,7 @@ class FeatureStore:
         dask (one chunk per segment slice; nothing is read until computed). A fixed-shape set is indexed by
         a ``clip`` coordinate; a variable-length one is its rows concatenated, indexed by ``(clip, position)``
         (``da.sel(clip=c)`` gives that clip's rows). Needs xarray (``pip install xarray``). See :mod:`.xview`."""
-        from .xview import to_xarray
-
-        return to_xarray(self, key)
+        return xview.to_xarray(self, key)
 
     # ------------------------------------------------------------------ writing
     def writer(self, writer_id: str | None = None) -> StoreWriter:

@@ -7,19 +7,31 @@ segment arrays (``store.segments``) and the commit log (``store.commits``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping, Protocol
 
 import numpy as np
 
 from .errors import StorageError, storage_error
-from .marks import mark_header, new_segment_id
-
-if TYPE_CHECKING:
-    from .store import FeatureStore
+from .marks import CommitLog, mark_header, new_segment_id
+from .segments import Segments
+from .spec import FeatureSpec
 
 log = logging.getLogger("emollama.store.store")  # the store's one logger (its lines read as they always did)
 
 __all__ = ["StoreWriter"]
+
+
+class WritableStore(Protocol):
+    """What a writer needs of a store (``FeatureStore`` is one): the set catalog, the segment arrays, the
+    commit log. Declared here so that the writer does not import the store that makes writers."""
+
+    url: str
+    segments: Segments
+    commits: CommitLog
+
+    def resolve(self, name_or_key: str) -> str: ...
+    def spec(self, name_or_key: str) -> FeatureSpec: ...
+    def refresh(self) -> None: ...
 
 
 class StoreWriter:
@@ -29,7 +41,7 @@ class StoreWriter:
     One writer owns its segments alone, so any number of writers may write into one store at once.
     """
 
-    def __init__(self, store: "FeatureStore", writer_id: str) -> None:
+    def __init__(self, store: WritableStore, writer_id: str) -> None:
         self.store = store
         self.writer_id = writer_id
         self._feats: dict[str, dict[str, np.ndarray]] = {}

@@ -21,24 +21,34 @@ removed afterwards fails to compute (KeyError), one rewritten with another lengt
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from . import segments
 from .marks import ClipCopy
 from .segments import dimension_names
-
-if TYPE_CHECKING:
-    from .store import FeatureStore
+from .spec import FeatureSpec
 
 __all__ = ["to_xarray"]
+
+
+class ReadableStore(Protocol):
+    """What the view reads of a store (``FeatureStore`` is one); declared here, so the view does not import
+    the store that offers it."""
+
+    url: str
+
+    def resolve(self, name_or_key: str) -> str: ...
+    def spec(self, name_or_key: str) -> FeatureSpec: ...
+    def locations(self, key: str) -> dict[str, ClipCopy]: ...
+    def read_many(self, clip_ids: Sequence[str], key: str) -> list[np.ndarray]: ...
 
 
 class _SetRows:
     """The rows of one set's clips, concatenated in view order, as an array-like that dask reads blocks of."""
 
-    def __init__(self, store: "FeatureStore", key: str, clips: Sequence[str], lengths: np.ndarray,
+    def __init__(self, store: ReadableStore, key: str, clips: Sequence[str], lengths: np.ndarray,
                  row_shape: tuple[int, ...], dtype: np.dtype, variable: bool) -> None:
         self.store = store
         self.key = key
@@ -108,7 +118,7 @@ def _chunks(copies: Sequence[ClipCopy], lengths: np.ndarray, row_bytes: int) -> 
     return tuple(out)
 
 
-def to_xarray(store: "FeatureStore", key: str) -> Any:
+def to_xarray(store: ReadableStore, key: str) -> Any:
     """See the module docstring and :meth:`FeatureStore.to_xarray`."""
     try:
         import xarray as xr
