@@ -7,6 +7,7 @@ writes of small JSON files (commit marks, group metadata), listings, deletes and
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,6 @@ class LocalBackend(Backend):
         self._p(rel).unlink(missing_ok=True)
 
     def remove_tree(self, rel: str) -> None:
-        import shutil
-
         shutil.rmtree(self._p(rel), ignore_errors=True)
 
     def walk(self, rel: str = "") -> list[tuple[str, int]]:
@@ -113,7 +112,7 @@ class LocalBackend(Backend):
 
 class FsspecBackend(Backend):
     def __init__(self, url: str, storage_options: dict[str, Any] | None) -> None:
-        import fsspec
+        import fsspec   # only for a remote store (fsspec URL): local stores never import it
 
         self.url = url.rstrip("/")
         self.storage_options = dict(storage_options or {})

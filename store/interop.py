@@ -234,7 +234,7 @@ def import_hdf5(store: FeatureStore, path: str | Path, spec: FeatureSpec, datase
                 config: dict | None = None, batch: int = BATCH) -> ImportResult:
     """Import an HDF5 file holding one dataset per clip (named by clip id) under a group
     (``dataset_path``, default the file's root)."""
-    import h5py
+    import h5py   # optional: only for HDF5 imports and exports
 
     path = Path(path)
 
@@ -263,7 +263,7 @@ def export_hdf5(store: FeatureStore, keys: Sequence[str], path: str | Path, *, c
     """Write ``/<set key>/<clip id>`` datasets (stored dtype) with the spec in each group's attrs, into a
     temporary file renamed to ``path`` when complete. An existing ``path`` is replaced only with
     ``force`` (ExportExistsError). Returns the number of datasets written."""
-    import h5py
+    import h5py   # optional: only for HDF5 imports and exports
 
     path = Path(path)
     if path.is_dir():

@@ -125,7 +125,7 @@ def to_xarray(store: ReadableStore, key: str) -> Any:
     except ImportError:
         raise ImportError("FeatureStore.to_xarray needs xarray, which emollama does not install by default: "
                           "pip install xarray") from None
-    import dask.array as da
+    import dask.array as da   # dask and pandas come with xarray: imported with it, when a view is made
     import pandas as pd
     from dask.base import tokenize
 

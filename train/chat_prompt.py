@@ -70,7 +70,7 @@ def chat_user_content(layout: Layout, subtitle: str | None, task: str, instructi
 
 
 def _render(tokenizer, messages: list[dict], generation: bool) -> str:
-    from jinja2 import TemplateError
+    from jinja2 import TemplateError   # jinja2 comes with transformers' chat templates: imported where they render
 
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,

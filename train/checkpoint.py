@@ -30,10 +30,13 @@ import os
 import pickle
 import shutil
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 PROJECTORS = "projectors.safetensors"
 PROJECTORS_JSON = "projectors.json"
@@ -124,8 +127,6 @@ def write_failure(run: Path, what: str, error: BaseException) -> CheckpointWrite
 
 
 def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for pkg in ("emollama", "torch", "transformers", "peft", "safetensors", "tokenizers", "numpy", "zarr"):
         try:
@@ -159,8 +160,6 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def save_projectors(projectors, folder: Path, meta: Mapping[str, Any]) -> None:
-    from safetensors.torch import save_file
-
     tensors = {f"{name}.{p}": t.detach().to("cpu").contiguous().clone()
                for name, layer in projectors.layers.items() for p, t in layer.saved_state().items()}
     save_file(tensors, str(folder / PROJECTORS), metadata={"format": "pt"})
@@ -179,9 +178,6 @@ def check_finite(tensors: Mapping[str, Any], source: str | Path) -> None:
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file; CheckpointError when it is not one, or holds NaN or Inf."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise CheckpointError(f"missing checkpoint file {path}")
     try:
@@ -258,7 +254,7 @@ def load_projectors(projectors, folder: Path, *, by_role: bool = False) -> None:
 
 
 def load_adapter(peft_model, folder: Path) -> None:
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict   # peft imports transformers: only when an adapter is loaded
 
     state = load_safetensors(folder / "adapter" / "adapter_model.safetensors")
     result = set_peft_model_state_dict(peft_model, state)
@@ -276,10 +272,6 @@ def write_weights(model, folder: Path, proj_meta: Mapping[str, Any]) -> None:
 def _write_errors() -> tuple[type[BaseException], ...]:
     """What a failed write raises: OSError, torch's RuntimeError ("PytorchStreamWriter failed writing
     file ..."), safetensors' own error."""
-    try:
-        from safetensors import SafetensorError
-    except ImportError:     # pragma: no cover
-        return (OSError, RuntimeError)
     return (OSError, RuntimeError, SafetensorError)
 
 

@@ -22,6 +22,7 @@ The resolved config (every default filled in) is saved as ``config.json`` in the
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 import types
@@ -388,8 +389,6 @@ DATA_FROM_RUN = ("dataset", "root", "store", "options")   # what a run continued
 def data_from_run(run: str | Path) -> dict[str, Any]:
     """The data section (dataset, root, store, options) of a run folder's saved config, for a run that
     continues it (``--resume``) or starts from it (``--init-from``); {} when it has none."""
-    import json
-
     try:
         saved = json.loads((Path(run) / "config.json").read_text()).get("data") or {}
     except (OSError, ValueError):

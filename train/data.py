@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from emollama.corpora import Clip, Corpus
+from emollama.store.dataset import FeatureDataset
 
 from .config import TrainConfig
 from .pieces import DEFAULT_SUBTITLE_TOKENS, IGNORE, Encoded, Layout, fit_subtitle
@@ -270,8 +271,6 @@ class FeatureBatcher:
     @classmethod
     def from_store(cls, store, keys: Sequence[str], clip_ids: Sequence[str] | None = None) -> "FeatureBatcher":
         """Over the clips of ``store`` complete in every set of ``keys`` (or ``clip_ids``)."""
-        from emollama.store import FeatureDataset
-
         return cls(FeatureDataset(store, list(keys), None if clip_ids is None else list(clip_ids)))
 
     def __contains__(self, clip_id: str) -> bool:

@@ -34,12 +34,19 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
+
+from emollama.corpora import load_corpus
+from emollama.store import FeatureStore, profile_summary
+from emollama.store.text import is_text
 
 from .checkpoint import (FULL_ERRNOS, CheckpointWriteError, latest_checkpoint, load_adapter, load_checkpoint,
                          load_projectors, read_state, resume_point, save_checkpoint, saved_step, versions, write_json)
@@ -49,7 +56,9 @@ from .data import (Batch, FeatureBatcher, PromptEncoder, StepLoader, TrainData, 
                    resolve_labels, text_report, text_summary)
 from .evaluate import evaluate_closed_set, format_metrics
 from .report import loss_plot
+from .released import init_from_minigpt_v2
 from .subtitles import REPORT_FILE as SUBTITLES_FILE
+from .subtitles import subtitled_corpus
 from .tiny import TINY_WARNING, is_tiny_fixture
 from .model import (EmoModel, build_model, count_parameters, format_parameters, pick_device, projector_meta,
                     resolve_precision)
@@ -213,12 +222,6 @@ class Recipe:
 
     def setup_data(self) -> None:
         """Texts and labels from the dataset adapter; the feature sets from the store."""
-        from emollama.corpora import load_corpus
-        from emollama.store import FeatureStore
-        from emollama.store.text import is_text
-
-        from .subtitles import subtitled_corpus
-
         cfg = self.cfg
         self.corpus = load_corpus(cfg.data.dataset, cfg.data.root, **cfg.data.options)
         self.labels = resolve_labels(cfg, self.corpus)
@@ -261,8 +264,6 @@ class Recipe:
         if cfg.data.standardize:
             fit_statistics(self.train_data.features, [c.id for c in self.train_data.clips], model.projectors)
         if cfg.init.minigpt_v2:
-            from .released import init_from_minigpt_v2
-
             mapped = init_from_minigpt_v2(model, cfg.init.minigpt_v2)
             self.say(f"started from MiniGPT-v2 ({cfg.init.minigpt_v2}): llama_proj -> {', '.join(mapped.projectors)}, "
                      f"{len(mapped.lora)} LoRA tensors; fresh: {', '.join(mapped.fresh) or 'none'}; ignored: "
@@ -342,14 +343,12 @@ class Recipe:
         self.writer, self.bar, self.tb_before = None, None, set()
         self.ck_before = latest_checkpoint(self.run)
         if self.main:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter   # tensorboard: slow to import, rank 0 only
 
             tb = self.run / "tb"
             self.tb_before = set(os.listdir(tb)) if tb.is_dir() else set()
             self.writer = SummaryWriter(str(tb), purge_step=self.step + 1 if self.step else None)
         if progress and self.main:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=self.stop, initial=self.step, desc=f"train {self.run.name}", unit="step")
 
     # -- the loop ------------------------------------------------------------------------------
@@ -400,9 +399,6 @@ class Recipe:
         where a checkpoint of that step makes ``--resume`` exact; a second one stops at once (between
         checkpoints: the last complete one stays the place to resume), except while a checkpoint is
         being written. Only where signals can be handled (the main thread)."""
-        import signal
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -538,8 +534,6 @@ class Recipe:
 
     def finish(self, train_seconds: float) -> dict:
         """Rank 0: the final evaluation and checkpoint, metrics.json, the loss plot; the metrics."""
-        from emollama.store import profile_summary
-
         if not self.main:
             return {}
         cfg = self.cfg
@@ -593,6 +587,4 @@ def _identity(x):
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -250,7 +250,7 @@ def hub_reachable(timeout: float = PROBE_TIMEOUT_S) -> bool:
     hit = _PROBES.get(url)
     if hit is not None and time.monotonic() - hit[0] < PROBE_TTL_S:
         return hit[1]
-    from huggingface_hub.utils import get_session
+    from huggingface_hub.utils import get_session   # only when the hub is probed
 
     try:
         ok = get_session().head(url, timeout=timeout, follow_redirects=False).status_code < 500
@@ -267,7 +267,7 @@ def load_llm(source: str, *, revision: str | None = None, offline: bool | None =
 
     A hub id loads from local files only when offline, or when the hub does not answer one quick probe
     (``hub_reachable``): a missing model then fails at once, not after huggingface_hub's retries."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer   # transformers: slow to import, only when a model is loaded
 
     local = Path(source).expanduser()
     if offline is None:
@@ -296,7 +296,7 @@ def load_llm(source: str, *, revision: str | None = None, offline: bool | None =
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, targets: Sequence[str], bias: str = "none"):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model   # peft imports transformers: only when the adapter is added
 
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias=bias, target_modules=list(targets),
                      task_type="CAUSAL_LM")

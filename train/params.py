@@ -13,8 +13,12 @@ from typing import Any, Sequence
 
 import torch
 
+from emollama.store import FeatureStore
+from emollama.store.spec import FeatureSpec
+
 from .config import PAPER_FEATURES, TrainConfig, TrainSetupError, load_train_config
 from .modalities import MODALITIES
+from .run import read_run
 from .model import EmoModel, assemble, count_parameters, llm_source
 from .tiny import TINY_LLM, TINY_VOCAB, is_tiny_fixture
 
@@ -48,7 +52,7 @@ def paper_sets(names: Sequence[str]) -> list[tuple[str, SetShape]]:
 def meta_model(llm_config, sets, cfg: TrainConfig) -> EmoModel:
     """The model of ``cfg`` over ``sets`` on the meta device; ``llm_config`` is a transformers config or
     the keyword arguments of a LlamaConfig."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig   # transformers: slow to import, only when a model is built
 
     if isinstance(llm_config, dict):
         llm_config = LlamaConfig(**llm_config)
@@ -58,11 +62,7 @@ def meta_model(llm_config, sets, cfg: TrainConfig) -> EmoModel:
 
 def count_for_run(path: str | Path) -> dict[str, Any]:
     """Counts of a run folder (trained or imported) from its config and feature sets, on the meta device."""
-    from transformers import AutoConfig
-
-    from emollama.store.spec import FeatureSpec
-
-    from .run import read_run
+    from transformers import AutoConfig   # transformers: slow to import, only when a model is built
 
     cfg, sets, keys = read_run(Path(path))
     specs = [(k, FeatureSpec.from_dict(sets[k]["spec"])) for k in keys]
@@ -87,8 +87,6 @@ def count_for_profile(profile: str, *, config: str | Path | None = None, store: 
     cfg = load_train_config(config, None) if config else TrainConfig()
     names = list(features or cfg.data.features or PAPER_FEATURES)
     if store:
-        from emollama.store import FeatureStore
-
         st = FeatureStore.open(store, create=False)
         specs = st.sets()
         sets = [(k, specs[k]) for k in (st.resolve(n) for n in names)]

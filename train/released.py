@@ -30,8 +30,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 
-from .checkpoint import CheckpointError, check_finite, load_torch
+from emollama.store.cache import default_home
+from emollama.store.spec import FeatureSpec
+
+from .checkpoint import CheckpointError, check_finite, load_torch, save_projectors, versions, write_json
+from .config import PAPER_LLM, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
+from .model import MissingModelError, Projectors, projector_meta
+from .params import LLAMA2_7B, meta_model
+from .runfolder import check_out, clear_run, lock
+from .tiny import ensure_tiny_llm
 
 # released projector name -> (modality, part) of our projector
 PROJECTORS: dict[str, tuple[str, str]] = {
@@ -129,7 +138,7 @@ def map_released(state: Mapping[str, torch.Tensor], model, *, kind: str = "emoti
     """Sort ``state`` onto ``model`` (a ``train.model.EmoModel``, possibly on the meta device).
 
     Raises ReleasedCheckpointError naming every missing, mis-shaped or unexpected key."""
-    from peft import get_peft_model_state_dict
+    from peft import get_peft_model_state_dict   # peft imports transformers: only when a checkpoint is mapped
 
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}: choose {' or '.join(KINDS)}")
@@ -205,7 +214,7 @@ def map_released(state: Mapping[str, torch.Tensor], model, *, kind: str = "emoti
 @torch.no_grad()
 def apply_mapped(model, mapped: Mapped) -> None:
     """Copy mapped tensors into ``model``'s projectors and adapter (which must hold real tensors)."""
-    from peft import set_peft_model_state_dict
+    from peft import set_peft_model_state_dict   # peft imports transformers: only when a checkpoint is mapped
 
     for name, tensors in mapped.projectors.items():
         linear = model.projectors.layers[name].linear
@@ -249,8 +258,6 @@ EVA_TOKENS = 1025   # CLS + 32 x 32 patches at 448 (the patch projector groups t
 
 
 def _binding_specs(dims: Mapping[str, Any], kind: str, names: Mapping[str, str]):
-    from emollama.store.spec import FeatureSpec
-
     out = []
     for modality in ("global", "local", "temporal", "audio"):
         if kind == "minigpt-v2" and modality != "global":
@@ -270,13 +277,7 @@ def _binding_specs(dims: Mapping[str, Any], kind: str, names: Mapping[str, str])
 
 
 def _llm_config(profile: str, llm: str, home: Path | None):
-    from transformers import AutoConfig, LlamaConfig
-
-    from .model import MissingModelError
-    from .params import LLAMA2_7B
-    from emollama.store.cache import default_home
-
-    from .tiny import ensure_tiny_llm
+    from transformers import AutoConfig, LlamaConfig   # transformers: slow to import, only when a config is read
 
     if llm:
         local = Path(llm).expanduser()
@@ -299,14 +300,7 @@ def import_checkpoint(path: str | Path, out: str | Path, *, profile: str = "pape
 
     ``out`` must be new or empty, or hold a run that ``overwrite`` replaces (``train.runfolder``); the
     checkpoint is read and checked first, then ``out`` is locked while it is written."""
-    from peft import LoraConfig as PeftLoraConfig
-    from safetensors.torch import save_file
-
-    from .checkpoint import save_projectors, versions, write_json
-    from .config import PAPER_LLM, DataConfig, LoraConfig, ModelConfig, RunConfig, TrainConfig
-    from .model import Projectors, projector_meta
-    from .params import meta_model
-    from .runfolder import check_out, clear_run, lock
+    from peft import LoraConfig as PeftLoraConfig   # peft imports transformers: only when a checkpoint is imported
 
     path, out = Path(path), Path(out)
     check_out(out, resume=False, overwrite=overwrite)

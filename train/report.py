@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from .checkpoint import write_json
 
 METHODS = {"closed_set": "closed set (label likelihood)", "generated": "generated answer, parsed",
@@ -23,11 +25,10 @@ METHODS = {"closed_set": "closed set (label likelihood)", "generated": "generate
 
 def confusion_png(confusion: Sequence[Sequence[int]], labels: Sequence[str], path: Path, title: str) -> Path:
     """A confusion matrix (rows: truth, columns: prediction) with counts in the cells."""
-    import matplotlib
+    import matplotlib   # matplotlib: slow to import, only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     cm = np.asarray(confusion, dtype=float) if len(confusion) else np.zeros((len(labels), len(labels)))
     k = len(labels)
@@ -210,7 +211,7 @@ def fold_markdown(summary: Mapping[str, Any], run: str, note: str | None) -> str
 
 def loss_plot(history: list[dict], path: Path, title: str) -> None:
     """The training loss per optimizer step (and its moving mean) as a PNG, written atomically (``loss.png``)."""
-    import matplotlib
+    import matplotlib   # matplotlib: slow to import, only when a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

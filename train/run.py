@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from emollama.corpora import load_corpus
+from emollama.store.spec import FeatureSpec
+
 from .checkpoint import CheckpointError, latest_checkpoint, load_adapter, load_projectors
 from .config import TrainConfig, from_dict
-from .data import PromptEncoder
+from .data import PromptEncoder, resolve_labels
+from .model import build_model, pick_device
 from .tiny import TINY_WARNING, is_tiny_fixture
 
 log = logging.getLogger(__name__)
@@ -51,8 +55,6 @@ class LoadedRun:
 
     def rebind(self, keys: dict[str, str], specs: dict[str, Any]) -> None:
         """Read the store's set ``keys[k]`` (spec ``specs[k]``) wherever the run reads ``k``."""
-        from dataclasses import replace
-
         self.feature_keys = [keys.get(k, k) for k in self.feature_keys]
         self.specs = {keys.get(k, k): (specs[k] if k in keys else s) for k, s in self.specs.items()}
         p = self.model.projectors
@@ -103,10 +105,6 @@ def run_labels(path: Path, cfg: TrainConfig) -> list[str]:
         labels = json.loads(m.read_text()).get("labels")
         if labels:
             return list(labels)
-    from emollama.corpora import load_corpus
-
-    from .data import resolve_labels
-
     return resolve_labels(cfg, load_corpus(cfg.data.dataset, cfg.data.root, **cfg.data.options))
 
 
@@ -149,10 +147,6 @@ def load_run(path: str | Path, *, device: str = "auto", store: str | None = None
     ``store`` overrides the run's feature store (``config.data.store``) for reading features; ``llm`` its
     base LM (``config.model.llm``: a local folder or hub id of the same architecture); ``offline`` (not
     None) whether the LM may come from the hub (``config.model.offline``)."""
-    from emollama.store.spec import FeatureSpec
-
-    from .model import build_model, pick_device
-
     path = Path(path)
     cfg, sets, keys = read_run(path)
     if store:

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from .config import from_dict
+
 log = logging.getLogger(__name__)
 
 LOCK = ".lock"
@@ -136,8 +138,6 @@ def clear_run(path: str | Path) -> list[str]:
 def resume_differences(path: str | Path, cfg) -> list[str]:
     """The settings of ``cfg`` (a TrainConfig) that differ from the run's saved ``config.json`` and that a
     resumed run may not change, as "optim.batch_size = 2 (the run has 4)"; [] when it has no config."""
-    from .config import from_dict
-
     file = Path(path) / "config.json"
     if not file.is_file():
         return []
@@ -174,7 +174,7 @@ def lock(path: str | Path, command: str) -> Iterator[Path]:
     process holds it. Where the file system has no flock (some network mounts) a warning says so and
     the block runs unlocked. A folder this call created and the block left empty (it failed before
     writing anything) is removed again."""
-    import fcntl
+    import fcntl   # POSIX only: imported where the lock is taken
 
     path = Path(path)
     fresh = not path.exists()

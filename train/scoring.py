@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -142,8 +143,6 @@ def classification_metrics(y_true: Sequence[str], y_pred: Sequence[str | None], 
 def read_predictions(path_or_text, *, labels: Sequence[str], synonyms=None) -> tuple[list[str], list[str], list[str | None], list[str]]:
     """A predictions CSV `name,label,prediction` -> ids, truths, parsed predictions, raw answers.
     The prediction may be a label or a free-text answer: it is parsed with `parse_label`."""
-    from pathlib import Path
-
     text = Path(path_or_text).read_text(encoding="utf-8-sig") if not isinstance(path_or_text, io.StringIO) \
         else path_or_text.getvalue()
     rows = list(csv.DictReader(io.StringIO(text)))

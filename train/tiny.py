@@ -8,6 +8,8 @@ the instruction pools, emotion words and sentences in the style of MERR captions
 deterministic, needs no download, and never produces <unk> (bytes cover everything). Both are saved
 with ``save_pretrained`` under ``<home>/models/tiny/llm`` and loaded back with ``from_pretrained``
 like any local checkpoint. A build goes into a temporary folder renamed into place (race-safe).
+torch, transformers and tokenizers are imported inside the builders: importing this module (for
+``TINY_WARNING``, ``is_tiny_fixture``) stays cheap.
 
 Two more fixtures, of other LM families, show the ``chat`` prompt style (the tokenizer's own chat
 template) and ``model.llm`` = a local folder (``ensure_tiny_chat_llm(home, family)``, under
